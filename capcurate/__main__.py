@@ -1,0 +1,3 @@
+from capcurate.cli import main
+
+main()

@@ -1,0 +1,66 @@
+"""The Typer application and the one place that turns results and errors into output and exit codes.
+
+Exit codes: 0 success; 1 the stage ran but failed; 2 bad input; 3 output exists (use --overwrite /
+--force); 4 model could not be loaded; 130 interrupted (re-run the same command to resume).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from ..errors import CapcurateError
+
+app = typer.Typer(
+    name="capcurate",
+    help=(
+        "Curate image-text datasets for CLIP pretraining.\n\n"
+        "A dataset is a directory; each command is a stage that reads it and adds files to it:\n"
+        "download -> recaption -> score -> filter -> mix -> shard -> train -> eval."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+JSON_HELP = "Print a machine-readable JSON summary on stdout instead of a table."
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def run_command(fn: Callable[[], Any], *, json_out: bool = False,
+                render: Callable[[Any], None] | None = None) -> Any:
+    """Call a library function; print its summary; map known errors to one line and an exit code."""
+    import duckdb
+
+    try:
+        result = fn()
+    except CapcurateError as e:
+        raise fail(str(e), e.exit_code) from None
+    except duckdb.Error as e:
+        raise fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 2) from None
+    except KeyboardInterrupt:
+        stderr.print("interrupted; finished shards are kept, re-run the same command to resume")
+        raise typer.Exit(130) from None
+    if result is None:
+        return None
+    if json_out and hasattr(result, "to_json"):
+        sys.stdout.write(result.to_json() + "\n")
+    elif render is not None:
+        render(result)
+    elif hasattr(result, "render"):
+        result.render(stdout)
+    if getattr(result, "ok", True) is False:
+        raise typer.Exit(1)
+    return result

@@ -1,0 +1,173 @@
+"""The dataset directory contract (docs/architecture.md): paths, the card, and DuckDB views.
+
+    DATASET/
+      capcurate.json                 card + lineage (capcurate.card)
+      shards/NNNNN.tar               image bytes, webdataset layout
+      samples/NNNNN.parquet          one row per candidate (the manifest)
+      captions/<name>/NNNNN.parquet  uid, caption, captions          -> view captions_<name>
+      scores/<name>/NNNNN.parquet    uid, score_<name>_<source>, ...  -> view scores_<name>
+      embeddings/<name>/NNNNN.*.npy  optional embeddings
+      selections/<name>.parquet      uid, caption, caption_source     -> view selection_<name>
+
+A stage adds files; it never rewrites another stage's. Every per-shard file is the completion marker
+of that shard's work.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+from .card import CARD_NAME, Card
+from .errors import DatasetError, InputError, OutputExistsError
+
+SAMPLE_COLUMNS = [
+    "uid", "key", "shard", "url", "caption", "status", "error_message",
+    "width", "height", "original_width", "original_height", "sha256",
+]
+
+
+def samples_schema(extra: dict[str, pa.DataType] | None = None) -> pa.Schema:
+    """The manifest schema; extra input columns (kept from the URL list) follow the fixed ones."""
+    import pyarrow as pa
+
+    fields = [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("key", pa.string()),
+        pa.field("shard", pa.string()),
+        pa.field("url", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("original_width", pa.int32()),
+        pa.field("original_height", pa.int32()),
+        pa.field("sha256", pa.string()),
+    ]
+    for name, typ in (extra or {}).items():
+        if name not in SAMPLE_COLUMNS:
+            fields.append(pa.field(name, typ))
+    return pa.schema(fields)
+
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Names become SQL column suffixes (cap_<name>, score_<name>_<source>), so keep them identifiers."""
+    if not NAME_RE.match(name or ""):
+        raise InputError(
+            f"invalid {what} {name!r}: use a letter followed by letters, digits or '_' (at most 63)"
+        )
+    return name
+
+
+def shard_file_name(shard_id: str, suffix: str = ".parquet") -> str:
+    return f"{shard_id}{suffix}"
+
+
+class Dataset:
+    """A capcurate dataset directory. Open with ``Dataset(path)``; make one with ``Dataset.create``."""
+
+    def __init__(self, root: str | Path, *, must_exist: bool = True):
+        self.root = Path(root)
+        self.card = Card(self.root)
+        if must_exist:
+            if not self.root.is_dir():
+                raise DatasetError(f"dataset directory {self.root} does not exist")
+            self.card.read()  # validates format
+
+    @classmethod
+    def create(cls, root: str | Path, *, force: bool = False, sources: list[dict[str, Any]] | None = None,
+               allow_existing_dataset: bool = True) -> Dataset:
+        """Create (or reopen) a dataset directory.
+
+        A folder that exists, is not empty and is not a capcurate dataset is refused unless ``force``:
+        we never write into somebody else's files by accident.
+        """
+        root = Path(root)
+        if (root / CARD_NAME).is_file():
+            if not allow_existing_dataset:
+                raise OutputExistsError(f"{root} is already a capcurate dataset")
+            ds = cls(root)
+            for s in sources or []:
+                ds.card.add_source(s)
+            return ds
+        if root.exists() and not root.is_dir():
+            raise DatasetError(f"{root} exists and is not a directory")
+        if root.is_dir() and any(root.iterdir()) and not force:
+            raise OutputExistsError(
+                f"{root} exists, is not empty and is not a capcurate dataset; pass --force to use it anyway"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        Card(root).create(sources)
+        return cls(root)
+
+    # -- paths -------------------------------------------------------------------------------------
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    def family_dir(self, family: str, name: str) -> Path:
+        """``captions/<name>``, ``scores/<name>``, ``embeddings/<name>``."""
+        return self.root / family / check_name(name)
+
+    def selection_path(self, name: str) -> Path:
+        return self.root / "selections" / f"{check_name(name, 'selection name')}.parquet"
+
+    def shard_path(self, shard_id: str) -> Path:
+        return self.shards_dir / f"{shard_id}.tar"
+
+    def samples_path(self, shard_id: str) -> Path:
+        return self.samples_dir / shard_file_name(shard_id)
+
+    def shard_ids(self) -> list[str]:
+        """Ids of the shards that have a manifest (the unit of work of every later stage)."""
+        return sorted(p.stem for p in self.samples_dir.glob("*.parquet"))
+
+    def names(self, family: str) -> list[str]:
+        """Names present in a family folder (``captions``, ``scores``) that hold at least one Parquet file."""
+        base = self.root / family
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and any(p.glob("*.parquet")))
+
+    def selection_names(self) -> list[str]:
+        base = self.root / "selections"
+        return sorted(p.stem for p in base.glob("*.parquet")) if base.is_dir() else []
+
+    def remove_family_output(self, family: str, name: str) -> None:
+        """Delete a previous output of that name (only called under --overwrite)."""
+        shutil.rmtree(self.family_dir(family, name), ignore_errors=True)
+
+    # -- querying ----------------------------------------------------------------------------------
+    def connect(self, **kwargs: Any):
+        """An in-memory DuckDB connection with the dataset's views (see ``capcurate.views``)."""
+        from .views import connect
+
+        return connect(self, **kwargs)
+
+    def query(self, sql: str, params: list[Any] | None = None):
+        """Run SQL over the views and return a pyarrow Table."""
+        con = self.connect()
+        try:
+            return con.execute(sql, params or []).fetch_arrow_table()
+        finally:
+            con.close()
+
+    def columns(self, view: str = "samples") -> list[str]:
+        con = self.connect()
+        try:
+            return [r[0] for r in con.execute(f'DESCRIBE "{view}"').fetchall()]
+        finally:
+            con.close()

@@ -1,0 +1,84 @@
+"""Engines run one per-shard function over many shards, skipping shards whose output exists.
+
+A stage supplies a ``ShardJob``: ``setup()`` loads what every shard needs (a model) once per worker,
+``process(shard_id)`` does one shard and writes its output atomically, ``output_path(shard_id)`` is the
+file whose existence means "done". The engine decides where ``process`` runs: in this process
+(``local``) or on Ray actors (``ray``). Both produce the same files.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..errors import InputError
+
+
+class ShardJob(Protocol):
+    def output_path(self, shard_id: str) -> Path: ...
+    def setup(self) -> None: ...
+    def process(self, shard_id: str) -> dict[str, int]: ...
+
+
+@dataclass
+class EngineResult:
+    processed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)   # already finished by an earlier run
+    failed: dict[str, str] = field(default_factory=dict)  # shard -> error (other shards still ran)
+    counts: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shards_processed": len(self.processed),
+            "shards_skipped": len(self.skipped),
+            "shards_failed": len(self.failed),
+            "failed_shards": self.failed,
+            **dict(self.counts),
+        }
+
+
+def parse_part(part: str | None) -> tuple[int, int] | None:
+    """``"i/N"`` (0 <= i < N) -> (i, N); None means all shards."""
+    if part in (None, ""):
+        return None
+    try:
+        i_s, n_s = part.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise InputError(f"--part must look like i/N (e.g. 0/4), got {part!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--part {part}: need 0 <= i < N")
+    return i, n
+
+
+def select_part(shard_ids: Sequence[str], part: tuple[int, int] | None) -> list[str]:
+    """A deterministic subset: shards at sorted positions p with p % N == i."""
+    ids = sorted(shard_ids)
+    if part is None:
+        return ids
+    i, n = part
+    return [s for p, s in enumerate(ids) if p % n == i]
+
+
+def run_job(job: ShardJob, shard_ids: Sequence[str], *, engine: str = "local", part: str | None = None,
+            description: str = "shards", **engine_options: Any) -> EngineResult:
+    """Run ``job`` over ``shard_ids`` (restricted to ``part``) with the chosen engine."""
+    todo = select_part(shard_ids, parse_part(part))
+    result = EngineResult()
+    remaining = []
+    for sid in todo:
+        (result.skipped if job.output_path(sid).exists() else remaining).append(sid)
+    if engine == "local":
+        from .local import run_local
+
+        run_local(job, remaining, result, description=description, **engine_options)
+    elif engine == "ray":
+        from .ray import run_ray
+
+        run_ray(job, remaining, result, description=description, **engine_options)
+    else:
+        raise InputError(f"unknown engine {engine!r}: choose local or ray")
+    return result

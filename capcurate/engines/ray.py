@@ -1,0 +1,61 @@
+"""Ray engine: the same ``ShardJob`` on a pool of Ray actors, each loading its model once.
+
+Connects to an existing cluster when RAY_ADDRESS is set (``ray start --head`` / KubeRay), otherwise
+starts a local one. Each actor reserves ``num_gpus`` GPUs (0 on CPU machines).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import InputError
+from ..progress import progress_bar
+
+if TYPE_CHECKING:
+    from . import EngineResult, ShardJob
+
+
+def run_ray(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *, description: str = "shards",
+            num_actors: int | None = None, num_gpus: float | None = None, num_cpus: float = 1,
+            fail_fast: bool = False) -> None:
+    if not shard_ids:
+        return
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError:
+        raise InputError("--engine ray needs Ray: pip install 'capcurate[ray]'") from None
+
+    if not ray.is_initialized():
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+    resources = ray.cluster_resources()
+    if num_gpus is None:
+        num_gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+    if num_actors is None:
+        num_actors = int(resources.get("GPU", 0)) if num_gpus else max(1, int(resources.get("CPU", 1) // num_cpus))
+    num_actors = max(1, min(num_actors, len(shard_ids)))
+
+    @ray.remote(num_gpus=num_gpus, num_cpus=num_cpus)
+    class _Worker:
+        def __init__(self, job: Any):
+            self.job = job
+            self.job.setup()
+
+        def process(self, sid: str) -> tuple[str, dict[str, int] | None, str | None]:
+            try:
+                return sid, self.job.process(sid), None
+            except Exception as e:  # reported per shard; the others go on
+                return sid, None, f"{type(e).__name__}: {e}"
+
+    pool = ActorPool([_Worker.remote(job) for _ in range(num_actors)])
+    with progress_bar(len(shard_ids), f"{description} (ray x{num_actors})") as advance:
+        for sid, counts, err in pool.map_unordered(lambda a, s: a.process.remote(s), list(shard_ids)):
+            if err is not None:
+                if fail_fast:
+                    raise RuntimeError(f"shard {sid}: {err}")
+                result.failed[sid] = err
+            else:
+                result.processed.append(sid)
+                result.counts.update(counts or {})
+            advance(1)

@@ -1,0 +1,102 @@
+"""Load open_clip models (CLIP and CoCa) from any capcurate reference, and export them.
+
+open_clip's own factory does the work: built-in architecture names with pretrained tags or weight
+files, custom JSON configs (registered with ``add_model_config``) and its ``local-dir:`` layout
+(``open_clip_config.json`` + ``open_clip_model.safetensors`` + tokenizer files), which is also what
+``capcurate train`` exports into ``RUN/model``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import atomic
+from ..errors import ModelLoadError
+from .ref import OPENCLIP_CONFIG, ModelRef
+
+
+@dataclass
+class OpenClipBundle:
+    model: torch.nn.Module
+    preprocess: Any          # eval transform: PIL image -> tensor
+    preprocess_train: Any
+    tokenizer: Any           # callable: list[str] -> LongTensor [n, context_length]
+    model_name: str          # what open_clip was asked for
+    model_cfg: dict[str, Any]
+
+
+def _register_config_file(path: Path) -> str:
+    import open_clip
+
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def model_config(model_name: str) -> dict[str, Any]:
+    import open_clip
+
+    if model_name.startswith("local-dir:"):
+        cfg = json.loads((Path(model_name[len("local-dir:"):]) / OPENCLIP_CONFIG).read_text())
+        return cfg["model_cfg"]
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ModelLoadError(
+            f"unknown open_clip architecture {model_name!r}; see open_clip.list_models() or pass a config .json"
+        )
+    return cfg
+
+
+def load_openclip(ref: ModelRef, *, device: str | torch.device = "cpu", precision: str = "fp32") -> OpenClipBundle:
+    """Load an open_clip model in eval mode with its transforms and tokenizer."""
+    import open_clip
+
+    if ref.kind != "openclip":
+        raise ModelLoadError(f"{ref.text} is not an open_clip reference")
+    name = ref.name
+    if name.endswith(".json"):
+        name = _register_config_file(Path(name))
+    cfg = model_config(name)
+    pretrained = ref.pretrained
+    try:
+        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, precision=precision,
+            load_weights=True,
+        )
+        tokenizer = open_clip.get_tokenizer(name)
+    except RuntimeError as e:
+        raise ModelLoadError(f"cannot load {ref.text}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = " (offline: no weights can be downloaded; pass a local file with --pretrained)" \
+            if "offline" in msg.lower() or "connect" in msg.lower() or "hub" in msg.lower() else ""
+        raise ModelLoadError(f"cannot load {ref.text}: {msg}{hint}") from None
+    model.eval()
+    return OpenClipBundle(model, preprocess, preprocess_train, tokenizer, name, cfg)
+
+
+def export_openclip_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: str | Path,
+                        *, preprocess_cfg: dict[str, Any] | None = None,
+                        tokenizer_dir: str | Path | None = None) -> Path:
+    """Write ``out_dir`` in open_clip's local-dir layout so any open_clip user can load it."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads(json.dumps(model_cfg))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.is_file() and f.name != OPENCLIP_CONFIG:
+                shutil.copy2(f, out / f.name)
+        cfg.setdefault("text_cfg", {})["hf_tokenizer_name"] = str(out)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic.atomic_path(out / "open_clip_model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    atomic.write_json(out / OPENCLIP_CONFIG, {"model_cfg": cfg, "preprocess_cfg": preprocess_cfg or {}})
+    return out

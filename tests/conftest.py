@@ -1,0 +1,77 @@
+"""Shared test fixtures: everything offline, everything generated on the fly."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("CAPCURATE_PROGRESS", "0")
+
+
+def make_image_bytes(seed: int, size: tuple[int, int] = (32, 32), fmt: str = "JPEG") -> bytes:
+    """A small deterministic image: a coloured background with a rectangle."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    img = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    x0, y0 = rng.randrange(size[0] // 2), rng.randrange(size[1] // 2)
+    d.rectangle([x0, y0, x0 + size[0] // 3, y0 + size[1] // 3], fill=tuple(rng.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def build_dataset(root: Path, samples: list[dict], per_shard: int = 8) -> Path:
+    """Write a dataset directory directly (shards + manifest), as download/ingest would.
+
+    Each sample dict: caption, and either ``image`` (bytes) or ``status``/``error_message`` for a
+    failed download; optional uid, url, extra columns.
+    """
+    import pyarrow as pa
+
+    from capcurate import atomic
+    from capcurate.dataset import Dataset, samples_schema
+    from capcurate.shards import TarShardWriter
+    from capcurate.uid import make_uid
+
+    ds = Dataset.create(root, sources=[{"kind": "test-fixture"}])
+    for s_i in range(0, len(samples), per_shard):
+        shard_id = f"{s_i // per_shard:05d}"
+        rows = []
+        with TarShardWriter(ds.shard_path(shard_id)) as w:
+            for j, s in enumerate(samples[s_i:s_i + per_shard]):
+                key = f"{shard_id}{j:04d}"
+                url = s.get("url", f"http://127.0.0.1/img/{s_i + j}.jpg")
+                uid = s.get("uid") or make_uid(url, s.get("caption"))
+                ok = "image" in s
+                if ok:
+                    w.write(key, {"jpg": s["image"], "txt": (s.get("caption") or "").encode()})
+                rows.append({
+                    "uid": uid, "key": key, "shard": shard_id, "url": url, "caption": s.get("caption"),
+                    "status": "success" if ok else s.get("status", "failed_to_download"),
+                    "error_message": None if ok else s.get("error_message", "404"),
+                    "width": 32 if ok else None, "height": 32 if ok else None,
+                    "original_width": 32 if ok else None, "original_height": 32 if ok else None,
+                    "sha256": None,
+                })
+        atomic.write_parquet(ds.samples_path(shard_id), pa.Table.from_pylist(rows, schema=samples_schema()))
+    return root
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """24 samples in 3 shards: 21 good images, one corrupt image, one truncated JPEG, one failed download."""
+    samples = [{"caption": f"a photo number {i}", "image": make_image_bytes(i)} for i in range(21)]
+    samples.append({"caption": "corrupt", "image": b"this is not an image"})
+    samples.append({"caption": "truncated", "image": make_image_bytes(99)[:200]})
+    samples.append({"caption": "dead link", "status": "failed_to_download", "error_message": "HTTP 404"})
+    return build_dataset(tmp_path / "ds", samples, per_shard=8)
