@@ -21,6 +21,13 @@ class ShardJob(Protocol):
     def output_path(self, shard_id: str) -> Path: ...
     def setup(self) -> None: ...
     def process(self, shard_id: str) -> dict[str, int]: ...
+    # Optional: ``is_done(shard_id) -> bool`` replaces "output_path exists" as the completion test, for
+    # a stage whose finished file can still lack work (score adds columns for a new caption source).
+
+
+def is_done(job: ShardJob, shard_id: str) -> bool:
+    check = getattr(job, "is_done", None)
+    return bool(check(shard_id)) if callable(check) else job.output_path(shard_id).exists()
 
 
 @dataclass
@@ -70,7 +77,7 @@ def run_job(job: ShardJob, shard_ids: Sequence[str], *, engine: str = "local", p
     result = EngineResult()
     remaining = []
     for sid in todo:
-        (result.skipped if job.output_path(sid).exists() else remaining).append(sid)
+        (result.skipped if is_done(job, sid) else remaining).append(sid)
     if engine == "local":
         from .local import run_local
 
