@@ -161,7 +161,10 @@ class Dataset:
         """Run SQL over the views and return a pyarrow Table."""
         con = self.connect()
         try:
-            return con.execute(sql, params or []).fetch_arrow_table()
+            result = con.execute(sql, params or [])
+            # duckdb 2 renamed fetch_arrow_table to to_arrow_table
+            fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
+            return fetch()
         finally:
             con.close()
 
