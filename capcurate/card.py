@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,8 @@ class Card:
         model: dict[str, Any] | None = None, replace: bool = False,
     ) -> str:
         """Append a lineage entry (finished=None) and return its id; ``replace`` drops older ones of that name."""
-        entry_id = f"{stage}-{now()}-{os.getpid()}"
+        # the random tail keeps ids unique when one process starts two runs within a second
+        entry_id = f"{stage}-{now()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         entry = {
             "id": entry_id,
             "stage": stage,
