@@ -14,6 +14,12 @@ __version__ = "0.1.0"
 # function name -> module that defines it; stages register here as they land.
 _API: dict[str, str] = {
     "Dataset": "capcurate.dataset",
+    "mix": "capcurate.stages.mix",
+    "shard": "capcurate.stages.shard",
+    "report": "capcurate.stages.report",
+    "score": "capcurate.stages.score",
+    "filter": "capcurate.stages.filter",
+    "load_scorer": "capcurate.models.scorers",
 }
 
 

@@ -12,6 +12,8 @@ from .app import app
 
 COMMAND_MODULES = [
     # each stage adds its module here, e.g. "capcurate.cli.download_commands",
+    "capcurate.cli.curate_commands",
+    "capcurate.cli.score_commands",
 ]
 
 for _mod in COMMAND_MODULES:

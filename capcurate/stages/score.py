@@ -1,0 +1,335 @@
+"""``capcurate score``: CLIP similarity of every image with each of its caption columns.
+
+Per shard: every downloaded image is decoded in DataLoader workers and embedded once; each selected
+caption source (``raw`` = the manifest caption, or a ``captions/<name>`` run) is tokenised and embedded
+in batches (identical texts once); the cosine similarity lands in ``scores/<name>/<shard>.parquet``:
+
+    uid | score_<name>_<source> float32 ... | scores_<name>_<source> list<float32>
+        | best_<name>_<source> int32 (with --num-captions > 1) | error_<name> string
+
+A failed image or a NULL/empty caption gives a NULL score. Adding a caption source later rewrites
+each shard file with the new columns added and the old ones kept: only the missing sources are
+embedded, and the image embeddings are read back from ``embeddings/<name>/`` when they were saved.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import atomic
+from ..dataset import Dataset, check_name
+from ..errors import InputError
+from ..summary import Summary
+
+RAW = "raw"
+
+
+def score_column(name: str, source: str) -> str:
+    return f"score_{name}_{source}"
+
+
+def resolve_sources(ds: Dataset, captions: str | list[str] | None) -> list[str]:
+    """``raw`` plus the requested (default: every) captions names; unknown names list the existing ones."""
+    existing = [RAW, *ds.names("captions")]
+    if captions is None or captions == "" or captions == []:
+        return existing
+    wanted = [c.strip() for c in captions.split(",")] if isinstance(captions, str) else list(captions)
+    wanted = [c for c in dict.fromkeys(wanted) if c]
+    unknown = [c for c in wanted if c not in existing]
+    if unknown:
+        raise InputError(
+            f"unknown caption column(s) {', '.join(unknown)}: this dataset has {', '.join(existing)}"
+        )
+    return wanted
+
+
+# -- embeddings on disk ----------------------------------------------------------------------------
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+
+
+def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str]):
+    """Saved (embeddings, errors) of a shard if they exist and follow the manifest's row order."""
+    import pyarrow.parquet as pq
+
+    img, order = emb_dir / f"{shard_id}.image.npy", emb_dir / f"{shard_id}.uids.parquet"
+    if not (img.exists() and order.exists()):
+        return None
+    table = pq.read_table(order)
+    if table.column("uid").to_pylist() != uids:
+        return None
+    return np.load(img).astype(np.float32), table.column("error").to_pylist()
+
+
+# -- the per-shard job -----------------------------------------------------------------------------
+@dataclass
+class ScoreJob:
+    """Scores one shard; picklable before ``setup`` so Ray actors can load the model themselves."""
+
+    root: Path
+    name: str
+    model: str
+    pretrained: str | None
+    sources: list[str]
+    num_captions: int = 1
+    batch_size: int = 64
+    num_workers: int = 2
+    device: str = "cpu"
+    precision: str = "fp32"
+    save_embeddings: bool = False
+    scorer: Any = field(default=None, repr=False)
+
+    @property
+    def ds(self) -> Dataset:
+        return Dataset(self.root, must_exist=False)
+
+    def output_path(self, shard_id: str) -> Path:
+        return self.root / "scores" / self.name / f"{shard_id}.parquet"
+
+    def embeddings_dir(self) -> Path:
+        return self.root / "embeddings" / self.name
+
+    def available_sources(self, shard_id: str) -> list[str]:
+        """Requested sources that have captions for this shard (a recaption run may be partial)."""
+        return [s for s in self.sources
+                if s == RAW or (self.root / "captions" / s / f"{shard_id}.parquet").exists()]
+
+    def missing_sources(self, shard_id: str) -> list[str]:
+        import pyarrow.parquet as pq
+
+        out = self.output_path(shard_id)
+        have = set(pq.read_schema(out).names) if out.exists() else set()
+        return [s for s in self.available_sources(shard_id) if score_column(self.name, s) not in have]
+
+    def is_done(self, shard_id: str) -> bool:
+        return self.output_path(shard_id).exists() and not self.missing_sources(shard_id)
+
+    def setup(self) -> None:
+        if self.scorer is None:
+            from ..models.scorers import load_scorer
+
+            self.scorer = load_scorer(self.model, pretrained=self.pretrained, device=self.device,
+                                      precision=self.precision)
+
+    # -- images --------------------------------------------------------------------------------
+    def _embed_images(self, shard_id: str, keys: list[str], status: list[str | None]):
+        """(embeddings [n, d] float32, zero rows where failed; error per row or None)."""
+        from ..imageloader import iter_image_batches
+
+        n = len(keys)
+        emb = np.zeros((n, self.scorer.embed_dim), np.float32)
+        errors: list[str | None] = [None if s == "success" else f"not downloaded: {s}" for s in status]
+        # the row index is the id the loader echoes back, so duplicate uids cannot collide
+        entries = [(str(i), keys[i]) for i in range(n) if status[i] == "success"]
+        if not entries:
+            return emb, errors
+        for batch in iter_image_batches(self.ds.shard_path(shard_id), entries, self.scorer.preprocess,
+                                        batch_size=self.batch_size, num_workers=self.num_workers):
+            for rid, reason in batch.failed:
+                errors[int(rid)] = reason
+            if batch.uids:
+                out = self.scorer.encode_images(batch.pixels).numpy()
+                if emb.shape[1] != out.shape[1]:  # embed_dim unknown from the config
+                    emb = np.zeros((n, out.shape[1]), np.float32)
+                emb[[int(r) for r in batch.uids]] = out
+        return emb, errors
+
+    # -- texts ---------------------------------------------------------------------------------
+    def _embed_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
+        unique = list(dict.fromkeys(texts))
+        out: dict[str, np.ndarray] = {}
+        for i in range(0, len(unique), self.batch_size):
+            chunk = unique[i:i + self.batch_size]
+            out.update(zip(chunk, self.scorer.encode_texts(chunk).numpy(), strict=True))
+        return out
+
+    def _source_texts(self, shard_id: str, source: str, uids: list[str], raw: list[str | None]):
+        """(first caption per row, caption list per row or None) aligned with the manifest rows."""
+        import pyarrow.parquet as pq
+
+        if source == RAW:
+            return raw, None
+        table = pq.read_table(self.root / "captions" / source / f"{shard_id}.parquet")
+        by_uid = dict(zip(table.column("uid").to_pylist(), table.column("caption").to_pylist(), strict=True))
+        first = [by_uid.get(u) for u in uids]
+        if self.num_captions <= 1 or "captions" not in table.column_names:
+            return first, None
+        lists = dict(zip(table.column("uid").to_pylist(), table.column("captions").to_pylist(), strict=True))
+        return first, [(lists.get(u) or [])[: self.num_captions] for u in uids]
+
+    def process(self, shard_id: str) -> dict[str, int]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        manifest = pq.read_table(self.ds.samples_path(shard_id), columns=["uid", "key", "status", "caption"])
+        uids = manifest.column("uid").to_pylist()
+        out = self.output_path(shard_id)
+        previous = pq.read_table(out) if out.exists() else None
+        if previous is not None and previous.column("uid").to_pylist() != uids:
+            previous = None  # the manifest changed under us: score everything again
+        todo = self.missing_sources(shard_id) if previous is not None else self.available_sources(shard_id)
+
+        reused = load_image_embeddings(self.embeddings_dir(), shard_id, uids) if self.save_embeddings else None
+        if reused is not None:
+            img_emb, errors = reused
+        else:
+            img_emb, errors = self._embed_images(shard_id, manifest.column("key").to_pylist(),
+                                                 manifest.column("status").to_pylist())
+        ok = np.array([e is None for e in errors], bool)
+        counts = {"images_scored": int(ok.sum()), "images_failed": int((~ok).sum()), "scores_written": 0,
+                  "scores_null": 0, "images_reused": int(len(uids) if reused is not None else 0)}
+
+        columns: dict[str, pa.Array] = {}
+        text_npys: dict[str, np.ndarray] = {}
+        raw = manifest.column("caption").to_pylist()
+        for source in todo:
+            first, lists = self._source_texts(shard_id, source, uids, raw)
+            col, txt = self._score_source(img_emb, ok, first)
+            columns[score_column(self.name, source)] = col
+            counts["scores_written"] += len(col) - col.null_count
+            counts["scores_null"] += col.null_count
+            text_npys[source] = txt
+            if lists is not None:
+                scores, best, txt_k = self._score_lists(img_emb, ok, lists)
+                columns[f"scores_{self.name}_{source}"] = scores
+                columns[f"best_{self.name}_{source}"] = best
+                text_npys[source] = txt_k
+
+        table = self._merge(previous, uids, columns, errors)
+        if self.save_embeddings:
+            self._save_embeddings(shard_id, uids, errors, img_emb, text_npys, reused is None)
+        atomic.write_parquet(out, table)  # last: this file marks the shard done
+        return counts
+
+    def _valid(self, text: Any) -> bool:
+        return isinstance(text, str) and bool(text.strip())
+
+    def _score_source(self, img_emb: np.ndarray, ok: np.ndarray, texts: list[Any]):
+        import pyarrow as pa
+
+        rows = [i for i, t in enumerate(texts) if ok[i] and self._valid(t)]
+        table = self._embed_texts([texts[i] for i in rows])
+        txt = np.zeros_like(img_emb)
+        for i in rows:
+            txt[i] = table[texts[i]]
+        sims = np.einsum("nd,nd->n", img_emb, txt).astype(np.float32)
+        mask = np.ones(len(texts), bool)
+        mask[rows] = False
+        return pa.array(sims, pa.float32(), mask=mask), txt
+
+    def _score_lists(self, img_emb: np.ndarray, ok: np.ndarray, lists: list[list[Any]]):
+        import pyarrow as pa
+
+        k = max((len(c) for c in lists), default=0)
+        flat = [t for i, c in enumerate(lists) if ok[i] for t in c if self._valid(t)]
+        table = self._embed_texts(flat)
+        txt = np.zeros((len(lists), k, img_emb.shape[1]), np.float32)
+        scores: list[list[float | None] | None] = []
+        best: list[int | None] = []
+        for i, caps in enumerate(lists):
+            if not ok[i] or not caps:
+                scores.append(None)
+                best.append(None)
+                continue
+            row: list[float | None] = []
+            for j, t in enumerate(caps):
+                if self._valid(t):
+                    txt[i, j] = table[t]
+                    row.append(float(np.dot(img_emb[i], txt[i, j])))
+                else:
+                    row.append(None)
+            scores.append(row)
+            valid = [(s, j) for j, s in enumerate(row) if s is not None]
+            best.append(max(valid)[1] if valid else None)
+        return pa.array(scores, pa.list_(pa.float32())), pa.array(best, pa.int32()), txt
+
+    def _merge(self, previous, uids: list[str], columns: dict[str, Any], errors: list[str | None]):
+        import pyarrow as pa
+
+        error_col = f"error_{self.name}"
+        data: dict[str, Any] = {"uid": pa.array(uids, pa.string())}
+        if previous is not None:
+            for c in previous.column_names:
+                if c not in ("uid", error_col) and c not in columns:
+                    data[c] = previous.column(c)
+        data.update(columns)
+        data[error_col] = pa.array(errors, pa.string())
+        return pa.table(data)
+
+    def _save_embeddings(self, shard_id: str, uids: list[str], errors: list[str | None], img_emb: np.ndarray,
+                         text_npys: dict[str, np.ndarray], write_images: bool) -> None:
+        import pyarrow as pa
+
+        d = self.embeddings_dir()
+        for source, arr in text_npys.items():
+            save_npy(d / f"{shard_id}.{source}.npy", arr.astype(np.float16))
+        if write_images:
+            save_npy(d / f"{shard_id}.image.npy", img_emb.astype(np.float16))
+            atomic.write_parquet(d / f"{shard_id}.uids.parquet",
+                                 pa.table({"uid": pa.array(uids, pa.string()),
+                                           "error": pa.array(errors, pa.string())}))
+
+
+# -- the stage driver ------------------------------------------------------------------------------
+def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None = None,
+          captions: str | list[str] | None = None, num_captions: int = 1, batch_size: int = 64,
+          num_workers: int = 2, device: str = "cpu", precision: str = "fp32", save_embeddings: bool = False,
+          engine: str = "local", part: str | None = None, overwrite: bool = False,
+          num_actors: int | None = None) -> Summary:
+    """Score every image against each selected caption column; writes ``scores/<name>/``."""
+    from ..models.ref import parse_model_ref
+
+    t0 = time.time()
+    ds = Dataset(dataset)
+    check_name(name, "scorer name")
+    if num_captions < 1:
+        raise InputError(f"--num-captions must be at least 1, got {num_captions}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    sources = resolve_sources(ds, captions)
+    ref = parse_model_ref(model, pretrained=pretrained)
+    shard_ids = ds.shard_ids()
+    if not shard_ids:
+        raise InputError(f"{ds.root} has no manifest shards (samples/*.parquet): download or ingest first")
+
+    # sources are not parameters: adding one later resumes and fills in only the new columns
+    params = {"model": model, "pretrained": pretrained, "precision": precision, "num_captions": num_captions,
+              "save_embeddings": save_embeddings}
+    out_dir = ds.family_dir("scores", name)
+    exists = out_dir.is_dir() and any(out_dir.glob("*.parquet"))
+    mode = ds.card.claim_output("scores", name, params, overwrite=overwrite, exists=exists)
+    if mode == "overwrite":
+        ds.remove_family_output("scores", name)
+        ds.remove_family_output("embeddings", name)
+    atomic.clean_stale_temps(out_dir)
+    atomic.clean_stale_temps(ds.family_dir("embeddings", name))
+
+    job = ScoreJob(ds.root, name, model, pretrained, sources, num_captions, batch_size, num_workers,
+                   device, precision, save_embeddings)
+    if engine == "local":
+        job.setup()  # a model that cannot load fails here, before a lineage entry is written
+    entry = ds.card.start_entry(stage="score", family="scores", name=name, params=params,
+                                model=ref.describe(), replace=mode == "overwrite")
+    from ..engines import run_job
+
+    options = {"num_actors": num_actors} if engine == "ray" and num_actors else {}
+    result = run_job(job, shard_ids, engine=engine, part=part, description=f"score {name}", **options)
+    counts = result.to_dict()
+    failed = counts.pop("failed_shards")
+    ds.card.finish_entry(entry, {k: v for k, v in counts.items()}, sources=sources)
+    ok = not result.failed
+    columns = [score_column(name, s) for s in sources]
+    return Summary(
+        stage="score", ok=ok, counts=counts,
+        details={"name": name, "model": model, "sources": sources, "columns": columns,
+                 "failed_shards": failed, "mode": mode},
+        seconds=time.time() - t0,
+        message=(f"scored {counts.get('images_scored', 0):,} images against {', '.join(sources)} "
+                 f"into scores/{name}" + ("" if ok else f"; {len(failed)} shard(s) failed: re-run to retry")),
+    )
