@@ -1,0 +1,222 @@
+"""``capcurate shard``: write a selection as webdataset training shards, copying image bytes as they are.
+
+Images are never decoded: each output sample's ``<key>.<ext>`` is the exact byte range of the source
+tar member, read with forward seeks in (source shard, offset) order; ``<key>.txt`` is the selection's
+caption and ``<key>.json`` holds uid, caption source and the sample's scores. Each output shard is one
+unit of work of ``capcurate.engines`` (written atomically, skipped when it exists), so a killed run
+resumes, ``--part i/N`` splits the work and ``--engine ray`` spreads it. ``manifest.json`` and
+open_clip's ``sizes.json`` are written when every shard exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .. import __version__, atomic
+from ..dataset import Dataset, check_name
+from ..engines import run_job
+from ..errors import InputError, OutputExistsError, StageFailed
+from ..shards import TarShardWriter
+from ..summary import Summary
+from .shard_plan import ShardPlan, build_plan
+
+CLAIM_NAME = ".capcurate-shard.json"
+OUR_FILES = ("manifest.json", "sizes.json", CLAIM_NAME)
+# bytes of one output shard kept in memory before the reorder buffer spills to a temp file
+BUFFER_BYTES = 256 * 1024 * 1024
+
+
+def shard_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+class ShardWriteJob:
+    """One output shard per unit of work: gather its images from the source tars, write them in order."""
+
+    def __init__(self, ds_root: Path, out: Path, plan: ShardPlan):
+        self.ds_root = Path(ds_root)
+        self.out = Path(out)
+        self.plan = plan
+
+    def output_path(self, shard_id: str) -> Path:
+        return self.out / f"{shard_id}.tar"
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, shard_id: str) -> dict[str, int]:
+        import pyarrow.dataset as pads
+
+        rows = pads.dataset(self.plan.rows_dir(int(shard_id)), format="parquet")
+        table = rows.to_table(columns=["position", "caption", "shard", "ext", "byte_offset", "byte_size", "meta"])
+        # read side: each source tar once, front to back; write side: the planned (shuffled) order
+        by_source = table.sort_by([("shard", "ascending"), ("byte_offset", "ascending")]).to_pylist()
+        where: dict[int, tuple[int, int, dict]] = {}
+        with tempfile.SpooledTemporaryFile(max_size=BUFFER_BYTES, dir=self.out) as buf:
+            fh, open_shard = None, None
+            try:
+                for r in by_source:
+                    if r["shard"] != open_shard:
+                        if fh:
+                            fh.close()
+                        fh = open(self.ds_root / "shards" / f"{r['shard']}.tar", "rb")
+                        open_shard = r["shard"]
+                    fh.seek(r["byte_offset"])
+                    data = fh.read(r["byte_size"])
+                    if len(data) != r["byte_size"]:
+                        raise StageFailed(f"source shard {r['shard']}.tar changed while sharding")
+                    where[r["position"]] = (buf.tell(), len(data), r)
+                    buf.write(data)
+            finally:
+                if fh:
+                    fh.close()
+            with TarShardWriter(self.output_path(shard_id)) as w:
+                for pos in sorted(where):
+                    off, size, r = where[pos]
+                    buf.seek(off)
+                    w.write(f"{pos:09d}", {
+                        r["ext"]: buf.read(size),
+                        "txt": (r["caption"] or "").encode("utf-8"),
+                        "json": r["meta"].encode("utf-8"),
+                    })
+        return {"samples_written": len(where), "bytes_written": w.bytes}
+
+
+def shard(
+    dataset: str | Path | Dataset,
+    selection: str,
+    out: str | Path,
+    *,
+    samples_per_shard: int = 10000,
+    min_shards: int = 1,
+    shuffle: bool = False,
+    seed: int = 0,
+    overwrite: bool = False,
+    engine: str = "local",
+    part: str | None = None,
+) -> Summary:
+    """Write ``selection`` of ``dataset`` as training shards ``out/00000.tar ...`` (see module docstring)."""
+    t0 = time.time()
+    ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    check_name(selection, "selection name")
+    if selection not in ds.selection_names():
+        raise InputError(f"no selection named {selection!r}; selections present: "
+                         f"{', '.join(ds.selection_names()) or '(none)'}")
+    if samples_per_shard < 1 or min_shards < 1:
+        raise InputError("--samples-per-shard and --min-shards must be at least 1")
+    out = Path(out)
+    claim = {
+        "dataset": str(ds.root.resolve()), "selection": selection,
+        "selection_sha256": _file_sha256(ds.selection_path(selection)),
+        "parameters": {"samples_per_shard": samples_per_shard, "min_shards": min_shards,
+                       "shuffle": shuffle, "seed": seed if shuffle else None},
+    }
+    mode = _claim_out_dir(out, claim, overwrite=overwrite)
+    atomic.clean_stale_temps(out)
+
+    _remove_dead_plans(out)
+    work = Path(tempfile.mkdtemp(prefix=f".plan-{os.getpid()}-", dir=out))
+    try:
+        plan = build_plan(ds, selection, work, samples_per_shard=samples_per_shard,
+                          min_shards=min_shards, shuffle=shuffle, seed=seed)
+        ids = [shard_name(i) for i in range(len(plan.shard_sizes))]
+        result = run_job(ShardWriteJob(ds.root, out, plan), ids, engine=engine, part=part,
+                         description="shards")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    complete = all((out / f"{i}.tar").exists() for i in ids)
+    if complete:
+        _write_index_files(out, plan, claim)
+    missing = sum(plan.missing.values())
+    counts = {
+        "samples": plan.total, "shards": len(ids), "samples_per_shard": plan.samples_per_shard,
+        "missing": missing, **{f"missing_{k}": v for k, v in plan.missing.items()},
+        **result.to_dict(),
+    }
+    counts.pop("failed_shards", None)
+    details = {
+        "out": str(out), "mode": mode, "complete": complete, "failed_shards": result.failed,
+        "missing_examples": plan.missing_examples, "damaged_source_shards": plan.damaged_sources,
+    }
+    message = (f"{plan.total:,} samples in {len(ids)} shards of up to {plan.samples_per_shard:,} -> {out}"
+               f"{'' if complete else ' (incomplete: run the remaining parts, then manifest.json is written)'}")
+    if missing:
+        message += f"; {missing:,} selected rows have no image in the shards (see missing_*)"
+    if ids and len(ids) < 8:
+        message += f"; only {len(ids)} shards: a trainer can use at most {len(ids)} workers x ranks " \
+                   "(pass --min-shards to split finer)"
+    if result.failed:
+        raise StageFailed(f"{len(result.failed)} shard(s) failed, first: {next(iter(result.failed.items()))}")
+    return Summary(stage="shard", counts=counts, details=details, seconds=time.time() - t0, message=message)
+
+
+def _claim_out_dir(out: Path, claim: dict, *, overwrite: bool) -> str:
+    """'new', 'resume' (same dataset, selection content and parameters) or 'overwrite'; else refuse."""
+    claim_path = out / CLAIM_NAME
+    entries = [p for p in out.iterdir() if not p.name.startswith(".plan-")] if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise InputError(f"-o {out} exists and is not a directory")
+    mode = "new"
+    if entries:
+        previous = json.loads(claim_path.read_text()) if claim_path.is_file() else None
+        if previous == claim:
+            return "resume"
+        if not overwrite:
+            if previous is None:
+                raise OutputExistsError(f"{out} is not empty and was not written by capcurate shard; "
+                                        "choose another -o or pass --overwrite")
+            changed = [k for k in ("dataset", "selection", "selection_sha256", "parameters")
+                       if previous.get(k) != claim[k]]
+            raise OutputExistsError(f"{out} holds shards of another run (differs in: {', '.join(changed)}); "
+                                    "choose another -o or pass --overwrite")
+        for p in entries:
+            if p.suffix == ".tar" or p.name in OUR_FILES:
+                p.unlink()
+        mode = "overwrite"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(claim_path, claim)
+    return mode
+
+
+def _remove_dead_plans(out: Path) -> None:
+    """Plans of killed runs (their pid is gone) would otherwise pile up; live ones (other --part runs) stay."""
+    for p in out.glob(".plan-*-*"):
+        try:
+            pid = int(p.name.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
+def _write_index_files(out: Path, plan: ShardPlan, claim: dict) -> None:
+    """manifest.json (ours) and sizes.json (open_clip reads it instead of --train-num-samples)."""
+    names = [f"{shard_name(i)}.tar" for i in range(len(plan.shard_sizes))]
+    atomic.write_json(out / "sizes.json", dict(zip(names, plan.shard_sizes, strict=True)))
+    atomic.write_json(out / "manifest.json", {
+        "format": "capcurate-training-shards",
+        "capcurate_version": __version__,
+        "shards": [{"name": n, "samples": s} for n, s in zip(names, plan.shard_sizes, strict=True)],
+        "total_samples": plan.total,
+        "dataset": claim["dataset"], "selection": claim["selection"],
+        "selection_sha256": claim["selection_sha256"], "parameters": claim["parameters"],
+        "samples_per_shard": plan.samples_per_shard,
+        "missing": plan.missing, "missing_examples": plan.missing_examples,
+        "train_data": f"{out}/{{{names[0][:-4]}..{names[-1][:-4]}}}.tar" if names else None,
+    })
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
