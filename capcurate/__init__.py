@@ -14,12 +14,17 @@ __version__ = "0.1.0"
 # function name -> module that defines it; stages register here as they land.
 _API: dict[str, str] = {
     "Dataset": "capcurate.dataset",
+    "recaption": "capcurate.stages.recaption",
+    "load_captioner": "capcurate.models.captioners",
+    "synth": "capcurate.stages.synth",
     "mix": "capcurate.stages.mix",
     "shard": "capcurate.stages.shard",
     "report": "capcurate.stages.report",
     "score": "capcurate.stages.score",
     "filter": "capcurate.stages.filter",
     "load_scorer": "capcurate.models.scorers",
+    "train": "capcurate.train",
+    "evaluate": "capcurate.train",
 }
 
 

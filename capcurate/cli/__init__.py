@@ -12,8 +12,11 @@ from .app import app
 
 COMMAND_MODULES = [
     # each stage adds its module here, e.g. "capcurate.cli.download_commands",
+    "capcurate.cli.synth_commands",
+    "capcurate.cli.recaption_commands",
     "capcurate.cli.curate_commands",
     "capcurate.cli.score_commands",
+    "capcurate.cli.train_commands",
 ]
 
 for _mod in COMMAND_MODULES:

@@ -1,0 +1,192 @@
+"""capcurate synth: the CapWorld demo world (deterministic, documented noise, readable eval set)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from capcurate.stages.synth import synth
+from capcurate.world.noise import KINDS, alt_text, resolve_rates
+from capcurate.world.scene import SHAPES, sample_scene
+
+SMALL = dict(n_images=60, image_size=32, seed_size=30, eval_size=70, shard_size=32)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("capworld") / "world"
+    synth(out, seed=3, workers=2, **SMALL)
+    return out
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes().replace(str(root.resolve()).encode(), b"ROOT")
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synth_is_byte_identical_under_the_same_seed_whatever_the_worker_count(world: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    synth(again, seed=3, workers=1, **SMALL)
+    a, b = _files(world), _files(again)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+    other = tmp_path / "other"
+    synth(other, seed=4, workers=1, **SMALL)
+    assert _files(other)["urls.parquet"] != a["urls.parquet"]
+
+
+def test_noise_rates_are_what_was_asked_within_tolerance() -> None:
+    rates = resolve_rates("web", {"boilerplate": 0.5, "correct": 0.2})
+    assert rates.boilerplate == 0.5 and rates.correct == 0.2
+    assert abs(sum(rates.kind_rates().values()) - 1) < 1e-9
+    # the kinds left unset keep the profile's proportions among themselves
+    web = resolve_rates("web")
+    assert rates.partial / rates.wrong_object == pytest.approx(web.partial / web.wrong_object)
+    rng = random.Random(0)
+    n = 6000
+    counts = Counter(alt_text(sample_scene(rng), rates, rng)[1] for _ in range(n))
+    for kind in KINDS:
+        # 4 standard deviations of a binomial proportion
+        tol = 4 * (rates.kind_rates()[kind] * (1 - rates.kind_rates()[kind]) / n) ** 0.5 + 1e-9
+        assert abs(counts[kind] / n - rates.kind_rates()[kind]) <= tol, (kind, counts)
+
+
+def test_noise_rates_that_cannot_sum_to_one_are_refused() -> None:
+    from capcurate.errors import InputError
+
+    with pytest.raises(InputError, match="more than 1"):
+        resolve_rates("web", {"correct": 0.7, "boilerplate": 0.6})
+    with pytest.raises(InputError, match="unknown noise profile 'webby'; expected one of web"):
+        resolve_rates("webby")
+    assert resolve_rates("clean").correct == 1.0
+
+
+def test_each_noise_kind_says_what_its_name_says() -> None:
+    rng = random.Random(1)
+    rates = resolve_rates("web", {"decorate": 0.0})
+    for _ in range(2000):
+        scene = sample_scene(rng)
+        text, kind = alt_text(scene, rates, rng)
+        words = set(text.lower().replace(",", " ").split())
+        shape_words = {scene.shape, scene.shape + "s", "crosses" if scene.shape == "cross" else ""}
+        if kind == "boilerplate":
+            assert not words & set(SHAPES) and scene.colour not in words, text
+        elif kind == "wrong_object":
+            assert not words & shape_words, text
+        elif kind in ("correct", "wrong_attribute"):
+            assert words & shape_words, text
+            assert (scene.colour in words) == (kind == "correct") or kind == "wrong_attribute", text
+        if kind == "correct":
+            assert {scene.size, scene.colour} <= words, text
+
+
+def test_every_world_text_tokenizes_without_unknown_words(world: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(world / "tokenizer"))
+    vocab = tok.get_vocab()
+    assert (vocab["[PAD]"], vocab["[SOS]"], vocab["[UNK]"], vocab["[EOS]"]) == (0, 1, 2, len(tok) - 1)
+    card = json.loads((world / "synth.json").read_text())
+    assert card["vocab_size"] == len(tok)
+    import pyarrow.parquet as pq
+
+    urls = pq.read_table(world / "urls.parquet").to_pylist()
+    templates = (world / "eval" / "zeroshot_classification_templates.txt").read_text().splitlines()
+    classes = (world / "eval" / "classnames.txt").read_text().splitlines()
+    texts = [r["caption"] for r in urls] + [r["true_caption"] for r in urls]
+    texts += [t.replace("{c}", c) for t in templates for c in classes]
+    ids = tok(texts)["input_ids"]
+    unknown = [t for t, i in zip(texts, ids, strict=True) if vocab["[UNK]"] in i]
+    assert unknown == []
+    assert all(i[0] == 1 and i[-1] == len(tok) - 1 for i in ids)
+    assert tok.decode(tok("two small red circles on the left")["input_ids"], skip_special_tokens=True) \
+        == "two small red circles on the left"
+
+
+def test_tiny_configs_load_in_open_clip_offline_and_coca_loss_runs(world: Path) -> None:
+    import open_clip
+    import torch
+
+    from capcurate.models.openclip_loader import load_openclip
+    from capcurate.models.ref import parse_model_ref
+
+    torch.manual_seed(0)
+    images = torch.randn(4, 3, 32, 32)
+    clip = load_openclip(parse_model_ref(f"openclip:{world}/models/tiny_clip.json"))
+    text = clip.tokenizer(["a small red circle on the left", "IMG_0042.jpg"])
+    assert text.shape == (2, 32) and text[0, 0] == 1 and text.max() < clip.model_cfg["text_cfg"]["vocab_size"]
+    with torch.no_grad():
+        assert clip.model.encode_text(text).shape == (2, 128)
+        assert clip.model.encode_image(images).shape == (4, 128)
+    coca = load_openclip(parse_model_ref(f"openclip:{world}/models/tiny_coca.json"))
+    coca.model.train()
+    out = coca.model(images, coca.tokenizer(["a red circle", "two blue stars", "ring", "logo"]))
+    losses = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)(**out, output_dict=True)
+    assert torch.isfinite(sum(losses.values()))
+    assert out["logits"].shape[-1] == coca.model_cfg["multimodal_cfg"]["vocab_size"]
+
+
+def test_eval_set_is_readable_in_clip_benchmark_webdataset_layout(world: Path) -> None:
+    import webdataset as wds
+
+    ev = world / "eval"
+    n = int((ev / "test" / "nshards.txt").read_text())
+    assert n == 3  # 70 samples, 32 per shard
+    classes = (ev / "classnames.txt").read_text().splitlines()
+    assert len(classes) == 64 and "red circle" in classes
+    assert all("{c}" in t for t in (ev / "zeroshot_classification_templates.txt").read_text().splitlines())
+    urls = [str(ev / "test" / f"{i}.tar") for i in range(n)]
+    rows = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "cls", "txt"))
+    assert len(rows) == 70
+    for img, cls, txt in rows:
+        assert img.size == (32, 32)
+        colour, shape = classes[int(cls)].split(" ")
+        assert colour in txt and shape in txt  # the retrieval caption names the class
+    assert len({int(c) for _, c, _ in rows}) == 64  # balanced: every class appears
+
+
+def test_seed_split_is_written_as_training_shards(world: Path) -> None:
+    manifest = json.loads((world / "seed" / "manifest.json").read_text())
+    sizes = json.loads((world / "seed" / "sizes.json").read_text())
+    assert manifest["total_samples"] == 30 and sizes == {"00000.tar": 30}
+    from capcurate.shards import index_tar
+
+    idx = index_tar(world / "seed" / "00000.tar")
+    assert all("." not in k and set(m) == {"jpg", "txt", "json"} for k, m in idx.samples.items())
+
+
+def test_urls_point_at_the_images_under_the_base_url(world: Path) -> None:
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(world / "urls.parquet").to_pylist()
+    assert len(rows) == 60 and len({r["uid"] for r in rows}) == 60
+    for r in rows:
+        assert r["url"].startswith("http://127.0.0.1:8000/images/")
+        assert (world / r["url"][len("http://127.0.0.1:8000/"):]).is_file()
+    assert set(r["noise_kind"] for r in rows) <= set(KINDS)
+
+
+def test_synth_cli_writes_a_world_and_refuses_to_overwrite_it(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from capcurate.cli import app
+
+    runner = CliRunner()
+    args = ["synth", "-o", str(tmp_path / "w"), "--n-images", "20", "--seed-size", "5", "--eval-size", "64",
+            "--image-size", "32", "--noise-profile", "clean", "--base-url", "http://127.0.0.1:9/", "--json"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["counts"]["alt-text correct"] == 20 and summary["counts"]["eval classes"] == 64
+    res = runner.invoke(app, args)
+    assert res.exit_code == 3 and "--overwrite" in res.output
+    res = runner.invoke(app, [*args, "--overwrite", "--rate-boilerplate", "0.5"])
+    assert res.exit_code == 0, res.output
+    # clean has no other kinds to rescale into except 'correct': half boilerplate, half correct
+    assert json.loads(res.stdout)["details"]["noise rates"]["boilerplate"] == 0.5
+    res = runner.invoke(app, [*args, "--overwrite", "--rate-correct", "0.9", "--rate-partial", "0.9"])
+    assert res.exit_code == 2 and "more than 1" in res.output
