@@ -1,0 +1,66 @@
+"""Every training option in one place: the CLI fills it, ``RUN/run.json`` records it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# options that may differ between a run and its resumption without changing the result
+RESUMABLE_CHANGES = {"resume", "workers_hint", "log_every", "eval_every", "eval_data", "keep_checkpoints",
+                     "save_every", "device", "overwrite", "max_steps", "compile"}
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    output: str
+    model: str | None = None           # open_clip architecture name, e.g. ViT-B-32 / coca_ViT-B-32
+    model_config: str | None = None    # or a JSON config file in open_clip's model_configs format
+    pretrained: str | None = None      # open_clip tag or weights file to fine-tune from
+    loss: str = "clip"                 # clip | siglip | coca
+    batch_size: int = 256              # per rank, per micro-batch
+    epochs: int = 1
+    train_num_samples: int | None = None
+    lr: float = 5e-4
+    wd: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup: int = 0
+    grad_clip: float | None = 1.0
+    precision: str = "fp32"
+    accum: int = 1
+    compile: bool = False
+    workers: int = 2
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    shuffle_shards: bool = True
+    local_loss: bool = False
+    gather_with_grad: bool = False
+    caption_loss_weight: float = 2.0
+    clip_loss_weight: float = 1.0
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    save_every: int = 0                # steps; 0 = at the end of each epoch only
+    keep_checkpoints: int = 2
+    resume: str | None = None          # "latest" or a checkpoint dir
+    eval_data: str | None = None
+    eval_every: int = 0
+    log_every: int = 1
+    device: str | None = None
+    overwrite: bool = False
+    max_steps: int | None = None       # stop early (smoke tests, benchmarks); schedule still spans epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def differences(self, other: TrainConfig) -> list[str]:
+        """Options that change the training result and differ from ``other``."""
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if k not in RESUMABLE_CHANGES and a[k] != b[k]]

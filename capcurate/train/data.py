@@ -1,0 +1,255 @@
+"""The training data pipeline: webdataset tar shards -> batches of (images, tokens), decoded in workers.
+
+Determinism is the design constraint, because ``--resume`` must continue bit-exactly:
+
+- every (rank, worker) pair reads its own slice of a per-epoch shard order fixed by the seed, and
+  resamples shards with its own seeded RNG when there are fewer shards than workers x ranks;
+- the shuffle buffer uses an RNG seeded by (seed, epoch, rank, worker);
+- augmentation is seeded per sample from (seed, epoch, shard, key), so a sample looks the same no
+  matter which worker or rank decodes it (this is also what makes 2 ranks x B equal 1 rank x 2B);
+- every batch carries its worker's position in the raw stream, so a checkpoint records where each
+  worker stood and a resumed worker skips that many raw samples without decoding them.
+
+Each worker yields exactly ``batches_per_worker`` batches per epoch (cycling over its shards), so an
+epoch is measured in samples and all ranks take the same number of steps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from ..shards import IMAGE_EXTS, index_tar
+
+TEXT_EXTS = ("txt", "text", "caption")
+# meta tensor carried with every batch: logical worker, raw position after it, batches done, skipped
+META_FIELDS = ("worker", "raw_pos", "batches", "skipped")
+
+
+@dataclass
+class ShardList:
+    urls: list[str]
+    num_samples: int | None  # from manifest.json / sizes.json, or counted, or None for remote URLs
+    source: str              # how the list was found, for the run record
+
+
+def resolve_shards(spec: str) -> ShardList:
+    """A brace pattern, a directory of .tar files, or a manifest.json / sizes.json from ``capcurate shard``."""
+    import webdataset as wds
+
+    p = Path(spec)
+    if p.is_file() and p.suffix == ".json":
+        return _from_json(p)
+    if p.is_dir():
+        for name in ("manifest.json", "sizes.json"):
+            if (p / name).is_file():
+                return _from_json(p / name)
+        tars = sorted(str(t) for t in p.glob("*.tar"))
+        if not tars:
+            raise InputError(f"{p} holds no .tar shards (and no manifest.json or sizes.json)")
+        return ShardList(tars, None, "directory")
+    urls = wds.shardlists.expand_urls(spec)
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        raise InputError(
+            f"training data {spec!r}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); "
+            "expected a shard directory, a manifest.json, or a brace pattern like 'shards/{00000..00009}.tar'"
+        )
+    return ShardList(list(urls), None, "pattern")
+
+
+def _from_json(path: Path) -> ShardList:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    if isinstance(obj, dict) and "shards" in obj:  # capcurate shard's manifest.json
+        names = [(s["name"], int(s["samples"])) for s in obj["shards"]]
+    elif isinstance(obj, dict) and all(isinstance(v, int) for v in obj.values()):  # open_clip sizes.json
+        names = list(obj.items())
+    else:
+        raise InputError(f"{path}: expected capcurate's manifest.json ({{'shards': [...]}}) or sizes.json")
+    urls = [str(path.parent / n) for n, _ in names]
+    missing = [u for u in urls if not Path(u).is_file()]
+    if missing:
+        raise InputError(f"{path} lists {len(missing)} shards that do not exist (first: {missing[0]})")
+    return ShardList(urls, sum(n for _, n in names), path.name)
+
+
+def count_samples(urls: list[str]) -> int:
+    """Samples with an image, counted from tar headers (no decoding); local shards only."""
+    total = 0
+    for u in urls:
+        idx = index_tar(u)
+        total += sum(1 for k in idx.samples if idx.image_ext(k))
+    return total
+
+
+def check_members(url: str, probe: int = 16) -> None:
+    """Fail early, with the members found, when a shard has no image or no text members."""
+    if "://" in url or url.startswith("pipe:"):
+        return
+    idx = index_tar(url)
+    keys = list(idx.samples)[:probe]
+    found = sorted({e for k in keys for e in idx.samples[k]})
+    if not keys:
+        raise InputError(f"shard {url} holds no samples")
+    if not any(e in found for e in IMAGE_EXTS):
+        raise InputError(f"shard {url} has no image members ({'/'.join(IMAGE_EXTS)}); found extensions: "
+                         f"{', '.join(found) or 'none'} (keys e.g. {', '.join(keys[:3])})")
+    if not any(e in found for e in TEXT_EXTS):
+        raise InputError(f"shard {url} has no text members (.txt); found extensions: {', '.join(found)} "
+                         f"(keys e.g. {', '.join(keys[:3])}); training needs a caption per image")
+
+
+def _seed_of(*parts: Any) -> int:
+    return zlib.crc32(":".join(map(str, parts)).encode())
+
+
+@dataclass
+class WorkerState:
+    """Where one logical worker stood after its last batch the trainer consumed."""
+
+    raw_pos: int = 0
+    batches: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class TrainStream(torch.utils.data.IterableDataset):
+    """One epoch of batches for one rank; see the module docstring for the determinism rules."""
+
+    urls: list[str]
+    batch_size: int
+    batches_per_worker: int
+    transform: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    seed: int = 0
+    epoch: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 1
+    shuffle_shards: bool = True
+    shuffle_buffer: int = 1000
+    worker_offset: int = 0   # physical worker i plays logical worker (i + offset) % W after a resume
+    resume: dict[int, WorkerState] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        phys, n = (info.id, info.num_workers) if info else (0, 1)
+        if n != self.num_workers:
+            raise RuntimeError(f"stream built for {self.num_workers} workers runs on {n}")
+        logical = (phys + self.worker_offset) % n
+        state = self.resume.get(logical, WorkerState())
+        yield from self._batches(logical, state)
+
+    def _shard_stream(self, gid: int, total: int) -> Iterator[dict[str, str]]:
+        rng = random.Random(_seed_of(self.seed, self.epoch, "resample", gid))
+        cycle = 0
+        while True:
+            if len(self.urls) < total:
+                # fewer shards than readers: each reader draws shards with replacement
+                yield {"url": rng.choice(self.urls)}
+                continue
+            order = list(self.urls)
+            if self.shuffle_shards:
+                random.Random(_seed_of(self.seed, self.epoch, "shards", cycle)).shuffle(order)
+            for u in order[gid::total]:
+                yield {"url": u}
+            cycle += 1
+
+    def _raw_samples(self, gid: int, total: int, counter: dict[str, int]) -> Iterator[dict[str, Any]]:
+        import webdataset as wds
+
+        def handler(exn: Exception) -> bool:
+            counter["skipped"] += 1  # a damaged member or tar: count it, keep going
+            return True
+
+        src = wds.tariterators.url_opener(self._shard_stream(gid, total), handler=handler)
+        files = wds.tariterators.tar_file_expander(src, handler=handler)
+        samples = wds.tariterators.group_by_keys(files, handler=handler)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(_seed_of(self.seed, self.epoch, "buffer", gid))
+            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng)
+        return samples
+
+    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str] | None:
+        from PIL import Image
+
+        img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        txt_ext = next((e for e in TEXT_EXTS if e in sample), None)
+        if img_ext is None or txt_ext is None:
+            return None
+        try:
+            text = sample[txt_ext].decode("utf-8").strip()
+            with Image.open(io.BytesIO(sample[img_ext])) as im:
+                im = im.convert("RGB")
+            seed = _seed_of(self.seed, self.epoch, sample.get("__url__"), sample["__key__"])
+            py_state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                pixels = self.transform(im)
+            random.setstate(py_state)
+        except Exception:  # any undecodable image or text is a counted skip, never a crash
+            return None
+        return pixels, text
+
+    def _batches(self, logical: int, state: WorkerState):
+        gid = self.rank * self.num_workers + logical
+        total = self.world_size * self.num_workers
+        counter = {"skipped": state.skipped}
+        raw_pos, batches = 0, state.batches
+        images: list[torch.Tensor] = []
+        texts: list[str] = []
+        if batches >= self.batches_per_worker:
+            return
+        for sample in self._raw_samples(gid, total, counter):
+            raw_pos += 1
+            if raw_pos <= state.raw_pos:
+                continue  # consumed before the checkpoint: skip without decoding
+            item = self._decode(sample)
+            if item is None:
+                counter["skipped"] += 1
+                continue
+            images.append(item[0])
+            texts.append(item[1])
+            if len(images) == self.batch_size:
+                batches += 1
+                meta = torch.tensor([logical, raw_pos, batches, counter["skipped"]], dtype=torch.long)
+                yield torch.stack(images), self.tokenizer(texts), meta
+                images, texts = [], []
+                if batches >= self.batches_per_worker:
+                    return
+
+
+def batches_per_worker(num_samples: int, batch_size: int, world_size: int, workers: int, accum: int) -> int:
+    """Batches each worker yields per epoch so that one epoch covers ``num_samples`` (rounded up) and
+    the micro-batches per rank divide evenly into optimizer steps."""
+    w = max(workers, 1)
+    bpw = max(1, math.ceil(num_samples / (batch_size * world_size * w)))
+    while (bpw * w) % accum:
+        bpw += 1
+    return bpw
+
+
+def make_loader(stream: TrainStream, *, in_process: bool, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """``in_process`` decodes in the training process (``--workers 0``), else one process per worker."""
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=0 if in_process else stream.num_workers,
+        pin_memory=pin_memory, persistent_workers=False,
+    )

@@ -1,0 +1,354 @@
+"""The training loop: AdamW + cosine schedule, AMP, accumulation, DDP, checkpoints, resume, eval."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError, OutputExistsError, StageFailed
+from ..summary import Summary
+from . import checkpoint as ckpt_mod
+from .config import PRECISIONS, TrainConfig
+from .data import (
+    TrainStream,
+    WorkerState,
+    batches_per_worker,
+    check_members,
+    count_samples,
+    make_loader,
+    resolve_shards,
+)
+from .distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
+from .losses import LOSSES, build_loss, compute_loss
+from .model_setup import ModelSetup, build_model, build_optimizer
+from .progress import TrainProgress
+from .schedule import make_scheduler
+
+# test hook: SIGKILL this process right after the given optimizer step (resume tests)
+KILL_ENV = "CAPCURATE_TRAIN_KILL_AT_STEP"
+
+
+def train(data: str | TrainConfig, output: str | None = None, **options: Any) -> Summary | None:
+    """Train an open_clip model on webdataset shards; returns the Summary on rank 0, None elsewhere.
+
+    ``train("shards/", "runs/x", model_config="tiny.json", epochs=2)`` or ``train(TrainConfig(...))``.
+    """
+    if isinstance(data, TrainConfig):
+        config = data
+    else:
+        if output is None:
+            raise InputError("train needs an output run directory (-o RUN)")
+        config = TrainConfig(data=str(data), output=str(output), **options)
+    _validate(config)
+    dist = init_distributed(config.device)
+    try:
+        return _Trainer(config, dist).run()
+    finally:
+        cleanup(dist)
+
+
+def _validate(c: TrainConfig) -> None:
+    if c.precision not in PRECISIONS:
+        raise InputError(f"--precision {c.precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if c.loss not in LOSSES:
+        raise InputError(f"--loss {c.loss!r}: choose one of {', '.join(LOSSES)}")
+    for name in ("batch_size", "epochs", "accum"):
+        if getattr(c, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+    if c.workers < 0:
+        raise InputError(f"--workers must be 0 (decode in process) or more, got {c.workers}")
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        self.run_dir = Path(cfg.output)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _prepare_run_dir(self) -> None:
+        cfg, run = self.cfg, self.run_dir
+        has_run = (run / "run.json").is_file() or bool(ckpt_mod.checkpoint_dirs(run))
+        if has_run and not cfg.resume and not cfg.overwrite:
+            raise OutputExistsError(f"{run} already holds a training run; pass --resume latest to continue it "
+                                    "or --overwrite to start over")
+        barrier(self.dist)  # every rank has looked before rank 0 clears anything
+        if self.dist.is_main:
+            if has_run and cfg.overwrite and not cfg.resume:
+                for p in ("checkpoints", "model"):
+                    shutil.rmtree(run / p, ignore_errors=True)
+                for p in ("metrics.jsonl", "run.json", "summary.json"):
+                    (run / p).unlink(missing_ok=True)
+            run.mkdir(parents=True, exist_ok=True)
+        barrier(self.dist)
+
+    def run(self) -> Summary | None:
+        cfg, dist = self.cfg, self.dist
+        t0 = time.time()
+        self._prepare_run_dir()
+        shards = resolve_shards(cfg.data)
+        check_members(shards.urls[0])
+        num_samples = cfg.train_num_samples or shards.num_samples
+        if num_samples is None:
+            if any("://" in u for u in shards.urls):
+                raise InputError("remote shards: pass --train-num-samples (no manifest.json to read sizes from)")
+            num_samples = count_samples(shards.urls)
+
+        setup = build_model(cfg, dist.device)
+        self.setup = setup
+        model = setup.model
+        loss_fn = build_loss(cfg.loss, model, rank=dist.rank, world_size=dist.world_size,
+                             local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
+                             caption_loss_weight=cfg.caption_loss_weight, clip_loss_weight=cfg.clip_loss_weight)
+        optimizer = build_optimizer(model, cfg)
+        n_workers = max(cfg.workers, 1)
+        bpw = batches_per_worker(num_samples, cfg.batch_size, dist.world_size, n_workers, cfg.accum)
+        micro_per_epoch = bpw * n_workers
+        steps_per_epoch = micro_per_epoch // cfg.accum
+        total_steps = steps_per_epoch * cfg.epochs
+        scheduler = make_scheduler(optimizer, warmup=cfg.warmup, total=total_steps)
+        scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
+
+        step, epoch, micro_done = 0, 0, 0
+        data_state: dict[int, WorkerState] = {}
+        resume_from = ckpt_mod.resolve_resume(self.run_dir, cfg.resume)
+        if resume_from is not None:
+            state, meta = ckpt_mod.load_checkpoint(resume_from, model, model_name=setup.name,
+                                                   model_cfg=setup.model_cfg)
+            self._check_resume_options(meta)
+            if len(state["data"]) != dist.world_size:
+                raise InputError(f"checkpoint {resume_from} was written by {len(state['data'])} ranks; "
+                                 f"this run has {dist.world_size} (resume with the same --nproc)")
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            ckpt_mod.set_rng_state(state["rng"][dist.rank])
+            step, epoch, micro_done = int(state["step"]), int(state["epoch"]), int(state["micro"])
+            data_state = {int(k): WorkerState(*map(int, v)) for k, v in state["data"][dist.rank].items()}
+            if micro_done >= micro_per_epoch:
+                epoch, micro_done, data_state = epoch + 1, 0, {}
+        if dist.is_main:
+            self._truncate_metrics(step)
+            if not (self.run_dir / "run.json").is_file():
+                from .. import atomic
+
+                atomic.write_json(self.run_dir / "run.json", {
+                    "config": cfg.to_dict(), "model_name": setup.name, "model_cfg": setup.model_cfg,
+                    "world_size": dist.world_size, "num_samples": num_samples, "shards": len(shards.urls),
+                    "shard_source": shards.source, "steps_per_epoch": steps_per_epoch,
+                    "total_steps": total_steps})
+
+        core = model
+        if dist.distributed:
+            ids = [dist.device.index] if dist.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
+        if cfg.compile:
+            model = torch.compile(model)
+
+        self.core, self.model, self.optimizer, self.scheduler, self.scaler = core, model, optimizer, scheduler, scaler
+        eval_set = self._open_eval()
+        stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+        kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
+        global_batch = cfg.batch_size * dist.world_size * cfg.accum
+        last = {"loss": float("nan")}
+        saved_step = step if resume_from is not None else -1
+        skipped = 0
+        seen = 0
+        t_train = time.time()
+        model.train()
+        with TrainProgress(total_steps, step, enabled=dist.is_main) as bar:
+            while epoch < cfg.epochs and step < stop_at:
+                stream = TrainStream(
+                    shards.urls, cfg.batch_size, bpw, setup.preprocess_train, setup.tokenizer,
+                    seed=cfg.seed, epoch=epoch, rank=dist.rank, world_size=dist.world_size,
+                    num_workers=n_workers, shuffle_shards=cfg.shuffle_shards, shuffle_buffer=cfg.shuffle_buffer,
+                    worker_offset=micro_done % n_workers, resume=data_state)
+                loader = make_loader(stream, in_process=cfg.workers == 0, pin_memory=dist.device.type == "cuda")
+                terms_sum: dict[str, float] = {}
+                t_log, seen_log = time.time(), 0
+                for images, texts, meta in loader:
+                    micro_done += 1
+                    data_state[int(meta[0])] = WorkerState(*map(int, meta[1:].tolist()))
+                    sync = micro_done % cfg.accum == 0
+                    terms = self._micro_step(images, texts, loss_fn, sync)
+                    for k, v in terms.items():
+                        terms_sum[k] = terms_sum.get(k, 0.0) + v / cfg.accum
+                    if not sync:
+                        continue
+                    step_terms, terms_sum = self._reduce_terms(terms_sum), {}
+                    total = sum(step_terms.values())
+                    if not math.isfinite(total):
+                        good = ckpt_mod.latest_checkpoint(self.run_dir)
+                        raise StageFailed(f"loss became {total} at step {step + 1}; training stopped. Last good "
+                                          f"checkpoint: {good if good else 'none (no checkpoint was saved yet)'}")
+                    lr = self.optimizer.param_groups[-1]["lr"]  # the lr this step used
+                    self._optimizer_step()
+                    step += 1
+                    seen += global_batch
+                    seen_log += global_batch
+                    skipped = sum(all_gather_object(dist, sum(s.skipped for s in data_state.values())))
+                    rate = seen_log / max(time.time() - t_log, 1e-9)
+                    last = {"loss": total, **step_terms}
+                    if dist.is_main and (step % max(cfg.log_every, 1) == 0 or step == stop_at):
+                        self._log({"step": step, "epoch": epoch, "loss": total, **step_terms,
+                                   "lr": lr, "samples_per_s": rate,
+                                   "logit_scale": float(core.logit_scale.exp().item()), "skipped": skipped})
+                        t_log, seen_log = time.time(), 0
+                    bar.update(step, rate, total)
+                    end_of_epoch = micro_done >= micro_per_epoch
+                    if (cfg.save_every and step % cfg.save_every == 0) or end_of_epoch or step >= stop_at:
+                        self._save(step, epoch, micro_done, data_state, num_samples)
+                        saved_step = step
+                    if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                        self._eval(eval_set, step)
+                    if kill_at and step == kill_at:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    if step >= stop_at:
+                        break
+                if micro_done >= micro_per_epoch:
+                    epoch, micro_done, data_state = epoch + 1, 0, {}
+        if saved_step != step:
+            self._save(step, epoch, micro_done, data_state, num_samples)
+        train_s = time.time() - t_train
+        if eval_set is not None and (not cfg.eval_every or step % cfg.eval_every):
+            self._eval(eval_set, step)
+        if not dist.is_main:
+            return None
+        counts = {"steps": step, "total_steps": total_steps, "epochs": cfg.epochs, "world_size": dist.world_size,
+                  "samples_seen": seen, "samples_per_s": seen / max(train_s, 1e-9), "skipped_samples": skipped,
+                  **{k: v for k, v in last.items()}}
+        summary = Summary("train", counts=counts, details={
+            "run": str(self.run_dir), "model": setup.name, "checkpoint": str(ckpt_mod.latest_checkpoint(self.run_dir)),
+            "resumed_from": str(resume_from) if resume_from else None}, seconds=time.time() - t0,
+            message=f"trained {setup.name} for {step} steps; load it with --model {self.run_dir}")
+        from .. import atomic
+
+        atomic.write_json(self.run_dir / "summary.json", summary.to_dict())
+        return summary
+
+    def _check_resume_options(self, meta: dict[str, Any]) -> None:
+        saved = TrainConfig.from_dict(meta.get("config", {}))
+        diff = self.cfg.differences(saved)
+        diff = [k for k in diff if k not in ("model", "model_config", "output", "data", "pretrained")]
+        if diff:
+            shown = ", ".join(f"--{k.replace('_', '-')} {getattr(saved, k)!r} -> {getattr(self.cfg, k)!r}" for k in diff)
+            raise InputError(f"--resume with other training options than the checkpoint's ({shown}); "
+                             "use the original options or a new -o")
+
+    # -- one step ----------------------------------------------------------------------------------
+    def _micro_step(self, images: torch.Tensor, texts: torch.Tensor, loss_fn, sync: bool) -> dict[str, float]:
+        dev = self.dist.device
+        images = images.to(dev, non_blocking=True)
+        texts = texts.to(dev, non_blocking=True)
+        ctx = self.model.no_sync() if (self.dist.distributed and not sync and hasattr(self.model, "no_sync")) \
+            else contextlib.nullcontext()
+        with ctx:
+            with _autocast(self.cfg.precision, dev):
+                out = self.model(images, texts)
+                terms = compute_loss(loss_fn, out)
+                loss = sum(terms.values())
+            self.scaler.scale(loss / self.cfg.accum).backward()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def _reduce_terms(self, terms: dict[str, float]) -> dict[str, float]:
+        if not self.dist.distributed:
+            return terms
+        t = torch.tensor(list(terms.values()), dtype=torch.float64)
+        torch.distributed.all_reduce(t)  # mean over ranks: what is logged, and every rank sees a NaN
+        return {k: float(v) / self.dist.world_size for k, v in zip(terms, t.tolist(), strict=True)}
+
+    def _optimizer_step(self) -> None:
+        cfg = self.cfg
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.core.parameters(), cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        with torch.no_grad():  # as in CLIP: the temperature may not exceed 100
+            self.core.logit_scale.clamp_(0, math.log(100))
+
+    # -- outputs -----------------------------------------------------------------------------------
+    def _log(self, row: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """After a resume, drop the lines a killed run logged past its last checkpoint."""
+        if not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut off by the kill
+        from .. import atomic
+
+        atomic.write_bytes(self.metrics_path, ("\n".join(keep) + "\n" if keep else "").encode())
+
+    def _save(self, step: int, epoch: int, micro: int, data_state: dict[int, WorkerState], num_samples: int) -> None:
+        dist = self.dist
+        rngs = all_gather_object(dist, ckpt_mod.rng_state())
+        datas = all_gather_object(dist, {k: [s.raw_pos, s.batches, s.skipped] for k, s in data_state.items()})
+        if dist.is_main:
+            from ..models.openclip_loader import export_openclip_dir
+
+            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "rng": rngs, "data": datas,
+                     "step": step, "epoch": epoch, "micro": micro}
+            meta = {"model_name": self.setup.name, "model_cfg": self.setup.model_cfg,
+                    "config": self.cfg.to_dict(), "epoch": epoch, "num_samples": num_samples}
+            ckpt_mod.save_checkpoint(self.run_dir, step, self.core, state, meta, keep=self.cfg.keep_checkpoints)
+            export_openclip_dir(self.core, self.setup.model_cfg, self.run_dir / "model",
+                                preprocess_cfg=self.setup.preprocess_cfg, tokenizer_dir=self.setup.tokenizer_dir)
+        barrier(dist)
+
+    def _open_eval(self):
+        if not self.cfg.eval_data:
+            return None
+        from .evalset import open_eval_set
+
+        return open_eval_set(self.cfg.eval_data)
+
+    def _eval(self, eval_set, step: int) -> None:
+        if self.dist.is_main:
+            from .evaluate import evaluate_encoders
+
+            setup, core, dev = self.setup, self.core, self.dist.device
+            core.eval()
+
+            def enc_img(x: torch.Tensor) -> torch.Tensor:
+                with _autocast(self.cfg.precision, dev):
+                    return core.encode_image(x.to(dev), normalize=True).float().cpu()
+
+            def enc_txt(texts) -> torch.Tensor:
+                with _autocast(self.cfg.precision, dev):
+                    return core.encode_text(setup.tokenizer(list(texts)).to(dev), normalize=True).float().cpu()
+
+            results = evaluate_encoders(eval_set, setup.preprocess_val, enc_img, enc_txt, model_name=setup.name)
+            core.train()
+            self._log({"step": step, "eval": {r["task"]: r["metrics"] for r in results}})
+        barrier(self.dist)
+
+
+__all__ = ["train", "TrainConfig", "ModelSetup", "KILL_ENV"]
