@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 TINY_OPENCLIP_CFG = {
     "embed_dim": 16,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
@@ -91,17 +89,3 @@ def save_tiny_hf_clip(folder: Path, seed: int = 0) -> Path:
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
 
-
-@pytest.fixture(scope="session")
-def tiny_openclip(tmp_path_factory) -> tuple[Path, Path]:
-    return save_tiny_openclip(tmp_path_factory.mktemp("openclip"))
-
-
-@pytest.fixture(scope="session")
-def tiny_openclip_run(tmp_path_factory) -> Path:
-    return save_tiny_openclip_run(tmp_path_factory.mktemp("run") / "run")
-
-
-@pytest.fixture(scope="session")
-def tiny_hf_clip(tmp_path_factory) -> Path:
-    return save_tiny_hf_clip(tmp_path_factory.mktemp("hfclip"))
