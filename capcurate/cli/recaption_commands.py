@@ -1,0 +1,81 @@
+"""``capcurate recaption``: write synthetic captions for every image of a dataset."""
+
+from __future__ import annotations
+
+import typer
+
+from .app import JSON_HELP, app, run_command
+
+
+@app.command()
+def recaption(
+    dataset: str = typer.Argument(..., help="Dataset directory (made by download/ingest)."),
+    model: str = typer.Option(
+        ..., "--model", "-m",
+        help="Captioning model: hf:<hub-id-or-dir> (BLIP, BLIP-2, GIT, any image-text-to-text model), "
+             "openclip:<coca-arch>/<tag>, openclip:<config.json> with --pretrained (CoCa), or an open_clip model folder."),
+    name: str = typer.Option(
+        ..., "--name", "-n",
+        help="Name of this caption set: files go to captions/NAME/, the query column is cap_NAME."),
+    pretrained: str = typer.Option(
+        None, "--pretrained", help="open_clip weights: a pretrained tag or a local .pt/.safetensors file."),
+    decoding: str = typer.Option(
+        "beam", "--decoding",
+        help="greedy (most likely token each step), beam (beam search), nucleus (sample from the top-p "
+             "mass) or topk (sample from the k most likely tokens)."),
+    num_beams: int = typer.Option(3, "--num-beams", help="Beams kept by --decoding beam."),
+    top_p: float = typer.Option(0.9, "--top-p", help="Probability mass kept by --decoding nucleus."),
+    top_k: int = typer.Option(50, "--top-k", help="Tokens kept by --decoding topk."),
+    temperature: float = typer.Option(
+        1.0, "--temperature", help="Sampling temperature (nucleus/topk): <1 sharper, >1 more varied."),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="Divide the scores of tokens already used by this (1 = off)."),
+    min_new_tokens: int = typer.Option(0, "--min-new-tokens", help="Forbid ending a caption before this."),
+    max_new_tokens: int = typer.Option(30, "--max-new-tokens", help="Longest caption, in tokens."),
+    num_captions: int = typer.Option(
+        1, "--num-captions",
+        help="Captions per image (beam: the N best beams; nucleus/topk: N samples). All are kept in "
+             "caps_NAME, the first in cap_NAME."),
+    length_penalty: float = typer.Option(
+        1.0, "--length-penalty", help="Beam search: >1 favours longer captions, <1 shorter."),
+    prompt: str = typer.Option(
+        None, "--prompt",
+        help="Text the caption starts from, e.g. 'a photo of' (stripped from the stored caption)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for sampling; the same seed gives the same captions."),
+    batch_size: str = typer.Option(
+        "auto", "--batch-size",
+        help="Images per model call, or 'auto': on a GPU the largest batch that fits (searched, with "
+             "back-off on out-of-memory); on CPU a default of 16."),
+    num_workers: int = typer.Option(
+        2, "--num-workers", help="DataLoader processes decoding and preprocessing images (0 = in process)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Model precision: fp32, fp16 or bf16 (auto: bf16 on GPU, fp32 on CPU)."),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code",
+        help="Allow a transformers model to run code shipped with it (only for models you trust)."),
+    engine: str = typer.Option(
+        "local", "--engine", help="local (this process) or ray (one actor per GPU, model loaded once each)."),
+    part: str = typer.Option(
+        None, "--part", help="Only shards i, i+N, ... as 'i/N' (e.g. for SLURM array task i of N)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing caption set NAME made with other parameters."),
+    json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Caption every image with an image captioner; one captions/NAME/<shard>.parquet per shard.
+
+    Re-running the same command resumes: finished shards are skipped. Undecodable images get a row
+    with an empty caption and the reason in the error column.
+
+    Example: capcurate recaption mydata --model hf:Salesforce/blip-image-captioning-large --name blip
+    """
+    from ..stages.recaption import recaption as run
+
+    run_command(lambda: run(
+        dataset, model=model, name=name, pretrained=pretrained, decoding=decoding, num_beams=num_beams,
+        top_p=top_p, top_k=top_k, temperature=temperature, repetition_penalty=repetition_penalty,
+        min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, num_captions=num_captions,
+        length_penalty=length_penalty, prompt=prompt, seed=seed, batch_size=batch_size,
+        num_workers=num_workers, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        engine=engine, part=part, overwrite=overwrite,
+    ), json_out=json)

@@ -1,0 +1,31 @@
+"""Captioners: one interface (``Captioner``), a transformers backend and an open_clip CoCa backend.
+
+``load_captioner("hf:Salesforce/blip-image-captioning-large")`` or
+``load_captioner("openclip:coca_ViT-L-14", pretrained=...)`` resolves the reference with
+``parse_model_ref`` and returns a ready model; backends are imported lazily (they pull in torch models).
+"""
+
+from __future__ import annotations
+
+from .base import DECODINGS, DTYPES, Captioner, DecodingConfig, clean_caption
+
+
+def load_captioner(reference: str, *, pretrained: str | None = None, device: str = "cpu", dtype: str = "fp32",
+                   trust_remote_code: bool = False) -> Captioner:
+    """Turn a model reference a user typed into a loaded ``Captioner``."""
+    from ...errors import InputError
+    from ..ref import parse_model_ref
+
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ref = parse_model_ref(reference, pretrained)
+    if ref.kind == "hf":
+        from .hf import HFCaptioner
+
+        return HFCaptioner(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    from .coca import CocaCaptioner
+
+    return CocaCaptioner(ref, device=device, dtype=dtype)
+
+
+__all__ = ["DECODINGS", "DTYPES", "Captioner", "DecodingConfig", "clean_caption", "load_captioner"]
