@@ -54,7 +54,7 @@ def register_language_table(con: Any, text_sql: str) -> int:
     import py3langid
     import pyarrow as pa
 
-    def language(texts: pa.Array) -> pa.Array:
+    def language(texts):  # no annotations: DuckDB evaluates them to infer types
         return pa.array([None if t is None else py3langid.classify(t.replace("\n", " "))[0]
                          for t in texts.to_pylist()], pa.string())
 
