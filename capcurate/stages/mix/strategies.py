@@ -89,7 +89,10 @@ def raw_top_synthetic(cols: MixColumns, opt: MixOptions) -> str:
 
 
 def best(cols: MixColumns, opt: MixOptions) -> str:
-    """Per image, whichever caption (raw or any synthetic) the scorer rates highest; ``--min-score`` on it."""
+    """Per image, whichever caption (raw or any synthetic) the scorer rates highest; ``--min-score`` on it.
+
+    Ties go to the source listed first: raw, then the ``--synthetic`` names in order.
+    """
     candidates = " UNION ALL ".join(
         f"SELECT uid, {cols.caption(s)} AS caption, {sql_string(s)} AS caption_source, "
         f"{cols.score(s)} AS score, {i} AS order_ FROM base WHERE {nonempty(cols.caption(s))}"
