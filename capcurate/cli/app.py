@@ -64,3 +64,19 @@ def run_command(fn: Callable[[], Any], *, json_out: bool = False,
     if getattr(result, "ok", True) is False:
         raise typer.Exit(1)
     return result
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        stdout.print(f"capcurate {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print capcurate's version and exit."),
+) -> None:
+    """Curate image-text datasets for CLIP pretraining."""
