@@ -85,8 +85,13 @@ def build_tiny_blip(root: Path) -> str:
 
 
 def build_tiny_blip2(root: Path) -> str:
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor,
-                              OPTConfig)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        BlipImageProcessor,
+        OPTConfig,
+    )
 
     d = root / "tiny-blip2"
     tok = word_level_tokenizer(d / "tok", specials=["<pad>", "</s>", "<unk>"], post_sos=False)

@@ -119,7 +119,7 @@ class CocaIncrementalDecoder:
             x = self._self_block(blk, x, i)
         if text.cls_emb is None:  # without the appended CLS token the tower normalises its token outputs
             x = text.ln_final(x)
-        for j, (blk, cross) in enumerate(zip(dec.resblocks, dec.cross_attn)):
+        for j, (blk, cross) in enumerate(zip(dec.resblocks, dec.cross_attn, strict=True)):
             x = self._self_block(blk, x, n_text + j)
             x = self._cross_block(cross, x, j)
         out = dec.ln_final(x[:, -1:])
@@ -153,14 +153,17 @@ class CocaIncrementalDecoder:
 # -- logits processing (the order transformers uses: penalties, then temperature, top-k, top-p) ---
 
 def apply_penalties(logits: torch.Tensor, tokens: torch.Tensor, n_generated: int, cfg: DecodingConfig,
-                    eot: int) -> torch.Tensor:
+                    special: SpecialTokens) -> torch.Tensor:
+    # PAD and SOT are never caption tokens (CoCa's caption loss ignores PAD); a PAD in the prefix would
+    # also change the text tower's attention mask, so the cached and uncached paths would disagree
+    logits = logits.clone()
+    logits[:, [special.pad, special.sot]] = float("-inf")
     if cfg.repetition_penalty != 1.0:
         seen = logits.gather(1, tokens)
         seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
         logits = logits.scatter(1, tokens, seen)
     if n_generated < cfg.min_new_tokens:
-        logits = logits.clone()
-        logits[:, eot] = float("-inf")
+        logits[:, special.eot] = float("-inf")
     return logits
 
 
@@ -199,7 +202,7 @@ def coca_generate(model: torch.nn.Module, images: torch.Tensor, cfg: DecodingCon
     dec = CocaIncrementalDecoder(model, embs, use_cache=use_cache)
     finished = torch.zeros(embs.shape[0], dtype=torch.bool, device=images.device)
     for step in range(budget):
-        logits = apply_penalties(dec.next_logits(tokens).float(), tokens, step, cfg, special.eot)
+        logits = apply_penalties(dec.next_logits(tokens).float(), tokens, step, cfg, special)
         if cfg.sampling:
             probs = warp_for_sampling(logits, cfg).softmax(dim=-1)
             probs = torch.where(finished[:, None], torch.ones_like(probs), probs)  # keep multinomial valid
@@ -231,7 +234,7 @@ def _beam_search(model: torch.nn.Module, image_embs: torch.Tensor, cfg: Decoding
     hyps: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
     done = [False] * b
     for step in range(budget):
-        logits = apply_penalties(dec.next_logits(tokens).float(), tokens, step, cfg, special.eot)
+        logits = apply_penalties(dec.next_logits(tokens).float(), tokens, step, cfg, special)
         logp = logits.log_softmax(dim=-1)
         vocab = logp.shape[-1]
         cand = (scores.view(-1, 1) + logp).view(b, k * vocab)
@@ -240,7 +243,7 @@ def _beam_search(model: torch.nn.Module, image_embs: torch.Tensor, cfg: Decoding
         for i in range(b):
             picked: list[tuple[int, int, float]] = []
             if not done[i]:
-                for rank, (s, idx) in enumerate(zip(top_scores[i].tolist(), top_idx[i].tolist())):
+                for rank, (s, idx) in enumerate(zip(top_scores[i].tolist(), top_idx[i].tolist(), strict=True)):
                     beam, tok = divmod(idx, vocab)
                     if tok == special.eot:
                         if rank < k:

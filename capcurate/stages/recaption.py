@@ -195,7 +195,7 @@ class RecaptionJob:
                 if self.decoding.sampling:
                     torch.manual_seed(batch_seed(self.decoding.seed, shard_id, b_i))
                 caps = caption_with_backoff(self._captioner, batch.pixels, self.decoding, self._state)
-                for uid, c in zip(batch.uids, caps):
+                for uid, c in zip(batch.uids, caps, strict=True):
                     results[uid] = (c, None)
         out = {"uid": [], "caption": [], "captions": [], "error": []}
         counts = {"images_captioned": 0, "images_failed": 0, "not_downloaded": 0}

@@ -42,7 +42,7 @@ def load_hf_parts(name: str, *, dtype: str, trust_remote_code: bool) -> tuple[An
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except ValueError as e:
         msg = _first_line(e)
-        if "trust_remote_code" in msg:
+        if "trust_remote_code" in msg or "custom code" in msg:
             raise ModelLoadError(f"{where} ships its own code; pass --trust-remote-code if you trust it") from None
         raise ModelLoadError(f"cannot load {where}: unknown architecture ({msg})") from None
     except OSError as e:
