@@ -212,3 +212,10 @@ def test_shard_counts_keys_absent_from_a_source_tar(tmp_path):
     s = shard(root, "all", tmp_path / "out")
     assert s.counts["samples"] == 3 and s.counts["missing_not_in_shards"] == 1
     assert s.details["missing_examples"] == ["v1"]
+
+
+def test_shard_spills_a_large_output_shard_to_disk_with_identical_bytes(mixed, tmp_path, monkeypatch):
+    shard(mixed, "both", tmp_path / "memory", samples_per_shard=18, shuffle=True)
+    monkeypatch.setattr(shard_module, "BUFFER_BYTES", 2000)  # a few images fit, the rest spill
+    shard(mixed, "both", tmp_path / "spilled", samples_per_shard=18, shuffle=True)
+    assert (tmp_path / "memory" / "00000.tar").read_bytes() == (tmp_path / "spilled" / "00000.tar").read_bytes()

@@ -57,8 +57,9 @@ class ShardWriteJob:
         table = rows.to_table(columns=["position", "caption", "shard", "ext", "byte_offset", "byte_size", "meta"])
         # read side: each source tar once, front to back; write side: the planned (shuffled) order
         by_source = table.sort_by([("shard", "ascending"), ("byte_offset", "ascending")]).to_pylist()
-        where: dict[int, tuple[int, int, dict]] = {}
-        with tempfile.SpooledTemporaryFile(max_size=BUFFER_BYTES, dir=self.out) as buf:
+        chunks: dict[int, tuple[bytes | tuple[int, int], dict]] = {}
+        held = 0
+        with tempfile.TemporaryFile(dir=self.out) as spill:
             fh, open_shard = None, None
             try:
                 for r in by_source:
@@ -71,21 +72,27 @@ class ShardWriteJob:
                     data = fh.read(r["byte_size"])
                     if len(data) != r["byte_size"]:
                         raise StageFailed(f"source shard {r['shard']}.tar changed while sharding")
-                    where[r["position"]] = (buf.tell(), len(data), r)
-                    buf.write(data)
+                    if held + len(data) <= BUFFER_BYTES:
+                        chunks[r["position"]] = (data, r)
+                        held += len(data)
+                    else:  # an output shard larger than the buffer: the rest waits on disk
+                        chunks[r["position"]] = ((spill.tell(), len(data)), r)
+                        spill.write(data)
             finally:
                 if fh:
                     fh.close()
             with TarShardWriter(self.output_path(shard_id)) as w:
-                for pos in sorted(where):
-                    off, size, r = where[pos]
-                    buf.seek(off)
+                for pos in sorted(chunks):
+                    data, r = chunks.pop(pos)
+                    if isinstance(data, tuple):
+                        spill.seek(data[0])
+                        data = spill.read(data[1])
                     w.write(f"{pos:09d}", {
-                        r["ext"]: buf.read(size),
+                        r["ext"]: data,
                         "txt": (r["caption"] or "").encode("utf-8"),
                         "json": r["meta"].encode("utf-8"),
                     })
-        return {"samples_written": len(where), "bytes_written": w.bytes}
+        return {"samples_written": w.count, "bytes_written": w.bytes}
 
 
 def shard(
