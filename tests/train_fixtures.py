@@ -22,7 +22,7 @@ def tiny_clip_config(folder: Path, name: str = "tiny_clip") -> Path:
 def tiny_coca_config(folder: Path, name: str = "tiny_coca") -> Path:
     path = folder / f"{name}.json"
     cfg = {
-        "embed_dim": 32,
+        "embed_dim": 64,  # CoCa feeds the pooled image tokens (embed_dim) to a decoder of text width
         "vision_cfg": {**TINY_VISION, "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
         "text_cfg": {**TINY_TEXT, "embed_cls": True, "output_tokens": True},
         "multimodal_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,

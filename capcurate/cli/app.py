@@ -35,7 +35,10 @@ JSON_HELP = "Print a machine-readable JSON summary on stdout instead of a table.
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: messages quote user input and forms like "openclip:<arch>[/<tag>]" that rich would parse
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 

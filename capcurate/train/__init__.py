@@ -23,7 +23,7 @@ def train(data: Any, output: str | None = None, **options: Any) -> Any:
 
 def evaluate(*args: Any, **kwargs: Any) -> Any:
     """Zero-shot classification and retrieval of any CLIP reference on an eval set."""
-    from .evaluate import evaluate as _evaluate
+    from .evaluation import evaluate as _evaluate
 
     return _evaluate(*args, **kwargs)
 

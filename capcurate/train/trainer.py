@@ -332,7 +332,7 @@ class _Trainer:
 
     def _eval(self, eval_set, step: int) -> None:
         if self.dist.is_main:
-            from .evaluate import evaluate_encoders
+            from .evaluation import evaluate_encoders
 
             setup, core, dev = self.setup, self.core, self.dist.device
             core.eval()

@@ -1,0 +1,222 @@
+"""capcurate train: the loop, the data pipeline, resume, DDP, bad input (tiny CPU models, seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_fixtures import tiny_clip_config, tiny_coca_config, write_eval_set, write_shards
+from typer.testing import CliRunner
+
+from capcurate.cli import app
+from capcurate.errors import InputError, OutputExistsError, StageFailed
+from capcurate.train import train
+from capcurate.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBPROCESS_ENV = {**os.environ, "CAPCURATE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine run ~10x faster on one intra-op thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [r for r in rows if "loss" in r]
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run)]
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> dict[str, Path]:
+    write_shards(tmp_path / "shards", n_shards=4, per_shard=16)
+    return {"shards": tmp_path / "shards", "clip": tiny_clip_config(tmp_path), "root": tmp_path}
+
+
+def test_train_loss_decreases_on_tiny_dataset(tiny):
+    run = tiny["root"] / "run"
+    s = train(str(tiny["shards"]), str(run), model_config=str(tiny["clip"]), batch_size=16, epochs=3,
+              lr=2e-3, workers=0)
+    assert s.ok and s.counts["steps"] == 12 and s.counts["samples_seen"] == 192
+    ls = losses(run)
+    assert len(ls) == 12
+    assert sum(ls[-3:]) / 3 < 0.7 * sum(ls[:3]) / 3, ls
+    rows = metrics(run)
+    assert {"step", "loss", "contrastive_loss", "lr", "samples_per_s", "logit_scale"} <= set(rows[0])
+    assert (run / "model" / "open_clip_config.json").is_file()
+    assert (run / "checkpoints").is_dir() and json.loads((run / "run.json").read_text())["total_steps"] == 12
+
+
+def test_train_cli_writes_a_run_that_eval_loads(tiny):
+    run, evalset = tiny["root"] / "run", write_eval_set(tiny["root"] / "eval")
+    r = CliRunner().invoke(app, ["train", str(tiny["shards"] / "manifest.json"), "-o", str(run), "--model-config",
+                                 str(tiny["clip"]), "--batch-size", "16", "--epochs", "2", "--lr", "2e-3",
+                                 "--workers", "2", "--eval-data", str(evalset), "--eval-every", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["stage"] == "train" and out["counts"]["steps"] == 8
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [4, 8]
+    r = CliRunner().invoke(app, ["eval", str(run), "--data", str(evalset), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)["details"]["results"]
+    assert {x["task"] for x in res} == {"zeroshot_classification", "zeroshot_retrieval"}
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(tiny):
+    run = tiny["root"] / "run"
+    opts = dict(model_config=str(tiny["clip"]), batch_size=16, workers=0, max_steps=1)
+    train(str(tiny["shards"]), str(run), **opts)
+    with pytest.raises(OutputExistsError, match="--resume latest"):
+        train(str(tiny["shards"]), str(run), **opts)
+    assert train(str(tiny["shards"]), str(run), overwrite=True, **opts).ok
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(tiny):
+    opts = ["--model-config", str(tiny["clip"]), "--batch-size", "8", "--epochs", "1", "--lr", "2e-3",
+            "--workers", "2", "--shuffle-buffer", "20", "--save-every", "3", "--warmup", "2"]
+    full = tiny["root"] / "full"
+    r = CliRunner().invoke(app, ["train", str(tiny["shards"]), "-o", str(full), *opts])
+    assert r.exit_code == 0, r.output
+    killed = tiny["root"] / "killed"
+    env = {**SUBPROCESS_ENV, "CAPCURATE_TRAIN_KILL_AT_STEP": "5"}
+    p = subprocess.run([sys.executable, "-m", "capcurate", "train", str(tiny["shards"]), "-o", str(killed), *opts],
+                       env=env, cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == -9, p.stderr[-2000:]
+    assert max(r["step"] for r in metrics(killed)) == 5  # logged past the last checkpoint (step 3)
+    # step 3 is mid-epoch (8 steps per epoch) with an odd number of batches consumed: the worker
+    # rotation and each worker's raw position in its shuffle buffer must both be restored
+    r = CliRunner().invoke(app, ["train", str(tiny["shards"]), "-o", str(killed), *opts, "--resume", "latest"])
+    assert r.exit_code == 0, r.output
+    a, b = metrics(full), metrics(killed)
+    assert [x["step"] for x in b] == list(range(1, 9))
+    assert [(x["step"], x["loss"], x["lr"]) for x in a] == [(x["step"], x["loss"], x["lr"]) for x in b]
+
+
+def test_resume_with_another_architecture_is_refused_naming_both(tiny):
+    run = tiny["root"] / "run"
+    train(str(tiny["shards"]), str(run), model_config=str(tiny["clip"]), batch_size=16, workers=0, max_steps=1)
+    cfg = json.loads(tiny["clip"].read_text())
+    cfg["embed_dim"] = 48
+    other = tiny["root"] / "wider_clip.json"
+    other.write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="'tiny_clip'.*'wider_clip'"):
+        train(str(tiny["shards"]), str(run), model_config=str(other), batch_size=16, workers=0, resume="latest")
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny):
+    run = tiny["root"] / "run"
+    with pytest.raises(StageFailed, match=r"at step (\d+).*step_0+1\b") as e:
+        train(str(tiny["shards"]), str(run), model_config=str(tiny["clip"]), batch_size=16, workers=0,
+              lr=1e30, grad_clip=None, save_every=1, keep_checkpoints=0)
+    nan_step = int(str(e.value).split("at step ")[1].split(";")[0])
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept[-1] == f"step_{nan_step - 1:08d}"
+
+
+def test_shards_without_text_members_are_refused_naming_what_was_found(tmp_path):
+    write_shards(tmp_path / "notext", 1, 4, text=False)
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "notext"), "-o", str(tmp_path / "run"),
+                                 "--model-config", str(tiny_clip_config(tmp_path))])
+    assert r.exit_code == 2
+    assert "no text members" in r.output and "jpg, json" in r.output
+
+
+def test_corrupt_samples_are_skipped_and_counted(tmp_path):
+    write_shards(tmp_path / "shards", 2, 16, corrupt_every=8)
+    s = train(str(tmp_path / "shards"), str(tmp_path / "run"), model_config=str(tiny_clip_config(tmp_path)),
+              batch_size=8, workers=0, shuffle_buffer=0)
+    assert s.ok and s.counts["skipped_samples"] == 4
+
+
+def test_siglip_loss_trains_with_a_learned_bias(tiny):
+    run = tiny["root"] / "run"
+    s = train(str(tiny["shards"]), str(run), model_config=str(tiny["clip"]), loss="siglip", batch_size=16,
+              workers=0, max_steps=2)
+    assert s.ok and s.counts["contrastive_loss"] > 0
+    exported = json.loads((run / "model" / "open_clip_config.json").read_text())["model_cfg"]
+    assert exported["init_logit_bias"] == -10.0
+
+
+def test_coca_loss_trains_and_exports_a_loadable_captioner(tiny):
+    from capcurate.models import parse_model_ref
+    from capcurate.models.openclip_loader import load_openclip
+
+    run = tiny["root"] / "run"
+    s = train(str(tiny["shards"]), str(run), model_config=str(tiny_coca_config(tiny["root"])), loss="coca",
+              batch_size=8, workers=0, max_steps=2, caption_loss_weight=1.5)
+    assert s.ok and s.counts["caption_loss"] > 0 and s.counts["contrastive_loss"] > 0
+    bundle = load_openclip(parse_model_ref(str(run)))
+    assert hasattr(bundle.model, "generate")
+
+
+def test_coca_loss_on_a_clip_model_is_refused(tiny):
+    with pytest.raises(InputError, match="CoCa"):
+        train(str(tiny["shards"]), str(tiny["root"] / "r"), model_config=str(tiny["clip"]), loss="coca",
+              workers=0, max_steps=1)
+
+
+def test_ddp_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
+    # shards of exactly one per-rank batch, read in order: rank r gets shards r, r+2, ..., so every
+    # global batch holds the same samples as the single process's batch of 16
+    write_shards(tmp_path / "shards", 6, 8)
+    cfg = tiny_clip_config(tmp_path)
+    common = ["--model-config", str(cfg), "--epochs", "1", "--lr", "1e-3", "--workers", "0",
+              "--shuffle-buffer", "0", "--no-shuffle-shards", "--gather-with-grad"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "shards"), "-o", str(single), "--batch-size", "16", *common])
+    assert r.exit_code == 0, r.output
+    env = SUBPROCESS_ENV
+    p = subprocess.run([sys.executable, "-m", "capcurate", "train", str(tmp_path / "shards"), "-o", str(ddp),
+                        "--batch-size", "8", "--nproc", "2", *common, "--json"],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["counts"]["world_size"] == 2
+    a, b = losses(single), losses(ddp)
+    assert len(a) == len(b) == 3
+    assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_shard_specs_brace_pattern_and_sizes_json(tmp_path):
+    from capcurate.train.data import resolve_shards
+
+    paths = write_shards(tmp_path / "s", 3, 4)
+    assert resolve_shards(str(tmp_path / "s" / "{00000..00002}.tar")).urls == [str(p) for p in paths]
+    (tmp_path / "s" / "manifest.json").unlink()
+    (tmp_path / "s" / "sizes.json").write_text(json.dumps({p.name: 4 for p in paths}))
+    sl = resolve_shards(str(tmp_path / "s"))
+    assert sl.num_samples == 12 and len(sl.urls) == 3
+    with pytest.raises(InputError, match="do not exist"):
+        resolve_shards(str(tmp_path / "s" / "{00000..00005}.tar"))
+
+
+def test_fewer_shards_than_workers_resamples_and_keeps_epoch_length(tmp_path):
+    write_shards(tmp_path / "shards", 1, 16)
+    s = train(str(tmp_path / "shards"), str(tmp_path / "run"), model_config=str(tiny_clip_config(tmp_path)),
+              batch_size=4, workers=2, epochs=1)
+    assert s.ok and s.counts["steps"] == 4 and s.counts["samples_seen"] == 16
+
+
+def test_train_config_round_trips_through_torchrun_arguments():
+    from capcurate.cli.train_commands import config_to_argv
+
+    cfg = TrainConfig(data="d", output="o", model="ViT-B-32", grad_clip=None, shuffle_shards=False,
+                      gather_with_grad=True, precision="bf16", accum=4)
+    argv = config_to_argv(cfg)
+    assert argv[:3] == ["d", "-o", "o"]
+    assert "--no-shuffle-shards" in argv and "--gather-with-grad" in argv
+    assert argv[argv.index("--grad-clip") + 1] == "0" and argv[argv.index("--accum") + 1] == "4"
