@@ -31,11 +31,13 @@ class ShardImageDataset(Dataset):
     """Map-style dataset over (uid, key) pairs of one tar shard."""
 
     def __init__(self, index: ShardIndex, entries: Sequence[tuple[str, str]],
-                 transform: Callable[[Any], Any], max_pixels: int = DEFAULT_MAX_PIXELS):
+                 transform: Callable[[Any], Any], max_pixels: int = DEFAULT_MAX_PIXELS,
+                 draft: tuple[int, int] | None = None):
         self.index = index
         self.entries = list(entries)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.draft = draft
         self._fh = None  # opened lazily in each worker process
 
     def __len__(self) -> int:
@@ -49,7 +51,7 @@ class ShardImageDataset(Dataset):
         try:
             if self._fh is None:
                 self._fh = open(self.index.path, "rb")  # noqa: SIM115 - lives as long as the worker
-            img = decode_image(self.index.read(key, ext, self._fh), max_pixels=self.max_pixels)
+            img = decode_image(self.index.read(key, ext, self._fh), max_pixels=self.max_pixels, draft=self.draft)
             return uid, self.transform(img), None
         except ImageDecodeError as e:
             return uid, None, str(e)
@@ -73,10 +75,14 @@ def iter_image_batches(
     num_workers: int = 2,
     index: ShardIndex | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft: tuple[int, int] | None = None,
 ) -> Iterator[ImageBatch]:
-    """Yield ``ImageBatch``es in entry order. ``transform`` must return a tensor per image."""
+    """Yield ``ImageBatch``es in entry order. ``transform`` must return a tensor per image.
+
+    ``draft``: see ``capcurate.images.decode_image`` (JPEGs decoded at a reduced scale, at least this size).
+    """
     index = index or index_tar(shard_path)
-    ds = ShardImageDataset(index, entries, transform, max_pixels)
+    ds = ShardImageDataset(index, entries, transform, max_pixels, draft)
     if not len(ds):
         return
     loader = DataLoader(
