@@ -31,6 +31,8 @@ class Scorer:
     embed_dim: int
     backend: str
     model: dict[str, Any] = field(default_factory=dict)  # lineage: reference, backend, architecture
+    # smallest (width, height) preprocessing needs; lets JPEGs decode at a reduced scale (images.decode_image)
+    input_size: tuple[int, int] | None = None
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -70,9 +72,12 @@ def _openclip_scorer(ref: ModelRef, device: str, precision: str) -> Scorer:
         return _normalise(model.encode_text(tokenizer(list(texts)).to(device)))
 
     embed_dim = int(bundle.model_cfg.get("embed_dim", 0))
+    size = getattr(getattr(model, "visual", None), "image_size", None)
+    if isinstance(size, int):
+        size = (size, size)
     return Scorer(bundle.preprocess, encode_images, encode_texts, embed_dim, "open_clip",
                   {**ref.describe(), "backend": "open_clip", "architecture": bundle.model_name,
-                   "precision": precision})
+                   "precision": precision}, tuple(size) if size else None)
 
 
 # -- transformers ----------------------------------------------------------------------------------
@@ -133,4 +138,17 @@ def _hf_scorer(ref: ModelRef, device: str, precision: str) -> Scorer:
     proj = getattr(model.config, "projection_dim", None) or getattr(text_cfg, "hidden_size", 0)
     return Scorer(_HFImageTransform(image_processor), encode_images, encode_texts, int(proj), "transformers",
                   {**ref.describe(), "backend": "transformers", "architecture": type(model).__name__,
-                   "precision": precision})
+                   "precision": precision}, _hf_input_size(image_processor))
+
+
+def _hf_input_size(image_processor: Any) -> tuple[int, int] | None:
+    size = getattr(image_processor, "size", None) or {}
+
+    def get(k: str) -> Any:  # a dict in transformers 4, a SizeDict in 5
+        return size.get(k) if isinstance(size, dict) else getattr(size, k, None)
+
+    if get("shortest_edge"):
+        return (int(get("shortest_edge")),) * 2
+    if get("height") and get("width"):
+        return int(get("width")), int(get("height"))
+    return None

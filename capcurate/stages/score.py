@@ -14,7 +14,10 @@ embedded, and the image embeddings are read back from ``embeddings/<name>/`` whe
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +70,21 @@ def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str]):
     return np.load(img).astype(np.float32), table.column("error").to_pylist()
 
 
+@contextlib.contextmanager
+def model_threads(device: str, num_workers: int) -> Iterator[None]:
+    """On CPU, leave the decoding workers their cores: torch's default of one thread per core makes its
+    OpenMP threads spin against the workers, which is ten times slower on a busy small machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    if device == "cpu" and num_workers > 0:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # -- the per-shard job -----------------------------------------------------------------------------
 @dataclass
 class ScoreJob:
@@ -83,6 +101,7 @@ class ScoreJob:
     device: str = "cpu"
     precision: str = "fp32"
     save_embeddings: bool = False
+    exact_decode: bool = False
     scorer: Any = field(default=None, repr=False)
 
     @property
@@ -129,8 +148,9 @@ class ScoreJob:
         entries = [(str(i), keys[i]) for i in range(n) if status[i] == "success"]
         if not entries:
             return emb, errors
+        draft = None if self.exact_decode else self.scorer.input_size
         for batch in iter_image_batches(self.ds.shard_path(shard_id), entries, self.scorer.preprocess,
-                                        batch_size=self.batch_size, num_workers=self.num_workers):
+                                        batch_size=self.batch_size, num_workers=self.num_workers, draft=draft):
             for rid, reason in batch.failed:
                 errors[int(rid)] = reason
             if batch.uids:
@@ -164,6 +184,10 @@ class ScoreJob:
         return first, [(lists.get(u) or [])[: self.num_captions] for u in uids]
 
     def process(self, shard_id: str) -> dict[str, int]:
+        with model_threads(self.device, self.num_workers):
+            return self._process(shard_id)
+
+    def _process(self, shard_id: str) -> dict[str, int]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -281,7 +305,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
           captions: str | list[str] | None = None, num_captions: int = 1, batch_size: int = 64,
           num_workers: int = 2, device: str = "cpu", precision: str = "fp32", save_embeddings: bool = False,
           engine: str = "local", part: str | None = None, overwrite: bool = False,
-          num_actors: int | None = None) -> Summary:
+          num_actors: int | None = None, exact_decode: bool = False) -> Summary:
     """Score every image against each selected caption column; writes ``scores/<name>/``."""
     from ..models.ref import parse_model_ref
 
@@ -300,7 +324,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
 
     # sources are not parameters: adding one later resumes and fills in only the new columns
     params = {"model": model, "pretrained": pretrained, "precision": precision, "num_captions": num_captions,
-              "save_embeddings": save_embeddings}
+              "save_embeddings": save_embeddings, "exact_decode": exact_decode}
     out_dir = ds.family_dir("scores", name)
     exists = out_dir.is_dir() and any(out_dir.glob("*.parquet"))
     mode = ds.card.claim_output("scores", name, params, overwrite=overwrite, exists=exists)
@@ -311,7 +335,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
     atomic.clean_stale_temps(ds.family_dir("embeddings", name))
 
     job = ScoreJob(ds.root, name, model, pretrained, sources, num_captions, batch_size, num_workers,
-                   device, precision, save_embeddings)
+                   device, precision, save_embeddings, exact_decode)
     if engine == "local":
         job.setup()  # a model that cannot load fails here, before a lineage entry is written
     entry = ds.card.start_entry(stage="score", family="scores", name=name, params=params,
