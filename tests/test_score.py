@@ -266,3 +266,18 @@ def test_score_cli_reports_unknown_column_and_bad_model(scored_dataset, tmp_path
     assert res.exit_code == 2 and "coca" in res.output and "raw" in res.output
     res = runner.invoke(app, ["score", str(scored_dataset), "--model", str(tmp_path), "--name", "x"])
     assert res.exit_code == 4 and "holds no model" in res.output
+
+
+def test_large_jpegs_decode_at_reduced_scale_unless_exact(tmp_path, tiny_openclip):
+    cfg, weights = tiny_openclip
+    samples = [{"caption": f"a large photo {i}", "image": make_image_bytes(i, size=(256, 192))} for i in range(4)]
+    root = build_dataset(tmp_path / "big", samples, per_shard=4)
+    ref = f"openclip:{cfg}"
+    score(root, ref, "exact", pretrained=str(weights), num_workers=0, exact_decode=True)
+    score(root, ref, "fast", pretrained=str(weights), num_workers=0)
+    exact, fast = rows(root, "exact"), rows(root, "fast")
+    direct = direct_openclip_scores(root, cfg, weights, exact)
+    for uid, s in direct.items():
+        assert exact[uid]["score_exact_raw"] == pytest.approx(s, abs=1e-5)
+    diffs = [abs(fast[u]["score_fast_raw"] - exact[u]["score_exact_raw"]) for u in exact]
+    assert max(diffs) > 1e-6 and max(diffs) < 0.05  # drafted decode: close, not identical
