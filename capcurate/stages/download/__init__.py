@@ -1,0 +1,185 @@
+"""``capcurate download URLS -o DATASET``: img2dataset downloads, capcurate builds the manifest.
+
+    urls.py     inspect the URL list (format, columns, rows) and plan the columns
+    runner.py   call img2dataset.download in-process (stdout, SIGINT, resizer guard)
+    guard.py    header check before decoding: bombs, non-images, truncated JPEGs
+    manifest.py img2dataset's per-shard parquet + stats -> samples/NNNNN.parquet; failure reasons
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+from ... import atomic
+from ...dataset import Dataset
+from ...errors import InputError
+from ...images import DEFAULT_MAX_PIXELS
+from ...summary import Summary
+from .manifest import build_samples, clean_unfinished, failure_reason, finished_shards
+from .runner import Img2DatasetOptions, run_img2dataset
+from .urls import plan_columns, read_url_list
+
+RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
+
+
+def _check_options(opts: Img2DatasetOptions) -> None:
+    def one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+        if value not in allowed:
+            raise InputError(f"--{name} {value!r}: expected one of {', '.join(allowed)}")
+
+    one_of("resize-mode", opts.resize_mode, RESIZE_MODES)
+    one_of("encode-format", opts.encode_format, ENCODE_FORMATS)
+    one_of("distributor", opts.distributor, DISTRIBUTORS)
+    for name, value in (("image-size", opts.image_size), ("processes", opts.processes),
+                        ("threads", opts.threads), ("timeout", opts.timeout),
+                        ("samples-per-shard", opts.samples_per_shard)):
+        if value < 1:
+            raise InputError(f"--{name} must be at least 1, got {value}")
+    if opts.retries < 0:
+        raise InputError(f"--retries must be 0 or more, got {opts.retries}")
+    if opts.distributor != "multiprocessing" and importlib.util.find_spec(opts.distributor) is None:
+        extra = "pip install 'capcurate[ray]'" if opts.distributor == "ray" else "pip install pyspark"
+        raise InputError(f"--distributor {opts.distributor} needs the {opts.distributor} package: {extra}")
+
+
+def build_manifests(ds: Dataset, shard_ids: list[str], *, uid_col: str | None) -> int:
+    """Write samples/NNNNN.parquet for finished shards that lack one; returns how many were written."""
+    written = 0
+    for sid in shard_ids:
+        if ds.samples_path(sid).exists():
+            continue
+        table = build_samples(ds.shards_dir / f"{sid}.parquet", sid, uid_col=uid_col)
+        atomic.write_parquet(ds.samples_path(sid), table)
+        written += 1
+    return written
+
+
+def failure_counts(ds: Dataset) -> dict[str, int]:
+    """Failed rows of the manifest grouped by a short reason, most frequent first."""
+    if not ds.shard_ids():
+        return {}
+    con = ds.connect()
+    try:
+        rows = con.execute(
+            "SELECT status, error_message, count(*) FROM manifest WHERE status <> 'success' GROUP BY 1, 2"
+        ).fetchall()
+    finally:
+        con.close()
+    reasons: Counter = Counter()
+    for status, message, n in rows:
+        reasons[failure_reason(status, message)] += n
+    return dict(reasons.most_common())
+
+
+def download(
+    urls: str | Path,
+    output: str | Path,
+    *,
+    url_col: str = "url",
+    caption_col: str | None = None,
+    uid_col: str | None = "uid",
+    image_size: int = 256,
+    resize_mode: str = "border",
+    processes: int = 1,
+    threads: int = 64,
+    timeout: int = 10,
+    retries: int = 0,
+    distributor: str = "multiprocessing",
+    samples_per_shard: int = 10000,
+    encode_format: str = "jpg",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    force: bool = False,
+    overwrite: bool = False,
+) -> Summary:
+    """Download the images of a URL list into a dataset directory (resumes when run again).
+
+    ``caption_col`` defaults to 'caption' or 'text' when the input has one; ``uid_col`` is used when the
+    input has that column, else uid = hash(url, caption). Every other input column is kept.
+    """
+    t0 = time.perf_counter()
+    opts = Img2DatasetOptions(
+        image_size=image_size, resize_mode=resize_mode, processes=processes, threads=threads,
+        timeout=timeout, retries=retries, distributor=distributor, samples_per_shard=samples_per_shard,
+        encode_format=encode_format, max_pixels=max_pixels,
+    )
+    _check_options(opts)
+    url_list = read_url_list(urls)
+    if url_list.num_rows == 0:
+        raise InputError(f"{urls} has no rows: nothing to download (nothing was written)")
+    plan = plan_columns(url_list, url_col, caption_col, uid_col)
+
+    source = {"kind": "urls", "path": str(Path(urls).resolve()), "rows": url_list.num_rows}
+    ds = Dataset.create(output, force=force, sources=[source])
+    params = {"urls": source["path"], "url_col": plan.url_col, "caption_col": plan.caption_col,
+              "uid_col": plan.uid_col, **opts.output_params()}
+    exists = ds.shards_dir.is_dir() and any(ds.shards_dir.iterdir()) or bool(ds.shard_ids())
+    mode = ds.card.claim_output("shards", "download", params, overwrite=overwrite, exists=exists)
+    if mode == "overwrite":
+        shutil.rmtree(ds.shards_dir, ignore_errors=True)
+        shutil.rmtree(ds.samples_dir, ignore_errors=True)
+    entry = ds.card.start_entry(stage="download", family="shards", name="download", params=params,
+                                replace=mode == "overwrite")
+    ds.shards_dir.mkdir(parents=True, exist_ok=True)
+    cleaned = clean_unfinished(ds.shards_dir)
+    atomic.clean_stale_temps(ds.samples_dir)
+
+    expected = [f"{i:05d}" for i in url_list.expected_shards(opts.samples_per_shard)]
+    before = finished_shards(ds.shards_dir)
+    todo = [s for s in expected if s not in before]
+    t_dl = time.perf_counter()
+    try:
+        if todo:  # skipping the call saves img2dataset's process start-up on a finished dataset
+            run_img2dataset(url_list=url_list.path, input_format=url_list.input_format,
+                            output_folder=ds.shards_dir, url_col=plan.url_col, caption_col=plan.caption_col,
+                            extra_columns=plan.extra, opts=opts)
+    finally:
+        # also after Ctrl-C: shards img2dataset finished are adopted now, the rest on the next run
+        download_seconds = time.perf_counter() - t_dl
+        t_man = time.perf_counter()
+        after = finished_shards(ds.shards_dir)
+        build_manifests(ds, [s for s in expected if s in after], uid_col=plan.uid_col)
+        manifest_seconds = time.perf_counter() - t_man
+
+    new = [s for s in expected if s in after and s not in before]
+    missing = [s for s in expected if s not in after]
+    done = [after[s] for s in expected if s in after]
+    attempted = sum(int(s.get("count", 0)) for s in done)
+    ok = sum(int(s.get("successes", 0)) for s in done)
+    this_run = sum(int(after[s].get("count", 0)) for s in new)
+    ips = this_run / download_seconds if download_seconds > 0 and this_run else 0.0
+    counts = {
+        "attempted": attempted,
+        "ok": ok,
+        "failed": attempted - ok,
+        "shards": len(done),
+        "shards_downloaded": len(new),
+        "shards_resumed_skipped": len(done) - len(new),
+        "shards_unfinished": len(missing),
+        "images_per_second": round(ips, 2),
+    }
+    details = {
+        "failed_by_reason": failure_counts(ds),
+        "dataset": str(ds.root),
+        "download_seconds": round(download_seconds, 3),
+        "manifest_seconds": round(manifest_seconds, 3),
+    }
+    if plan.dropped:
+        details["dropped_columns"] = plan.dropped  # img2dataset reserves these names for itself
+    if cleaned:
+        details["removed_partial"] = cleaned
+    ds.card.finish_entry(entry, counts)
+    ok_run = not missing
+    message = f"downloaded {ok:,} of {attempted:,} images into {ds.root}"
+    if missing:
+        message += f"; {len(missing)} shard(s) did not finish ({', '.join(missing[:5])}): run again to retry"
+    return Summary(stage="download", ok=ok_run, counts=counts, details=details,
+                   seconds=time.perf_counter() - t0, message=message)
+
+
+__all__ = ["download", "build_manifests", "failure_counts"]

@@ -1,0 +1,288 @@
+"""``capcurate ingest PATH -o DATASET``: adopt images that are already on disk into the dataset layout.
+
+Three kinds of input, detected automatically (or named with ``kind``):
+  img2dataset  a folder img2dataset wrote (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json): tars are
+               copied (or hard-linked) as they are, the manifest is built as ``download`` builds it
+  webdataset   one tar or a folder of tars with jpg/jpeg/png/webp (+ txt/json) members: one output
+               shard per input tar, every sample re-keyed to a safe key (the old key is kept in
+               ``source_key``), bytes copied without re-encoding
+  images       a folder of image files with optional sidecar ``<name>.txt`` captions, re-sharded into
+               tars of ``samples_per_shard``
+
+Each output shard is one ShardJob (tar first, then samples/NNNNN.parquet as the completion marker), so
+an interrupted ingest resumes and ``--part i/N`` splits the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import atomic
+from ..dataset import Dataset, samples_schema
+from ..engines import run_job
+from ..errors import InputError
+from ..images import DEFAULT_MAX_PIXELS
+from ..shards import IMAGE_EXTS, TarShardWriter, index_tar
+from ..summary import Summary
+from ..uid import make_uid
+from .download.header import inspect_header
+from .download.manifest import build_samples, finished_shards
+
+KINDS = ("auto", "img2dataset", "webdataset", "images")
+EXTRA = {"source_key": "string", "source": "string"}
+
+
+def detect_kind(path: Path) -> str:
+    if path.is_file():
+        if path.suffix.lower() == ".tar":
+            return "webdataset"
+        raise InputError(f"{path}: expected a folder, or a .tar file of webdataset shards")
+    if not path.is_dir():
+        raise InputError(f"{path} does not exist")
+    if any(path.glob("*_stats.json")) and any(path.glob("*.tar")):
+        return "img2dataset"
+    if any(path.rglob("*.tar")):
+        return "webdataset"
+    if any(p.suffix.lower().lstrip(".") in IMAGE_EXTS for p in path.rglob("*") if p.is_file()):
+        return "images"
+    raise InputError(f"{path}: found no img2dataset output, .tar shards or image files "
+                     f"({', '.join(IMAGE_EXTS)})")
+
+
+def _image_files(root: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith(".") and f.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+                files.append(Path(dirpath) / f)
+    return files
+
+
+def _manifest_row(uid: str, key: str, shard: str, url: str | None, caption: str | None, status: str,
+                  error: str | None, w: int | None, h: int | None, sha: str | None,
+                  source_key: str, source: str) -> dict[str, Any]:
+    return {"uid": uid, "key": key, "shard": shard, "url": url, "caption": caption, "status": status,
+            "error_message": error, "width": w, "height": h, "original_width": w, "original_height": h,
+            "sha256": sha, "source_key": source_key, "source": source}
+
+
+@dataclass
+class IngestJob:
+    """One output shard per call; the samples parquet written last marks it finished."""
+
+    ds: Dataset
+    kind: str
+    inputs: dict[str, Any]          # shard id -> input tar path / list of image paths / img2dataset shard
+    root: Path
+    uid_col: str = "uid"
+    link: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    _schema: Any = field(default=None, repr=False)
+
+    def output_path(self, shard_id: str) -> Path:
+        return self.ds.samples_path(shard_id)
+
+    def setup(self) -> None:
+        import pyarrow as pa
+
+        self._schema = samples_schema({k: getattr(pa, v)() for k, v in EXTRA.items()})
+
+    def process(self, shard_id: str) -> dict[str, int]:
+        if self.kind == "img2dataset":
+            return self._adopt_img2dataset(shard_id)
+        if self.kind == "webdataset":
+            return self._rewrite_tar(shard_id, Path(self.inputs[shard_id]))
+        return self._pack_images(shard_id, self.inputs[shard_id])
+
+    # -- the three kinds ---------------------------------------------------------------------------
+    def _adopt_img2dataset(self, sid: str) -> dict[str, int]:
+        src_tar = self.root / f"{sid}.tar"
+        dst = self.ds.shard_path(sid)
+        with atomic.atomic_path(dst) as tmp:
+            try:
+                if not self.link:
+                    raise OSError("copy requested")
+                os.link(src_tar, tmp)
+            except OSError:  # other filesystem, or no --link: copy
+                shutil.copyfile(src_tar, tmp)
+        table = build_samples(self.root / f"{sid}.parquet", sid, uid_col=self.uid_col)
+        atomic.write_parquet(self.ds.samples_path(sid), table)
+        ok = sum(1 for s in table.column("status").to_pylist() if s == "success")
+        return {"samples": table.num_rows, "ok": ok, "failed": table.num_rows - ok}
+
+    def _add(self, writer: TarShardWriter, rows: list, counts: Counter, sid: str, source_key: str,
+             source: str, data: bytes, ext: str, caption: str | None, meta: dict[str, Any]) -> None:
+        key = f"{sid}{len(rows):06d}"  # digits only: no dots, no path parts, unique in the dataset
+        url = meta.get("url") if isinstance(meta.get("url"), str) else None
+        given = meta.get(self.uid_col)
+        uid = str(given) if given not in (None, "") else make_uid(url or source, caption)
+        problem, _fmt, w, h = inspect_header(data, self.max_pixels)
+        if problem:
+            counts["bad_images"] += 1
+            rows.append(_manifest_row(uid, key, sid, url, caption, "failed_to_decode", problem, None, None,
+                                      None, source_key, source))
+            return
+        ext = "jpg" if ext == "jpeg" else ext
+        info = {"uid": uid, "key": key, "url": url, "caption": caption, "source": source}
+        members = {ext: data, "txt": (caption or "").encode("utf-8"), "json": json.dumps(info).encode()}
+        writer.write(key, members)
+        counts["ok"] += 1
+        rows.append(_manifest_row(uid, key, sid, url, caption, "success", None, w, h,
+                                  hashlib.sha256(data).hexdigest(), source_key, source))
+
+    def _finish(self, sid: str, rows: list, counts: Counter) -> dict[str, int]:
+        import pyarrow as pa
+
+        atomic.write_parquet(self.ds.samples_path(sid), pa.Table.from_pylist(rows, schema=self._schema))
+        counts["samples"] += len(rows)
+        counts["failed"] += len(rows) - counts["ok"]
+        return dict(counts)
+
+    def _rewrite_tar(self, sid: str, src: Path) -> dict[str, int]:
+        idx = index_tar(src)
+        counts: Counter = Counter(truncated_tars=int(idx.truncated))
+        rows: list[dict[str, Any]] = []
+        rel = src.name if src == self.root else str(src.relative_to(self.root))
+        with TarShardWriter(self.ds.shard_path(sid)) as writer, open(src, "rb") as fh:
+            def read(ref) -> bytes:
+                fh.seek(ref.offset)
+                return fh.read(ref.size)
+
+            for key, members in group_by_last_dot(idx.samples).items():
+                ext = next((e for e in IMAGE_EXTS if e in members), None)
+                counts["non_image_members"] += sum(1 for e in members if e not in (*IMAGE_EXTS, "txt", "json"))
+                if ext is None:
+                    counts["samples_without_image"] += 1
+                    continue
+                meta: dict[str, Any] = {}
+                if "json" in members:
+                    try:
+                        loaded = json.loads(read(members["json"]))
+                        meta = loaded if isinstance(loaded, dict) else {}
+                    except ValueError:
+                        counts["bad_json_members"] += 1
+                caption = None
+                if "txt" in members:
+                    caption = read(members["txt"]).decode("utf-8", errors="replace").strip()
+                elif isinstance(meta.get("caption"), str):
+                    caption = meta["caption"]
+                self._add(writer, rows, counts, sid, key, f"{rel}/{key}", read(members[ext]), ext,
+                          caption, meta)
+        return self._finish(sid, rows, counts)
+
+    def _pack_images(self, sid: str, files: list[str]) -> dict[str, int]:
+        counts: Counter = Counter()
+        rows: list[dict[str, Any]] = []
+        with TarShardWriter(self.ds.shard_path(sid)) as writer:
+            for rel in files:
+                path = self.root / rel
+                sidecar = path.with_suffix(".txt")
+                caption = (sidecar.read_text(encoding="utf-8", errors="replace").strip()
+                           if sidecar.is_file() else None)
+                try:
+                    data = path.read_bytes()
+                except OSError as e:
+                    counts["unreadable_files"] += 1
+                    rows.append(_manifest_row(make_uid(rel, caption), f"{sid}{len(rows):06d}", sid, rel,
+                                              caption, "failed_to_read", str(e), None, None, None, rel, rel))
+                    continue
+                self._add(writer, rows, counts, sid, rel, rel, data, path.suffix.lower().lstrip("."),
+                          caption, {"url": rel})
+        return self._finish(sid, rows, counts)
+
+
+def group_by_last_dot(samples: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Regroup members by the name up to the LAST dot, in file order.
+
+    webdataset splits at the first dot, so "photo.2021.jpg" and "photo.2021.txt" would be fields
+    "2021.jpg"/"2021.txt" of key "photo" and no image would be found; file names with dots are common
+    in shards made by hand, so ingest keys samples by the full stem.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, members in samples.items():
+        for ext, ref in members.items():
+            stem, _, last = f"{key}.{ext}".rpartition(".")
+            out.setdefault(stem, {})[last.lower()] = ref
+    return out
+
+
+def plan_inputs(path: Path, kind: str, samples_per_shard: int) -> dict[str, Any]:
+    """Output shard id -> what that shard reads."""
+    if kind == "img2dataset":
+        return {sid: sid for sid in finished_shards(path)}
+    if kind == "webdataset":
+        tars = [path] if path.is_file() else sorted(p for p in path.rglob("*.tar") if p.is_file())
+        return {f"{i:05d}": str(t) for i, t in enumerate(tars)}
+    files = [str(p.relative_to(path)) for p in _image_files(path)]
+    return {f"{i // samples_per_shard:05d}": files[i:i + samples_per_shard]
+            for i in range(0, len(files), samples_per_shard)}
+
+
+def ingest(
+    path: str | Path,
+    output: str | Path,
+    *,
+    kind: str = "auto",
+    samples_per_shard: int = 10000,
+    uid_col: str = "uid",
+    link: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    engine: str = "local",
+    part: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+) -> Summary:
+    """Adopt an img2dataset folder, webdataset tars or an image folder into a dataset directory."""
+    t0 = time.perf_counter()
+    path = Path(path)
+    if kind not in KINDS:
+        raise InputError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if samples_per_shard < 1:
+        raise InputError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
+    kind = detect_kind(path) if kind == "auto" else kind
+    root = path.parent if path.is_file() else path
+    inputs = plan_inputs(path, kind, samples_per_shard)
+    if not inputs:
+        raise InputError(f"{path}: no {kind} input found to ingest (nothing was written)")
+
+    source = {"kind": kind, "path": str(path.resolve())}
+    ds = Dataset.create(output, force=force, sources=[source])
+    params = {"path": source["path"], "kind": kind, "uid_col": uid_col, "max_pixels": max_pixels,
+              **({"samples_per_shard": samples_per_shard} if kind == "images" else {})}
+    exists = bool(ds.shard_ids()) or (ds.shards_dir.is_dir() and any(ds.shards_dir.iterdir()))
+    mode = ds.card.claim_output("shards", "ingest", params, overwrite=overwrite, exists=exists)
+    if mode == "overwrite":
+        shutil.rmtree(ds.shards_dir, ignore_errors=True)
+        shutil.rmtree(ds.samples_dir, ignore_errors=True)
+    entry = ds.card.start_entry(stage="ingest", family="shards", name="ingest", params=params,
+                                replace=mode == "overwrite")
+    for d in (ds.shards_dir, ds.samples_dir):
+        atomic.clean_stale_temps(d)
+    job = IngestJob(ds, kind, inputs, root, uid_col=uid_col, link=link, max_pixels=max_pixels)
+    result = run_job(job, list(inputs), engine=engine, part=part, description=f"ingest {kind}")
+    counts = {"kind": kind, **result.to_dict()}
+    counts.pop("failed_shards", None)
+    ds.card.finish_entry(entry, counts)
+    con = ds.connect()
+    try:
+        total, ok = con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'success') FROM manifest").fetchone()
+    finally:
+        con.close()
+    details = {"dataset": str(ds.root), "dataset_samples": total, "dataset_images": ok}
+    if result.failed:
+        details["failed_shards"] = result.failed
+    return Summary(stage="ingest", ok=not result.failed, counts=counts, details=details,
+                   seconds=time.perf_counter() - t0,
+                   message=f"ingested {kind} from {path}: the dataset now has {ok:,} images")
