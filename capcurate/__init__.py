@@ -14,6 +14,10 @@ __version__ = "0.1.0"
 # function name -> module that defines it; stages register here as they land.
 _API: dict[str, str] = {
     "Dataset": "capcurate.dataset",
+    "download": "capcurate.stages.download",
+    "ingest": "capcurate.stages.ingest",
+    "query": "capcurate.stages.query",
+    "stats": "capcurate.stages.query",
     "recaption": "capcurate.stages.recaption",
     "load_captioner": "capcurate.models.captioners",
     "synth": "capcurate.stages.synth",

@@ -12,6 +12,7 @@ from .app import app
 
 COMMAND_MODULES = [
     # each stage adds its module here, e.g. "capcurate.cli.download_commands",
+    "capcurate.cli.data_commands",
     "capcurate.cli.synth_commands",
     "capcurate.cli.recaption_commands",
     "capcurate.cli.curate_commands",
