@@ -190,3 +190,12 @@ def test_where_syntax_error_shows_duckdbs_message(pool):
     res = CliRunner().invoke(app, ["filter", str(root), "--where", "width >>= 3 AND", "--name", "bad"])
     assert res.exit_code == 2 and "Parser Error" in res.output
     assert not Dataset(root).selection_path("bad").exists()
+
+
+def test_top_fraction_with_basic_is_their_intersection(pool):
+    root, _ = pool
+    run_filter(root, "top", top_fraction=0.3, score="b32:raw")
+    run_filter(root, "basic", basic=True)
+    s = run_filter(root, "datacomp_best", top_fraction=0.3, score="b32:raw", basic=True)
+    top, basic = ({r["uid"] for r in selected(root, n)} for n in ("top", "basic"))
+    assert {r["uid"] for r in selected(root, "datacomp_best")} == top & basic and s.counts["kept"] == len(top & basic)

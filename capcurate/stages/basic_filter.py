@@ -67,4 +67,4 @@ def register_language_table(con: Any, text_sql: str) -> int:
         f"CREATE OR REPLACE TEMP TABLE __capcurate_lang AS SELECT text, {LANG_FUNCTION}(text) AS lang "
         f"FROM (SELECT DISTINCT t AS text FROM ({text_sql}) q(t) WHERE t IS NOT NULL)"
     )
-    return con.execute("SELECT count(*) FROM __capcurate_lang").fetchone()[0]
+    return con.execute("SELECT count(*) FROM __capcurate_lang").fetchall()[0][0]

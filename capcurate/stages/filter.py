@@ -105,7 +105,7 @@ def filter(dataset: str | Path, name: str, *, min_score: float | None = None, sc
         if top_fraction is not None:
             threshold, scored = con.execute(
                 f"SELECT quantile_cont({ident(score_col)}, {1 - float(top_fraction)!r}), "
-                f"count({ident(score_col)}) FROM {POOL}").fetchone()
+                f"count({ident(score_col)}) FROM {POOL}").fetchall()[0]
             if threshold is None:
                 raise InputError(f"{score_col} has no scores in the pool: run capcurate score first")
             details["top_fraction_threshold"] = threshold
@@ -126,7 +126,7 @@ def filter(dataset: str | Path, name: str, *, min_score: float | None = None, sc
         combined = " AND ".join(preds)
         row = con.execute(
             f"SELECT count(*), {', '.join(f'count_if({p})' for p in preds)}, count_if({combined}) FROM {POOL}"
-        ).fetchone()
+        ).fetchall()[0]
         total, per_rule, kept = row[0], row[1:-1], row[-1]
 
         with atomic.atomic_path(out) as tmp:
