@@ -34,7 +34,8 @@ def _batches(ds: Dataset, sql: str):
     """(schema, iterator of RecordBatches) for ``sql``; the connection closes when the iterator ends."""
     con = ds.connect()
     try:
-        reader = con.execute(sql).fetch_record_batch(BATCH_ROWS)
+        # the relation API streams; an execute() result would be copied whole before the first batch
+        reader = con.sql(sql).to_arrow_reader(BATCH_ROWS)
     except Exception:
         con.close()
         raise
