@@ -161,10 +161,8 @@ class Dataset:
         """Run SQL over the views and return a pyarrow Table."""
         con = self.connect()
         try:
-            result = con.execute(sql, params or [])
-            # duckdb 2 renamed fetch_arrow_table to to_arrow_table
-            fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
-            return fetch()
+            # duckdb 2: Arrow output from a relation avoids the extra copy a DB-API result makes
+            return con.sql(sql, params=params or None).to_arrow_table()
         finally:
             con.close()
 
