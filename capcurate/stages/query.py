@@ -35,7 +35,10 @@ def _batches(ds: Dataset, sql: str):
     con = ds.connect()
     try:
         # the relation API streams; an execute() result would be copied whole before the first batch
-        reader = con.sql(sql).to_arrow_reader(BATCH_ROWS)
+        rel = con.sql(sql)
+        if rel is None:
+            raise InputError("the SQL statement returns no rows (use SELECT, DESCRIBE, SHOW ...)")
+        reader = rel.to_arrow_reader(BATCH_ROWS)
     except Exception:
         con.close()
         raise
