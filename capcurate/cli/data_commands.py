@@ -47,10 +47,7 @@ def download(
 ) -> None:
     """Download the images of a URL list into a dataset directory, with img2dataset.
 
-    Writes shards/NNNNN.tar (images) and samples/NNNNN.parquet (one row per URL: uid, status, error,
-    sizes, sha256, the input's extra columns), then prints attempted / ok / failed by reason / images
-    per second. Running the same command again resumes: finished shards are kept, unfinished ones
-    are downloaded again, and no row is ever duplicated.
+    Writes shards/NNNNN.tar (images) and samples/NNNNN.parquet (one row per URL: uid, status, error, sizes, sha256, the input's extra columns), then prints attempted / ok / failed by reason / images per second. Running the same command again resumes: finished shards are kept, unfinished ones are downloaded again, and no row is ever duplicated.
     """
     def go():
         from ..stages.download import download as run
@@ -88,9 +85,7 @@ def ingest(
 ) -> None:
     """Adopt images already on disk into a dataset directory (same layout as download).
 
-    Image bytes are copied without re-encoding; every sample gets a safe key (digits only; the original
-    name is kept in the source_key column). Broken images, truncated tars and non-image members are
-    counted, never fatal. Re-running resumes where it stopped.
+    Image bytes are copied without re-encoding; every sample gets a safe key (digits only; the original name is kept in the source_key column). Broken images, truncated tars and non-image members are counted, never fatal. Re-running resumes where it stopped.
     """
     def go():
         from ..stages.ingest import ingest as run
@@ -187,8 +182,7 @@ def stats(
 ) -> None:
     """Summarise a dataset: counts, failures, caption and image size distributions, columns and lineage.
 
-    Shows the status breakdown and failure reasons, quantiles of caption length and image size, and
-    which caption, score and selection columns exist with the model and parameters that made them.
+    Shows the status breakdown and failure reasons, quantiles of caption length and image size, and which caption, score and selection columns exist with the model and parameters that made them.
     """
     def go():
         from ..stages.query import stats as run
