@@ -22,7 +22,7 @@ set -euo pipefail
 
 SCALE=${QUICKSTART_SCALE:-demo}
 case "$SCALE" in
-  demo) pool=4000 seed_split=2000 n_eval=640 img=64 cap_samples=10000 scorer_samples=6000 train_samples=6000 bs=64 ;;
+  demo) pool=3000 seed_split=2000 n_eval=640 img=64 cap_samples=10000 scorer_samples=4000 train_samples=4000 bs=32 ;;
   tiny) pool=96 seed_split=64 n_eval=64 img=32 cap_samples=64 scorer_samples=64 train_samples=64 bs=32 ;;
   *) echo "error: QUICKSTART_SCALE must be demo or tiny, got '$SCALE'" >&2; exit 2 ;;
 esac
