@@ -146,8 +146,8 @@ def test_header_guard_refuses_bombs_and_truncated_jpegs_without_decoding():
     assert "not an image" in header_problem(b"<html></html>", 10**6)
 
 
-def test_download_shards_are_readable_by_webdataset(tmp_path, server):
-    # tars written by img2dataset open with plain tarfile and carry <key>.jpg/.txt/.json
+def test_download_txt_url_list_has_no_captions(tmp_path, server):
+    # a .txt list is one URL per line: tars carry <key>.jpg + <key>.json, the manifest NULL captions
     rows = add_good_images(server, 3)
     urls = tmp_path / "u.txt"
     urls.write_text("\n".join(r["url"] for r in rows) + "\n")
@@ -155,4 +155,5 @@ def test_download_shards_are_readable_by_webdataset(tmp_path, server):
     assert s.counts["ok"] == 3
     with tarfile.open(tmp_path / "ds" / "shards" / "00000.tar") as tf:
         exts = sorted({m.name.split(".", 1)[1] for m in tf.getmembers()})
-    assert exts == ["jpg", "json"]  # a .txt input has no captions
+    assert exts == ["jpg", "json"]
+    assert Dataset(tmp_path / "ds").connect().execute("SELECT count(caption) FROM samples").fetchone() == (0,)
