@@ -100,3 +100,26 @@ def export_openclip_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_d
         save_file(state, str(tmp))
     atomic.write_json(out / OPENCLIP_CONFIG, {"model_cfg": cfg, "preprocess_cfg": preprocess_cfg or {}})
     return out
+
+
+def init_coca_decoder(model: torch.nn.Module) -> bool:
+    """Initialise a random CoCa's multimodal decoder the way open_clip intends; True if it had one.
+
+    open_clip 3.3's MultimodalTransformer allocates ``text_projection`` with ``torch.empty`` and its own
+    ``init_parameters()`` is never called (and fails: it refers to a ``.transformer`` it does not have),
+    so a freshly created CoCa starts from uninitialised memory and can give NaN logits.
+    """
+    dec = getattr(model, "text_decoder", None)
+    if dec is None or not hasattr(dec, "cross_attn"):
+        return False
+    width, layers = dec.width, dec.layers
+    proj_std = width ** -0.5 * (2 * layers) ** -0.5
+    with torch.no_grad():
+        for block in [*dec.resblocks, *dec.cross_attn]:
+            torch.nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            torch.nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        if dec.text_projection is not None:
+            torch.nn.init.normal_(dec.text_projection, std=width ** -0.5)
+    return True

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, ModelLoadError
+from ..models.openclip_loader import init_coca_decoder
 from .config import TrainConfig
 
 
@@ -54,6 +55,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> ModelSetup:
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot build {name}: {msg}") from None
+    if not cfg.pretrained:
+        init_coca_decoder(model)  # open_clip leaves a random CoCa's decoder projection uninitialised
     if cfg.lock_image:
         model.lock_image_tower(unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=True)
     model_cfg = {**base, **extra}
