@@ -11,17 +11,30 @@ import importlib
 from .app import app
 
 COMMAND_MODULES = [
-    # each stage adds its module here, e.g. "capcurate.cli.download_commands",
-    "capcurate.cli.data_commands",
-    "capcurate.cli.synth_commands",
-    "capcurate.cli.recaption_commands",
-    "capcurate.cli.curate_commands",
-    "capcurate.cli.score_commands",
-    "capcurate.cli.train_commands",
+    "capcurate.cli.data_commands",       # download, ingest, query, stats
+    "capcurate.cli.recaption_commands",  # recaption
+    "capcurate.cli.score_commands",      # score, filter
+    "capcurate.cli.curate_commands",     # mix, shard, report
+    "capcurate.cli.train_commands",      # train, eval
+    "capcurate.cli.synth_commands",      # synth
+]
+
+# --help lists commands in pipeline order, then the tools to look at a dataset, then the demo world.
+COMMAND_ORDER = [
+    "download", "ingest", "recaption", "score", "filter", "mix", "shard", "train", "eval",
+    "query", "stats", "report", "synth",
 ]
 
 for _mod in COMMAND_MODULES:
     importlib.import_module(_mod)
+
+
+def _rank(cmd) -> int:
+    name = cmd.name or cmd.callback.__name__.replace("_", "-")
+    return COMMAND_ORDER.index(name) if name in COMMAND_ORDER else len(COMMAND_ORDER)
+
+
+app.registered_commands.sort(key=_rank)
 
 
 def main() -> None:
