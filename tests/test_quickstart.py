@@ -40,18 +40,19 @@ def test_tiny_quickstart_runs_every_step_and_writes_the_results_table(tmp_path: 
                if not _has_command(c)]
     if missing:
         pytest.skip(f"stage commands not registered yet: {', '.join(missing)}")
-    env = _env(tmp_path, QUICKSTART_SCALE="tiny", QUICKSTART_STRATEGIES="raw_top raw_top_synthetic")
+    env = _env(tmp_path, QUICKSTART_SCALE="tiny", QUICKSTART_STRATEGIES="raw_top_synthetic")
     res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "demo"
     rows = json.loads((out / "results.json").read_text())["rows"]
     trained = {r["name"]: r for r in rows if r["zeroshot_top1"] is not None}
-    assert set(trained) == {"raw_top", "raw_top_synthetic"}
+    assert set(trained) == {"raw_top_synthetic"}
     assert all(r["samples_seen"] == 64 and 0 <= r["i2t_r1"] <= 1 for r in trained.values())
     # all five selections were made, even those not trained
-    assert {r["name"] for r in rows} == {"raw", "raw_top", "synthetic", "raw_top_synthetic", "best_of"}
+    made = {p.stem for p in (out / "dataset" / "selections").glob("*.parquet")}
+    assert made >= {"raw", "raw_top", "synthetic", "raw_top_synthetic", "best_of"}
     md = (out / "results.md").read_text()
-    assert "raw top-30% by CLIP" in md and "raw-top + synthetic" in md
+    assert "raw-top + synthetic" in md and "captions naming the object" in md
     assert (out / "results.png").stat().st_size > 1000
     # every step is echoed as a command a user can copy
     assert "+ capcurate recaption" in res.stderr and "+ capcurate mix" in res.stderr
