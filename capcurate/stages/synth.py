@@ -73,13 +73,12 @@ def synth(
     workers = max(1, workers or min(8, os.cpu_count() or 1))
     total = n_images + seed_size + eval_size
 
+    from ..world.configs import write_model_configs
     from ..world.evalset import write_eval_set, write_training_shards
     from ..world.scene import class_names
     from ..world.tokenizer import ZEROSHOT_TEMPLATES, write_tokenizer
 
     vocab_size = write_tokenizer(root / "tokenizer", context_length)
-    from ..world.configs import write_model_configs
-
     write_model_configs(root / "models", vocab_size, root / "tokenizer", image_size=image_size,
                         context_length=context_length)
 
