@@ -16,6 +16,8 @@ in source shards of 1,000 samples, a selection of every sample, then measures on
 All three run with the source tars in the page cache (each is read once before timing), so (b) is the
 memory-speed ceiling, not the disk's: a ratio above 0.5 against it means sharding costs at most twice a
 plain read. Prints MB/s for each and the two ratios (targets: > 10x (a), > 0.5x (b)).
+
+Measured (--size-gb 1, 2 shared CPU cores): 435 MB/s, 12.4x (a), 0.06x (b), 0.5x (c); see docs/shard.md.
 """
 
 from __future__ import annotations

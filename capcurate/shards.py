@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,35 +110,105 @@ def iter_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes
             yield current, group
 
 
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte header tarfile writes for a regular file (USTAR, mode 0644, owner 0 and '', mtime 0).
+
+    Filled into a template (name, size, checksum) because ``TarInfo.tobuf`` costs ~25 us a member; a name
+    over 100 bytes (tarfile splits it into prefix/name) or a size of 8 GiB or more goes through tarfile.
+    """
+    name_b = name.encode(tarfile.ENCODING, "surrogateescape")
+    if len(name_b) > 100 or size >= 8**11:
+        return _tarinfo(name, size).tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+    buf = bytearray(_HEADER_TEMPLATE)  # its checksum field is 8 spaces, as the checksum rule counts it
+    buf[: len(name_b)] = name_b
+    buf[124:136] = b"%011o\0" % size
+    buf[148:155] = b"%06o\0" % sum(buf)
+    return bytes(buf)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
+    return info
+
+
+_HEADER_TEMPLATE = bytearray(_tarinfo("", 0).tobuf(tarfile.USTAR_FORMAT))
+_HEADER_TEMPLATE[148:156] = b" " * 8
+_ZEROS = memoryview(bytes(2 * tarfile.BLOCKSIZE))
+_IOV_MAX = 1024
+
+
+def _padding(size: int) -> memoryview:
+    return _ZEROS[: -size % tarfile.BLOCKSIZE]
+
+
+def _pwrite_all(fd: int, bufs: list, offset: int) -> None:
+    """pwritev in chunks of at most IOV_MAX buffers, finishing any short write."""
+    for i in range(0, len(bufs), _IOV_MAX):
+        chunk = bufs[i : i + _IOV_MAX]
+        size = sum(map(len, chunk))
+        done = os.pwritev(fd, chunk, offset)
+        if done < size:  # rare (a signal): write the rest plainly
+            rest = memoryview(b"".join(chunk))[done:]
+            while rest:
+                n = os.pwrite(fd, rest, offset + done)
+                rest, done = rest[n:], done + n
+        offset += size
+
+
 class TarShardWriter:
-    """Write one tar shard atomically with reproducible headers (same input -> same bytes)."""
+    """Write one tar shard atomically with reproducible headers (same input -> same bytes).
+
+    The bytes are those of ``tarfile`` in USTAR format (mode 0644, mtime 0, empty owner names), written
+    without it: one header from a template and one ``pwritev`` per sample (header, data, padding of every
+    member), which is what makes copying 100 KB images cost little more than the copy itself.
+
+    ``write`` appends samples in order. ``write_at`` puts a sample at a byte offset computed beforehand with
+    ``sample_span``, so a caller that knows every sample's size can fill a shard in any order (``capcurate
+    shard`` writes in the order it reads the sources); it must fill every span up to the end it uses, or
+    the tar has a hole of zeros where a reader stops.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._ctx = atomic_path(self.path)
         self._tmp = self._ctx.__enter__()
-        # one read/write per member instead of 16 KiB chunks: 2x faster for 100 KB images, same bytes
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT, copybufsize=1 << 24)
+        self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        self._end = 0  # where the next appended sample goes; the trailer goes after the furthest sample
         self.count = 0
         self.bytes = 0
 
+    @staticmethod
+    def sample_span(sizes: Iterable[int]) -> int:
+        """Bytes a sample takes in the tar, from the sizes of its members."""
+        return sum(tarfile.BLOCKSIZE + size + (-size % tarfile.BLOCKSIZE) for size in sizes)
+
     def write(self, key: str, members: dict[str, bytes]) -> None:
+        self.write_at(self._end, key, members)
+
+    def write_at(self, offset: int, key: str, members: dict[str, bytes]) -> None:
+        bufs = []
         for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(data))
+            bufs += (ustar_header(f"{key}.{ext}", len(data)), data, _padding(len(data)))
             self.bytes += len(data)
+        _pwrite_all(self._fd, bufs, offset)
+        self._end = max(self._end, offset + sum(map(len, bufs)))
         self.count += 1
 
     def close(self) -> None:
-        self._tar.close()
+        # tarfile's end of archive: two zero blocks, then zeros up to a multiple of its 10240-byte record
+        end = self._end + 2 * tarfile.BLOCKSIZE
+        record_pad = -end % tarfile.RECORDSIZE
+        try:
+            _pwrite_all(self._fd, [_ZEROS, bytes(record_pad)], self._end)
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self._fd)
         self._ctx.__exit__(None, None, None)
 
     def abort(self) -> None:
-        self._tar.close()
+        os.close(self._fd)
         self._ctx.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
     def __enter__(self) -> TarShardWriter:

@@ -214,8 +214,44 @@ def test_shard_counts_keys_absent_from_a_source_tar(tmp_path):
     assert s.details["missing_examples"] == ["v1"]
 
 
-def test_shard_spills_a_large_output_shard_to_disk_with_identical_bytes(mixed, tmp_path, monkeypatch):
-    shard(mixed, "both", tmp_path / "memory", samples_per_shard=18, shuffle=True)
-    monkeypatch.setattr(shard_module, "BUFFER_BYTES", 2000)  # a few images fit, the rest spill
-    shard(mixed, "both", tmp_path / "spilled", samples_per_shard=18, shuffle=True)
-    assert (tmp_path / "memory" / "00000.tar").read_bytes() == (tmp_path / "spilled" / "00000.tar").read_bytes()
+def _tarfile_bytes(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    """What the writer wrote when it used tarfile.addfile: the reference for the hand-built headers."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+                tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def test_shard_writes_the_bytes_tarfile_writes(mixed, tmp_path):
+    """Samples are written in source order at precomputed offsets; the tar is the one tarfile writes in order."""
+    shard(mixed, "both", tmp_path / "out", samples_per_shard=18, shuffle=True)
+    written = (tmp_path / "out" / "00000.tar").read_bytes()
+    assert written == _tarfile_bytes(tmp_path / "ref.tar", list(iter_samples(tmp_path / "out" / "00000.tar")))
+
+
+def test_tar_writer_in_any_order_matches_tarfile(tmp_path):
+    import random
+
+    from capcurate.shards import TarShardWriter
+
+    rng = random.Random(0)
+    samples = [(key, {ext: rng.randbytes(rng.choice([0, 1, 511, 512, 513, rng.randrange(20000)]))
+                      for ext in exts})
+               for key, exts in [("000000000", ["jpg", "txt", "json"]), ("a" * 96, ["png"]),
+                                 ("d" * 80 + "/" + "b" * 50, ["webp", "txt"]), ("ünïcode", ["jpg", "cls"])]]
+    ref = _tarfile_bytes(tmp_path / "ref.tar", samples)
+    with TarShardWriter(tmp_path / "seq.tar") as w:
+        for key, members in samples:
+            w.write(key, members)
+    spans = [TarShardWriter.sample_span(len(d) for d in m.values()) for _, m in samples]
+    with TarShardWriter(tmp_path / "placed.tar") as w:
+        for i in (2, 0, 3, 1):
+            w.write_at(sum(spans[:i]), *samples[i])
+    assert (tmp_path / "seq.tar").read_bytes() == ref == (tmp_path / "placed.tar").read_bytes()
+    assert [k for k, _ in iter_samples(tmp_path / "placed.tar")] == [k for k, _ in samples]

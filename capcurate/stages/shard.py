@@ -28,8 +28,6 @@ from .shard_plan import ShardPlan, build_plan
 
 CLAIM_NAME = ".capcurate-shard.json"
 OUR_FILES = ("manifest.json", "sizes.json", CLAIM_NAME)
-# bytes of one output shard kept in memory before the reorder buffer spills to a temp file
-BUFFER_BYTES = 256 * 1024 * 1024
 
 
 def shard_name(index: int) -> str:
@@ -55,43 +53,35 @@ class ShardWriteJob:
 
         rows = pads.dataset(self.plan.rows_dir(int(shard_id)), format="parquet")
         table = rows.to_table(columns=["position", "caption", "shard", "ext", "byte_offset", "byte_size", "meta"])
-        # read side: each source tar once, front to back; write side: the planned (shuffled) order
-        by_source = table.sort_by([("shard", "ascending"), ("byte_offset", "ascending")]).to_pylist()
-        chunks: dict[int, tuple[bytes | tuple[int, int], dict]] = {}
-        held = 0
-        with tempfile.TemporaryFile(dir=self.out) as spill:
-            fh, open_shard = None, None
+        table = table.sort_by("position")
+        cols = {c: table[c].to_pylist() for c in table.column_names}
+        keys = [f"{pos:09d}" for pos in cols["position"]]
+        captions = [(c or "").encode("utf-8") for c in cols["caption"]]
+        metas = [m.encode("utf-8") for m in cols["meta"]]
+        sizes = cols["byte_size"]
+        # every sample's place in the output tar is known from the sizes, so samples can be written in
+        # the order the sources are read (each source tar once, front to back) with no reorder buffer
+        offsets, end = [], 0
+        for size, caption, meta in zip(sizes, captions, metas, strict=True):
+            offsets.append(end)
+            end += TarShardWriter.sample_span((size, len(caption), len(meta)))
+        by_source = sorted(range(len(keys)), key=lambda i: (cols["shard"][i], cols["byte_offset"][i]))
+        with TarShardWriter(self.output_path(shard_id)) as w:
+            fd, open_shard = None, None
             try:
-                for r in by_source:
-                    if r["shard"] != open_shard:
-                        if fh:
-                            fh.close()
-                        fh = open(self.ds_root / "shards" / f"{r['shard']}.tar", "rb")
-                        open_shard = r["shard"]
-                    fh.seek(r["byte_offset"])
-                    data = fh.read(r["byte_size"])
-                    if len(data) != r["byte_size"]:
-                        raise StageFailed(f"source shard {r['shard']}.tar changed while sharding")
-                    if held + len(data) <= BUFFER_BYTES:
-                        chunks[r["position"]] = (data, r)
-                        held += len(data)
-                    else:  # an output shard larger than the buffer: the rest waits on disk
-                        chunks[r["position"]] = ((spill.tell(), len(data)), r)
-                        spill.write(data)
+                for i in by_source:
+                    if cols["shard"][i] != open_shard:
+                        if fd is not None:
+                            os.close(fd)
+                        open_shard = cols["shard"][i]
+                        fd = os.open(self.ds_root / "shards" / f"{open_shard}.tar", os.O_RDONLY | os.O_CLOEXEC)
+                    data = os.pread(fd, sizes[i], cols["byte_offset"][i])
+                    if len(data) != sizes[i]:
+                        raise StageFailed(f"source shard {open_shard}.tar changed while sharding")
+                    w.write_at(offsets[i], keys[i], {cols["ext"][i]: data, "txt": captions[i], "json": metas[i]})
             finally:
-                if fh:
-                    fh.close()
-            with TarShardWriter(self.output_path(shard_id)) as w:
-                for pos in sorted(chunks):
-                    data, r = chunks.pop(pos)
-                    if isinstance(data, tuple):
-                        spill.seek(data[0])
-                        data = spill.read(data[1])
-                    w.write(f"{pos:09d}", {
-                        r["ext"]: data,
-                        "txt": (r["caption"] or "").encode("utf-8"),
-                        "json": r["meta"].encode("utf-8"),
-                    })
+                if fd is not None:
+                    os.close(fd)
         return {"samples_written": w.count, "bytes_written": w.bytes}
 
 

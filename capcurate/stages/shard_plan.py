@@ -17,7 +17,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import atomic
 from ..dataset import Dataset
 from ..shards import IMAGE_EXTS, index_tar
 from ..views import ident, sql_string
@@ -107,8 +106,10 @@ def build_plan(ds: Dataset, selection: str, work_dir: Path, *, samples_per_shard
 def _index_sources(ds: Dataset, sources: list[str], index_dir: Path) -> dict[str, str]:
     """Index each needed source tar once (image members only); returns damaged tars and why."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     damaged = {}
+    index_dir.mkdir(parents=True, exist_ok=True)
     for shard in sources:
         path = ds.shard_path(shard)
         if not path.is_file():
@@ -127,8 +128,9 @@ def _index_sources(ds: Dataset, sources: list[str], index_dir: Path) -> dict[str
             rows["ext"].append(ext)
             rows["byte_offset"].append(members[ext].offset)
             rows["byte_size"].append(members[ext].size)
-        atomic.write_parquet(index_dir / f"{shard}.parquet", pa.table(rows, schema=pa.schema([
+        # scratch of this run's plan folder (made afresh by every run): no atomic write, no fsync
+        pq.write_table(pa.table(rows, schema=pa.schema([
             ("shard", pa.string()), ("key", pa.string()), ("ext", pa.string()),
-            ("byte_offset", pa.int64()), ("byte_size", pa.int64())])))
+            ("byte_offset", pa.int64()), ("byte_size", pa.int64())])), index_dir / f"{shard}.parquet")
     return damaged
 
