@@ -24,23 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from photo_like import make_jpeg
+
 os.environ.setdefault("CAPCURATE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-def make_jpeg(seed: int, size: tuple[int, int]) -> bytes:
-    import numpy as np
-    from PIL import Image, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    # smooth noise decodes like a photo, unlike a flat colour
-    small = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize(size, Image.BICUBIC).filter(ImageFilter.GaussianBlur(2))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def build(root: Path, n: int, size: tuple[int, int], per_shard: int) -> Path:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from photo_like import make_jpeg
+
 os.environ.setdefault("CAPCURATE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -30,19 +32,6 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-
-
-def make_jpeg(seed: int, size: tuple[int, int]) -> bytes:
-    import numpy as np
-    from PIL import Image, ImageFilter
-
-    rng = np.random.default_rng(seed)
-    # smooth noise compresses and decodes like a photo, unlike a flat colour
-    small = rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8)
-    img = Image.fromarray(small).resize(size, Image.BICUBIC).filter(ImageFilter.GaussianBlur(2))
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def build(root: Path, n: int, size: tuple[int, int], per_shard: int) -> Path:
