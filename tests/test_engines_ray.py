@@ -38,7 +38,7 @@ def test_score_on_ray_actors_equals_local_engine(tmp_path, ray_cluster):
         a = pq.read_table(local / "scores" / "tiny" / f"{shard}.parquet").to_pylist()
         b = pq.read_table(remote / "scores" / "tiny" / f"{shard}.parquet").to_pylist()
         assert [r["uid"] for r in a] == [r["uid"] for r in b]
-        for ra, rb in zip(a, b):
+        for ra, rb in zip(a, b, strict=True):
             if ra["score_tiny_raw"] is None:
                 assert rb["score_tiny_raw"] is None and rb["error_tiny"]
             else:
