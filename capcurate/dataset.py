@@ -150,6 +150,21 @@ class Dataset:
         """Delete a previous output of that name (only called under --overwrite)."""
         shutil.rmtree(self.family_dir(family, name), ignore_errors=True)
 
+    def claim_images(self, stage: str, params: dict[str, Any], *, overwrite: bool) -> str:
+        """Claim ``shards/`` + ``samples/`` for a stage that writes images (download, ingest).
+
+        The overwrite rule of every output (``Card.claim_output``): same parameters resume, other
+        parameters are refused unless ``overwrite``, which empties both folders first. Returns the id of
+        the lineage entry the stage finishes with ``card.finish_entry``.
+        """
+        exists = bool(self.shard_ids()) or (self.shards_dir.is_dir() and any(self.shards_dir.iterdir()))
+        mode = self.card.claim_output("shards", stage, params, overwrite=overwrite, exists=exists)
+        if mode == "overwrite":
+            shutil.rmtree(self.shards_dir, ignore_errors=True)
+            shutil.rmtree(self.samples_dir, ignore_errors=True)
+        return self.card.start_entry(stage=stage, family="shards", name=stage, params=params,
+                                     replace=mode == "overwrite")
+
     # -- querying ----------------------------------------------------------------------------------
     def connect(self, **kwargs: Any):
         """An in-memory DuckDB connection with the dataset's views (see ``capcurate.views``)."""

@@ -260,13 +260,7 @@ def ingest(
     ds = Dataset.create(output, force=force, sources=[source])
     params = {"path": source["path"], "kind": kind, "uid_col": uid_col, "max_pixels": max_pixels,
               **({"samples_per_shard": samples_per_shard} if kind == "images" else {})}
-    exists = bool(ds.shard_ids()) or (ds.shards_dir.is_dir() and any(ds.shards_dir.iterdir()))
-    mode = ds.card.claim_output("shards", "ingest", params, overwrite=overwrite, exists=exists)
-    if mode == "overwrite":
-        shutil.rmtree(ds.shards_dir, ignore_errors=True)
-        shutil.rmtree(ds.samples_dir, ignore_errors=True)
-    entry = ds.card.start_entry(stage="ingest", family="shards", name="ingest", params=params,
-                                replace=mode == "overwrite")
+    entry = ds.claim_images("ingest", params, overwrite=overwrite)
     for d in (ds.shards_dir, ds.samples_dir):
         atomic.clean_stale_temps(d)
     job = IngestJob(ds, kind, inputs, root, uid_col=uid_col, link=link, max_pixels=max_pixels)

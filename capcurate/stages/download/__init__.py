@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -118,13 +117,7 @@ def download(
     ds = Dataset.create(output, force=force, sources=[source])
     params = {"urls": source["path"], "url_col": plan.url_col, "caption_col": plan.caption_col,
               "uid_col": plan.uid_col, **opts.output_params()}
-    exists = ds.shards_dir.is_dir() and any(ds.shards_dir.iterdir()) or bool(ds.shard_ids())
-    mode = ds.card.claim_output("shards", "download", params, overwrite=overwrite, exists=exists)
-    if mode == "overwrite":
-        shutil.rmtree(ds.shards_dir, ignore_errors=True)
-        shutil.rmtree(ds.samples_dir, ignore_errors=True)
-    entry = ds.card.start_entry(stage="download", family="shards", name="download", params=params,
-                                replace=mode == "overwrite")
+    entry = ds.claim_images("download", params, overwrite=overwrite)
     ds.shards_dir.mkdir(parents=True, exist_ok=True)
     cleaned = clean_unfinished(ds.shards_dir)
     atomic.clean_stale_temps(ds.samples_dir)
