@@ -32,6 +32,10 @@ stdout = Console()
 stderr = Console(stderr=True)
 
 JSON_HELP = "Print a machine-readable JSON summary on stdout instead of a table."
+# per-shard stages share the engines (capcurate.engines), so they share these two options' meaning
+ENGINE_HELP = "local (this process) or ray (a Ray cluster: actors each load the model once, one GPU each)."
+PART_HELP = ("Only shards i, i+N, ... of the sorted list, as i/N with 0 <= i < N (e.g. SLURM array task i "
+             "of N); run every part to finish.")
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

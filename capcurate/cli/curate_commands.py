@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import JSON_HELP, app, run_command
+from .app import ENGINE_HELP, JSON_HELP, PART_HELP, app, run_command
 
 STRATEGY_HELP = (
     "How to pair each image with a caption: raw (alt-text only), synthetic (one captioner's caption), "
@@ -77,9 +77,8 @@ def shard(
     seed: int = typer.Option(0, "--seed", help="Seed of --shuffle."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards in OUT written from another "
                                    "selection or with other parameters (the same ones resume)."),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray."),
-    part: str = typer.Option(None, "--part", help="Write only output shards i, i+N, ... (i/N), e.g. one "
-                             "SLURM array task each; the last part to finish writes manifest.json."),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    part: str = typer.Option(None, "--part", help=f"{PART_HELP} The last part to finish writes manifest.json."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write a selection as webdataset training shards, copying image bytes without re-encoding.

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from .app import JSON_HELP, app, run_command, stdout
+from .app import ENGINE_HELP, JSON_HELP, PART_HELP, app, run_command, stdout
 
 FORCE_HELP = "Write into OUTPUT even though it exists, is not empty and is not a capcurate dataset."
 OVERWRITE_HELP = ("Delete the dataset's shards and manifest and start again when a previous run used other "
@@ -77,8 +77,8 @@ def ingest(
         "Hard-link img2dataset tars instead of copying them (same filesystem only; falls back to copy).")),
     max_pixels: int = typer.Option(64_000_000, "--max-pixels", help=(
         "Images whose header declares more pixels than this are counted as failed, never decoded.")),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster)."),
-    part: str = typer.Option(None, "--part", help="Only output shards i, i+N, ... as i/N (SLURM arrays)."),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    part: str = typer.Option(None, "--part", help=PART_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),

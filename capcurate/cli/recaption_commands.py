@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .app import JSON_HELP, app, run_command
+from .app import ENGINE_HELP, JSON_HELP, PART_HELP, app, run_command
 
 
 @app.command()
@@ -54,10 +54,8 @@ def recaption(
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code",
         help="Allow a transformers model to run code shipped with it (only for models you trust)."),
-    engine: str = typer.Option(
-        "local", "--engine", help="local (this process) or ray (one actor per GPU, model loaded once each)."),
-    part: str = typer.Option(
-        None, "--part", help="Only shards i, i+N, ... as 'i/N' (e.g. for SLURM array task i of N)."),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    part: str = typer.Option(None, "--part", help=PART_HELP),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing caption set NAME made with other parameters."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import JSON_HELP, app, run_command
+from .app import ENGINE_HELP, JSON_HELP, PART_HELP, app, run_command
 
 
 @app.command()
@@ -36,8 +36,8 @@ def score(
     exact_decode: bool = typer.Option(False, "--exact-decode", help=(
         "Decode JPEGs at full size. By default the decoder scales large JPEGs down (by 1/2 to 1/8, never below "
         "the model's input size) before the model's own resize: several times faster, scores differ by ~1e-3.")),
-    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a Ray cluster)."),
-    part: str = typer.Option(None, "--part", help="Only shards i, i+N, ... of the sorted list, as i/N (SLURM arrays)."),
+    engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    part: str = typer.Option(None, "--part", help=PART_HELP),
     num_actors: int = typer.Option(None, "--num-actors", help="Ray actors (default: one per GPU, else per CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=(
         "Replace scores/<name> made with other parameters (otherwise refused; same parameters resume).")),
