@@ -1,0 +1,89 @@
+"""The defaults every command shares: which device, which precision, how many decode workers.
+
+One place, so ``--device``, ``--precision`` and ``--workers`` mean the same thing in recaption, score,
+eval and train: device ``auto`` is cuda when a GPU is visible, precision ``auto`` is bf16 on a GPU and
+fp32 on the CPU, workers ``auto`` is one per core this process may use, less one for the main process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import InputError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DECODES = ("auto", "cpu", "gpu", "draft")
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (a SLURM or container CPU mask counts, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_device(device: str | None) -> str:
+    """``None``/``auto`` -> cuda when available, else cpu; anything else is checked and returned."""
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA GPU is visible to this process (use --device cpu)")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    return device
+
+
+def resolve_precision(precision: str | None, device: str) -> str:
+    """``auto`` -> bf16 on a GPU (fp16 where the GPU has no bf16), fp32 on the CPU."""
+    if precision in (None, "", "auto"):
+        if not device.startswith("cuda"):
+            return "fp32"
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
+def resolve_workers(workers: int | str | None, *, reserve: int = 1) -> int:
+    """``auto`` -> one decode process per usable core minus ``reserve`` for the main process."""
+    if workers in (None, "", "auto"):
+        return max(1, available_cpus() - reserve)
+    try:
+        n = int(workers)
+    except (TypeError, ValueError):
+        raise InputError(f"--workers must be a number or 'auto', got {workers!r}") from None
+    if n < 0:
+        raise InputError(f"--workers must be 0 (decode in the main process) or more, got {n}")
+    return n
+
+
+def resolve_decode(decode: str | None, device: str) -> str:
+    """``auto`` -> gpu (nvJPEG batches) when the model runs on CUDA, else cpu."""
+    decode = decode or "auto"
+    if decode not in DECODES:
+        raise InputError(f"--decode must be one of {', '.join(DECODES)}, got {decode!r}")
+    if decode == "auto":
+        return "gpu" if device.startswith("cuda") else "cpu"
+    if decode == "gpu" and not device.startswith("cuda"):
+        raise InputError("--decode gpu needs --device cuda")
+    return decode
+
+
+def parse_batch_size(batch_size: int | str | None) -> int | str:
+    """A positive int or ``"auto"``."""
+    if batch_size in (None, "", "auto"):
+        return "auto"
+    try:
+        n = int(batch_size)
+    except (TypeError, ValueError):
+        raise InputError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}") from None
+    if n < 1:
+        raise InputError(f"--batch-size must be a positive integer or 'auto', got {n}")
+    return n
