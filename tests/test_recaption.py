@@ -17,7 +17,7 @@ from capcurate.errors import InputError, OutputExistsError
 from capcurate.stages import recaption as stage
 from capcurate.stages.recaption import caption_with_backoff, find_batch_size, recaption
 
-FAST = dict(max_new_tokens=6, num_workers=0, batch_size=8)
+FAST = dict(max_new_tokens=6, workers=0, batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -73,20 +73,20 @@ def test_recaption_sampling_is_reproducible_under_seed(tiny_dataset, blip_ref):
 
 
 def test_recaption_resumes_after_kill(tiny_dataset, blip_ref, monkeypatch):
-    real = stage.RecaptionJob.process
+    real = stage.RecaptionJob._write
 
-    def dies_on_second_shard(self, shard_id):
+    def dies_on_second_shard(self, shard_id, rows, results):
         if shard_id == "00001":
             raise KeyboardInterrupt  # what Ctrl-C / SIGTERM does mid-run
-        return real(self, shard_id)
+        return real(self, shard_id, rows, results)
 
-    monkeypatch.setattr(stage.RecaptionJob, "process", dies_on_second_shard)
+    monkeypatch.setattr(stage.RecaptionJob, "_write", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         recaption(tiny_dataset, model=blip_ref, name="blip", decoding="greedy", **FAST)
     out = tiny_dataset / "captions" / "blip"
     assert sorted(p.name for p in out.iterdir()) == ["00000.parquet"]
     first = (out / "00000.parquet").stat().st_mtime_ns
-    monkeypatch.setattr(stage.RecaptionJob, "process", real)
+    monkeypatch.setattr(stage.RecaptionJob, "_write", real)
     s = recaption(tiny_dataset, model=blip_ref, name="blip", decoding="greedy", **FAST)
     assert (s.counts["shards_skipped"], s.counts["shards_processed"]) == (1, 2)
     assert (out / "00000.parquet").stat().st_mtime_ns == first
@@ -112,7 +112,7 @@ def test_recaption_part_takes_a_deterministic_subset(tiny_dataset, blip_ref):
 def test_recaption_cli_json_and_exit_codes(tiny_dataset, blip_ref):
     runner = CliRunner()
     base = ["recaption", str(tiny_dataset), "--model", blip_ref, "--name", "blip", "--max-new-tokens", "5",
-            "--num-workers", "1", "--batch-size", "4"]
+            "--workers", "1", "--batch-size", "4"]
     r = runner.invoke(app, [*base, "--decoding", "topk", "--top-k", "5", "--num-captions", "3", "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout.strip().splitlines()[-1])

@@ -42,7 +42,7 @@ def test_hf_greedy_equals_transformers_generate(models, kind, tiny_dataset):
     model_vocab = cap.model.config.get_text_config().vocab_size
     assert len(cap.tokenizer) == model_vocab  # a fallback tokenizer would silently mis-decode
     recaption(tiny_dataset, model=ref, name=kind, decoding="greedy", max_new_tokens=8, min_new_tokens=2,
-              batch_size=3, num_workers=1, part="0/3")  # shard 00000 only: the one compared below
+              batch_size=3, workers=1, part="0/3")  # shard 00000 only: the one compared below
     ours = {r["uid"]: r["caption"] for r in pq.read_table(tiny_dataset / "captions" / kind).to_pylist()}
 
     model = AutoModelForImageTextToText.from_pretrained(directory).eval()
@@ -145,7 +145,7 @@ def test_coca_recaption_through_cli_reference(models, tiny_dataset):
     ref, weights = models["coca"]
     r = CliRunner().invoke(app, ["recaption", str(tiny_dataset), "--model", ref, "--pretrained", weights,
                                  "--name", "coca", "--decoding", "beam", "--num-beams", "3",
-                                 "--num-captions", "2", "--max-new-tokens", "6", "--num-workers", "0"])
+                                 "--num-captions", "2", "--max-new-tokens", "6", "--workers", "0"])
     assert r.exit_code == 0, r.output
     rows = pq.read_table(tiny_dataset / "captions" / "coca").to_pylist()
     ok = [x for x in rows if x["error"] is None]

@@ -34,6 +34,14 @@ stderr = Console(stderr=True)
 JSON_HELP = "Print a machine-readable JSON summary on stdout instead of a table."
 # per-shard stages share the engines (capcurate.engines), so they share these two options' meaning
 ENGINE_HELP = "local (this process) or ray (a Ray cluster: actors each load the model once, one GPU each)."
+# where a model runs, the same words everywhere (capcurate.devices resolves them)
+DEVICE_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N."
+PRECISION_HELP = "auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16: the dtype the model runs in."
+WORKERS_HELP = ("Processes reading and decoding images, or auto: one per CPU core this process may use, minus "
+                "one (0 decodes in the main process).")
+DECODE_HELP = ("auto (gpu when the model runs on CUDA, else cpu), gpu (JPEGs decoded in batches by nvJPEG; other "
+               "formats on the CPU), cpu (libjpeg-turbo/libpng in the workers) or draft (CPU, JPEGs scaled down "
+               "while decoding: faster, pixels differ slightly from the model's own preprocessing).")
 PART_HELP = ("Only shards i, i+N, ... of the sorted list, as i/N with 0 <= i < N (e.g. SLURM array task i "
              "of N); run every part to finish.")
 

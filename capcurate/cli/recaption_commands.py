@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from .app import ENGINE_HELP, JSON_HELP, PART_HELP, app, run_command
+from .app import (
+    DECODE_HELP,
+    DEVICE_HELP,
+    ENGINE_HELP,
+    JSON_HELP,
+    PART_HELP,
+    PRECISION_HELP,
+    WORKERS_HELP,
+    app,
+    run_command,
+)
 
 
 @app.command()
@@ -44,13 +54,12 @@ def recaption(
     seed: int = typer.Option(0, "--seed", help="Seed for sampling; the same seed gives the same captions."),
     batch_size: str = typer.Option(
         "auto", "--batch-size",
-        help="Images per model call, or 'auto': on a GPU the largest batch that fits (searched, with "
-             "back-off on out-of-memory); on CPU a default of 16."),
-    num_workers: int = typer.Option(
-        2, "--num-workers", help="DataLoader processes decoding and preprocessing images (0 = in process)."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: cuda if available)."),
-    dtype: str = typer.Option(
-        "auto", "--dtype", help="Model precision: fp32, fp16 or bf16 (auto: bf16 on GPU, fp32 on CPU)."),
+        help="Images per model call, or 'auto': on a GPU the largest batch up to 512 that fits (searched "
+             "once, with back-off on out-of-memory); on the CPU 16."),
+    workers: str = typer.Option("auto", "--workers", help=WORKERS_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    decode: str = typer.Option("auto", "--decode", help=DECODE_HELP),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code",
         help="Allow a transformers model to run code shipped with it (only for models you trust)."),
@@ -74,6 +83,6 @@ def recaption(
         top_p=top_p, top_k=top_k, temperature=temperature, repetition_penalty=repetition_penalty,
         min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, num_captions=num_captions,
         length_penalty=length_penalty, prompt=prompt, seed=seed, batch_size=batch_size,
-        num_workers=num_workers, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        workers=workers, device=device, precision=precision, decode=decode, trust_remote_code=trust_remote_code,
         engine=engine, part=part, overwrite=overwrite,
     ), json_out=json)

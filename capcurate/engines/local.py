@@ -16,6 +16,19 @@ def run_local(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *,
     if not shard_ids:
         return
     job.setup()
+    many = getattr(job, "process_many", None)
+    if callable(many):  # one input stream across all shards: workers and read-ahead live for the run
+        with progress_bar(len(shard_ids), description) as advance:
+            for sid, outcome in many(list(shard_ids)):
+                if isinstance(outcome, BaseException):
+                    if fail_fast or isinstance(outcome, KeyboardInterrupt):
+                        raise outcome
+                    result.failed[sid] = f"{type(outcome).__name__}: {outcome}"
+                else:
+                    result.processed.append(sid)
+                    result.counts.update(outcome or {})
+                advance(1)
+        return
     with progress_bar(len(shard_ids), description) as advance:
         for sid in shard_ids:
             try:

@@ -3,8 +3,9 @@
     captions/<name>/<shard>.parquet   uid, caption (first caption; NULL when the image failed),
                                       captions (list<string>), error (NULL when ok)
 
-Images are read straight from the shards and decoded + preprocessed in DataLoader workers
-(``capcurate.imageloader``); the model only sees ready batches. Each shard file is written atomically,
+Images come from ``capcurate.inputs.ImageStream``: one loader across all shards, JPEGs decoded in
+batches on the GPU (nvJPEG) or in CPU workers, the model's preprocessing replayed on tensors; the model
+only sees ready batches. Each shard file is written atomically,
 so a killed run resumes by skipping finished shards; ``--part i/N`` and ``--engine ray`` come from
 ``capcurate.engines``. Lineage records the model, its resolved weights and the decoding parameters.
 """
@@ -37,9 +38,10 @@ def captions_schema():
     ])
 
 
-def batch_seed(seed: int, shard_id: str, batch_index: int) -> int:
-    """A seed per (shard, batch): sampling is reproducible whatever order or part shards run in."""
-    return (seed * 1_000_003 + zlib.crc32(shard_id.encode()) * 7919 + batch_index) % (2**63)
+def batch_seed(seed: int, shard_id: str, first_row: int) -> int:
+    """A seed per batch from (seed, shard and row of its first image): sampling is reproducible whatever
+    order or part shards run in, for a given batch size."""
+    return (seed * 1_000_003 + zlib.crc32(shard_id.encode()) * 7919 + first_row) % (2**63)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -111,24 +113,39 @@ def find_batch_size(try_batch: Any, *, start: int = 8, limit: int = 1024) -> int
     return lo
 
 
-def _probe_batch_size(captioner: Any, config: Any) -> int:
+def _probe_batch_size(captioner: Any, config: Any, limit: int) -> int:
     """Search the largest batch that fits on the GPU with a worst-case (max_new_tokens) generation."""
     import torch
-    from PIL import Image
 
-    one = captioner.preprocess(Image.new("RGB", (256, 256), (127, 127, 127)))
+    spec = captioner.image_spec
+    if spec is not None:
+        h, w = spec.output_size
+        one = spec.normalize(torch.full((1, 3, h, w), 127, dtype=torch.uint8), torch.float32)[0]
+    else:
+        from PIL import Image
+
+        one = captioner.preprocess(Image.new("RGB", (256, 256), (127, 127, 127)))
     probe = type(config)(**{**config.__dict__, "min_new_tokens": config.max_new_tokens})
 
     def try_batch(n: int) -> None:
         captioner.caption(one.unsqueeze(0).expand(n, *one.shape).contiguous(), probe)
         torch.cuda.synchronize()
 
-    return find_batch_size(try_batch)
+    return find_batch_size(try_batch, limit=limit)
+
+
+# --batch-size auto on a GPU searches up to this: past it generation gains little throughput, while each
+# batch holds more host memory and a longer stall at the end of the run
+GPU_BATCH_LIMIT = 512
 
 
 @dataclass
 class RecaptionJob:
-    """The per-shard work (a ``capcurate.engines.ShardJob``); the model loads once per worker in setup."""
+    """The per-shard work (a ``capcurate.engines.ShardJob``); the model loads once per worker in setup.
+
+    ``process_many`` streams every shard through one ``capcurate.inputs.ImageStream`` (workers live
+    across shards, batches span shard boundaries); ``process`` is the one-shard case the Ray engine uses.
+    """
 
     root: str
     name: str
@@ -136,9 +153,10 @@ class RecaptionJob:
     pretrained: str | None
     decoding: Any  # DecodingConfig
     batch_size: int | str = "auto"
-    num_workers: int = 2
-    device: str = "cpu"
-    dtype: str = "fp32"
+    workers: int | str = "auto"
+    device: str = "auto"
+    precision: str = "auto"
+    decode: str = "auto"
     trust_remote_code: bool = False
     _captioner: Any = field(default=None, repr=False)
     _batch: int = 0
@@ -151,10 +169,15 @@ class RecaptionJob:
     def setup(self) -> None:
         if self._captioner is not None:
             return
+        from ..devices import resolve_device, resolve_precision, resolve_workers
         from ..models.captioners import load_captioner
 
+        # resolved here, not on the driver: a Ray actor may sit on another kind of machine
+        self.device = resolve_device(self.device)
+        self.precision = resolve_precision(self.precision, self.device)
+        self.workers = resolve_workers(self.workers)
         self._captioner = load_captioner(self.model, pretrained=self.pretrained, device=self.device,
-                                         dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+                                         dtype=self.precision, trust_remote_code=self.trust_remote_code)
         self._batch, self.batch_note = self._resolve_batch_size()
         self._state = {"chunk": self._batch}
 
@@ -163,8 +186,8 @@ class RecaptionJob:
             return int(self.batch_size), "given"
         if not self.device.startswith("cuda"):
             return CPU_BATCH_SIZE, f"auto on {self.device}: default {CPU_BATCH_SIZE} (no memory search off-GPU)"
-        n = _probe_batch_size(self._captioner, self.decoding)
-        return n, f"auto: largest batch that fits is {n}"
+        n = _probe_batch_size(self._captioner, self.decoding, GPU_BATCH_LIMIT)
+        return n, f"auto: largest batch that fits, up to {GPU_BATCH_LIMIT}: {n}"
 
     @property
     def captioner(self) -> Any:
@@ -172,39 +195,96 @@ class RecaptionJob:
         return self._captioner
 
     def process(self, shard_id: str) -> dict[str, int]:
-        import pyarrow.parquet as pq
-        import torch
+        for _, outcome in self.process_many([shard_id]):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        raise StageFailed(f"shard {shard_id} produced no result")
 
-        from ..imageloader import iter_image_batches
+    def _stream(self, works: list[Any]) -> Any:
+        from ..devices import resolve_decode
+        from ..inputs import ImageStream, Preprocess
+
+        cap = self._captioner
+        return ImageStream(works, Preprocess(cap.image_spec, cap.preprocess), batch_size=self._batch,
+                           workers=self.workers, device=self.device, dtype=cap.dtype,
+                           decode=resolve_decode(self.decode, self.device))
+
+    def process_many(self, shard_ids: list[str]):
+        """Yield ``(shard_id, counts)`` as each shard's file is written, or ``(shard_id, exception)``."""
+        import pyarrow.parquet as pq
+
+        from ..inputs import ShardWork
 
         self.setup()
         root = Path(self.root)
-        manifest = pq.read_table(root / "samples" / f"{shard_id}.parquet", columns=["uid", "key", "status"])
-        rows = manifest.to_pylist()
-        entries = [(r["uid"], r["key"]) for r in rows if r["status"] == "success"]
-        results: dict[str, tuple[list[str] | None, str | None]] = {}
-        if entries:
-            batches = iter_image_batches(root / "shards" / f"{shard_id}.tar", entries,
-                                         self._captioner.preprocess, batch_size=self._batch,
-                                         num_workers=self.num_workers)
-            for b_i, batch in enumerate(batches):
-                for uid, reason in batch.failed:
-                    results[uid] = (None, reason)
-                if not batch.uids:
+        works, rows_of = [], []
+        for sid in shard_ids:
+            try:
+                manifest = pq.read_table(root / "samples" / f"{sid}.parquet", columns=["uid", "key", "status"])
+            except Exception as e:  # an unreadable manifest fails its shard only
+                yield sid, e
+                continue
+            rows = manifest.to_pylist()
+            # the row number is the id the stream echoes back: repeated uids cannot collide
+            entries = [(str(i), r["key"]) for i, r in enumerate(rows) if r["status"] == "success"]
+            if not entries:
+                yield sid, self._write(sid, rows, {})
+                continue
+            works.append(ShardWork(sid, root / "shards" / f"{sid}.tar", entries))
+            rows_of.append(rows)
+        if not works:
+            return
+        from ..devices import model_threads
+
+        with model_threads(self.device, self.workers):
+            yield from self._caption_works(works, rows_of)
+
+    def _caption_works(self, works: list[Any], rows_of: list[list[dict[str, Any]]]):
+        import torch
+
+        results: dict[int, dict[int, tuple[list[str] | None, str | None]]] = {p: {} for p in range(len(works))}
+        broken: dict[int, BaseException] = {}
+        for batch in self._stream(works):
+            for pos, rid, reason in batch.failed:
+                results[pos][int(rid)] = (None, reason)
+            if batch.items:
+                try:
+                    if self.decoding.sampling:
+                        first_pos, first_rid = batch.items[0]
+                        torch.manual_seed(batch_seed(self.decoding.seed, works[first_pos].shard_id,
+                                                     int(first_rid)))
+                    caps = caption_with_backoff(self._captioner, batch.pixels, self.decoding, self._state)
+                except Exception as e:  # the shards of this batch fail; the others go on
+                    for pos, _ in batch.items:
+                        broken.setdefault(pos, e)
+                else:
+                    for (pos, rid), c in zip(batch.items, caps, strict=True):
+                        results[pos][int(rid)] = (c, None)
+            for pos in batch.completed:
+                sid = works[pos].shard_id
+                done = results.pop(pos)
+                if pos in broken:
+                    yield sid, broken.pop(pos)
                     continue
-                if self.decoding.sampling:
-                    torch.manual_seed(batch_seed(self.decoding.seed, shard_id, b_i))
-                caps = caption_with_backoff(self._captioner, batch.pixels, self.decoding, self._state)
-                for uid, c in zip(batch.uids, caps, strict=True):
-                    results[uid] = (c, None)
-        out = {"uid": [], "caption": [], "captions": [], "error": []}
+                try:
+                    yield sid, self._write(sid, rows_of[pos], done)
+                except Exception as e:
+                    yield sid, e
+
+    def _write(self, shard_id: str, rows: list[dict[str, Any]],
+               results: dict[int, tuple[list[str] | None, str | None]]) -> dict[str, int]:
+        import pyarrow as pa
+
+        out: dict[str, list[Any]] = {"uid": [], "caption": [], "captions": [], "error": []}
         counts = {"images_captioned": 0, "images_failed": 0, "not_downloaded": 0}
-        for r in rows:
-            caps, err = results.get(r["uid"], (None, None))
+        for i, r in enumerate(rows):
+            caps, err = results.get(i, (None, None))
             if r["status"] != "success":
                 err = f"no image (download status {r['status']})"
                 counts["not_downloaded"] += 1
             elif caps is None:
+                err = err or "image was not delivered"
                 counts["images_failed"] += 1
             else:
                 counts["images_captioned"] += 1
@@ -212,8 +292,6 @@ class RecaptionJob:
             out["caption"].append(caps[0] if caps else None)
             out["captions"].append(caps)
             out["error"].append(err)
-        import pyarrow as pa
-
         atomic.write_parquet(self.output_path(shard_id), pa.Table.from_pydict(out, schema=captions_schema()))
         return counts
 
@@ -237,9 +315,10 @@ def recaption(
     prompt: str | None = None,
     seed: int = 0,
     batch_size: int | str = "auto",
-    num_workers: int = 2,
-    device: str | None = None,
-    dtype: str = "auto",
+    workers: int | str = "auto",
+    device: str = "auto",
+    precision: str = "auto",
+    decode: str = "auto",
     trust_remote_code: bool = False,
     engine: str = "local",
     part: str | None = None,
@@ -247,26 +326,25 @@ def recaption(
     fail_fast: bool = False,
 ) -> Summary:
     """Caption every image of ``dataset`` with ``model`` into ``captions/<name>/``; returns a Summary."""
-    import torch
-
+    from ..devices import parse_batch_size, resolve_decode, resolve_device, resolve_precision, resolve_workers
     from ..engines import parse_part, run_job, select_part
-    from ..models.captioners import DTYPES, DecodingConfig
+    from ..models.captioners import DecodingConfig
     from ..models.ref import parse_model_ref
 
     t0 = time.time()
     check_name(name, "captions name")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dtype == "auto":
-        dtype = "bf16" if device.startswith("cuda") else "fp32"
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if batch_size != "auto":
-        try:
-            batch_size = int(batch_size)
-        except ValueError:
-            raise InputError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}") from None
-        if batch_size < 1:
-            raise InputError(f"--batch-size must be a positive integer or 'auto', got {batch_size}")
+    batch_size = parse_batch_size(batch_size)
+    resolve_workers(workers)  # checked here, resolved where the job runs (a Ray actor counts its own cores)
+    if engine == "ray":
+        # each actor resolves device and precision on its own machine; only check the words here
+        resolve_decode(decode, "cuda")
+        if precision != "auto":
+            resolve_precision(precision, "cpu")
+        run_device, run_precision = device, precision
+    else:
+        run_device = resolve_device(device)
+        run_precision = resolve_precision(precision, run_device)
+        resolve_decode(decode, run_device)
     parse_part(part)
     cfg = DecodingConfig(decoding=decoding, num_beams=num_beams, top_p=top_p, top_k=top_k,
                          temperature=temperature, repetition_penalty=repetition_penalty,
@@ -278,7 +356,8 @@ def recaption(
     if not shard_ids:
         raise InputError(f"{ds.root} has no samples/*.parquet: download or ingest images first")
 
-    params = {"model": model, "pretrained": pretrained, "dtype": dtype, **cfg.to_params()}
+    # precision changes the captions; device, workers, decode and batch size do not
+    params = {"model": model, "pretrained": pretrained, "precision": run_precision, **cfg.to_params()}
     out_dir = ds.family_dir(FAMILY, name)
     exists = out_dir.is_dir() and any(out_dir.glob("*.parquet"))
     mode = ds.card.claim_output(FAMILY, name, params, overwrite=overwrite, exists=exists)
@@ -286,8 +365,9 @@ def recaption(
         ds.remove_family_output(FAMILY, name)
     atomic.clean_stale_temps(out_dir)
 
-    job = RecaptionJob(str(ds.root), name, model, pretrained, cfg, batch_size=batch_size,
-                       num_workers=num_workers, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    job = RecaptionJob(str(ds.root), name, model, pretrained, cfg, batch_size=batch_size, workers=workers,
+                       device=run_device, precision=run_precision, decode=decode,
+                       trust_remote_code=trust_remote_code)
     model_info: dict[str, Any] = dict(ref.describe())
     todo = select_part(shard_ids, parse_part(part))
     if engine == "local" and any(not job.output_path(s).exists() for s in todo):
@@ -299,7 +379,7 @@ def recaption(
                      fail_fast=fail_fast)
     counts = result.to_dict()
     failed = counts.pop("failed_shards")
-    ds.card.finish_entry(entry, counts, capcurate_version=__version__, device=device,
+    ds.card.finish_entry(entry, counts, capcurate_version=__version__, device=job.device, workers=job.workers,
                          batch_size=job._batch or batch_size, batch_size_note=job.batch_note,
                          oom_backoffs=job._state.get("oom_backoffs", 0))
     seconds = time.time() - t0

@@ -96,6 +96,12 @@ class Captioner(ABC):
     def preprocess(self) -> Any:
         """PIL image -> tensor; runs in DataLoader workers, so it must be picklable."""
 
+    @property
+    def image_spec(self) -> Any:
+        """The preprocessing as a ``capcurate.inputs.ImageSpec`` (fast tensor path), or None to run
+        ``preprocess`` on each PIL image."""
+        return None
+
     @abstractmethod
     def caption(self, pixels: Any, config: DecodingConfig) -> list[list[str]]:
         """``num_captions`` clean captions for each image of a preprocessed batch."""
