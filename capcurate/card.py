@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,12 +47,54 @@ def normalise_params(params: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(params, sort_keys=True, default=str))
 
 
+# lineage entries this process started and has not finished: entry id -> the starting thread's ident
+_RUNNING: dict[str, int] = {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def may_be_running(entry: dict[str, Any]) -> bool:
+    """Whether the run behind an unfinished lineage entry may still be writing (False once it is known over).
+
+    A finished entry is over. An unfinished one from this host is over when its process is gone (the id
+    carries the pid), or, from this very process, when the thread that started it is the one asking now
+    (that call raised before finishing) or is gone. Entries from other hosts cannot be checked: they
+    count as running.
+    """
+    if entry.get("finished") is not None:
+        return False
+    parts = str(entry.get("id", "")).rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or entry.get("host") != platform.node():
+        return True
+    pid = int(parts[1])
+    if pid != os.getpid():
+        return _pid_alive(pid)
+    owner = _RUNNING.get(entry["id"])
+    if owner is None or owner == threading.get_ident():
+        return False
+    return any(t.ident == owner for t in threading.enumerate())
+
+
+def _differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
 class Card:
     """Read-modify-write access to ``capcurate.json`` under a file lock (several processes, one card)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.path = self.root / CARD_NAME
+        # (family, name) -> what claim_output saw: ids of all entries of that name, and of the void ones
+        self._claims: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -73,28 +116,30 @@ class Card:
         return card
 
     @contextlib.contextmanager
-    def editing(self) -> Iterator[dict[str, Any]]:
-        """Lock, read, let the caller mutate the dict, write atomically, unlock."""
+    def locked(self) -> Iterator[None]:
+        """Hold the card's file lock (other processes' ``editing`` and ``claim_output`` wait)."""
         lock_path = self.root / ".capcurate.lock"
         with open(lock_path, "a+") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
-                card = self.read()
-                yield card
-                atomic.write_json(self.path, card)
+                yield
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def editing(self) -> Iterator[dict[str, Any]]:
+        """Lock, read, let the caller mutate the dict, write atomically, unlock."""
+        with self.locked():
+            card = self.read()
+            yield card
+            atomic.write_json(self.path, card)
 
     def create(self, sources: list[dict[str, Any]] | None = None) -> None:
         atomic.write_json(self.path, new_card(sources))
 
     # -- lineage -----------------------------------------------------------------------------------
     def lineage(self, family: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
-        entries = self.read().get("lineage", [])
-        return [
-            e for e in entries
-            if (family is None or e.get("family") == family) and (name is None or e.get("name") == name)
-        ]
+        return _select(self.read().get("lineage", []), family, name)
 
     def claim_output(
         self, family: str, name: str, params: dict[str, Any], *, overwrite: bool, exists: bool
@@ -102,10 +147,17 @@ class Card:
         """Decide what a stage run writing ``family/name`` may do; returns 'new', 'resume' or 'overwrite'.
 
         Same parameters as the last run of that name: resume (finished shards are skipped). Other
-        parameters: refused unless ``overwrite``; the caller then deletes the old outputs.
+        parameters: refused unless ``overwrite``; the caller then deletes the old outputs. A run that
+        wrote nothing (``exists`` is false) and is over (finished, or its process gone) does not hold the
+        name: with other parameters the claim is 'new' and ``start_entry`` replaces its entries.
+
+        The card is read under its lock, and ``start_entry`` (same Card, same family/name) checks again
+        under the lock that no run with other parameters took the name in between.
         """
         params = normalise_params(params)
-        previous = self.lineage(family, name)
+        with self.locked():
+            previous = _select(self.read().get("lineage", []), family, name)
+        self._claims[(family, name)] = ({e["id"] for e in previous}, set())
         if not previous and not exists:
             return "new"
         if overwrite:
@@ -115,11 +167,15 @@ class Card:
                 f"{family}/{name} exists but has no lineage entry; pass --overwrite to replace it"
             )
         last = previous[-1]
+        if last.get("parameters") != params and not exists:
+            # nothing was written: only a run that may still be writing holds the name
+            held = [e for e in previous if may_be_running(e)]
+            if not held:
+                self._claims[(family, name)] = ({e["id"] for e in previous}, {e["id"] for e in previous})
+                return "new"
+            last = held[-1]
         if last.get("parameters") != params:
-            changed = sorted(
-                k for k in set(params) | set(last.get("parameters", {}))
-                if params.get(k) != last.get("parameters", {}).get(k)
-            )
+            changed = _differing(params, last.get("parameters", {}))
             raise OutputExistsError(
                 f"{family}/{name} was made with other parameters (differs in: {', '.join(changed)}); "
                 "choose another --name or pass --overwrite"
@@ -148,15 +204,28 @@ class Card:
             "finished": None,
             "counts": {},
         }
+        claim = self._claims.pop((family, name), None) if family is not None and name is not None else None
         with self.editing() as card:
             if replace:
                 card["lineage"] = [
                     e for e in card["lineage"] if not (e.get("family") == family and e.get("name") == name)
                 ]
+            elif claim is not None:
+                seen, void = claim
+                card["lineage"] = [e for e in card["lineage"] if e.get("id") not in void]
+                for e in _select(card["lineage"], family, name):
+                    if e.get("id") not in seen and e.get("parameters") != entry["parameters"]:
+                        changed = _differing(entry["parameters"], e.get("parameters", {}))
+                        raise OutputExistsError(
+                            f"{family}/{name} was just claimed by another run with other parameters "
+                            f"(differs in: {', '.join(changed)}); choose another --name or pass --overwrite"
+                        )
             card["lineage"].append(entry)
+        _RUNNING[entry_id] = threading.get_ident()
         return entry_id
 
     def finish_entry(self, entry_id: str, counts: dict[str, Any], **extra: Any) -> None:
+        _RUNNING.pop(entry_id, None)
         with self.editing() as card:
             for e in card["lineage"]:
                 if e["id"] == entry_id:
@@ -169,3 +238,10 @@ class Card:
         with self.editing() as card:
             if source not in card["sources"]:
                 card["sources"].append(source)
+
+
+def _select(entries: list[dict[str, Any]], family: str | None, name: str | None) -> list[dict[str, Any]]:
+    return [
+        e for e in entries
+        if (family is None or e.get("family") == family) and (name is None or e.get("name") == name)
+    ]

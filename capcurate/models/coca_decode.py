@@ -123,7 +123,8 @@ class CocaIncrementalDecoder:
             x = self._self_block(blk, x, n_text + j)
             x = self._cross_block(cross, x, j)
         out = dec.ln_final(x[:, -1:])
-        return (out @ dec.text_projection)[:, -1]
+        # open_clip's precision='bf16'/'fp16' leaves this parameter float32 (load_openclip aligns it)
+        return (out @ dec.text_projection.to(out.dtype))[:, -1]
 
     def _self_block(self, blk: torch.nn.Module, x: torch.Tensor, slot: int) -> torch.Tensor:
         hd = _Heads(blk.attn)

@@ -30,6 +30,62 @@ class OpenClipBundle:
     model_cfg: dict[str, Any]
 
 
+_CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+_WEIGHTED = (*_CONVS, torch.nn.Linear)
+
+
+def input_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a tower's pixel input must have: that of the first layer that consumes it.
+
+    A model made with ``precision='bf16'/'fp16'`` is not uniformly low precision: open_clip converts
+    only convolutions, linear layers, attention projections and a few projection parameters, and keeps
+    class/positional embeddings, LayerNorms (and a CoCa decoder's ``text_projection``) in float32; a
+    transformers model may keep ``_keep_in_fp32_modules``. So ``next(model.parameters()).dtype`` says
+    nothing about the input: ask the patch/stem convolution (ViT ``conv1``, ResNet stem, timm's first
+    conv or linear layer, transformers' patch embedding), found as the first such layer in module order.
+    """
+    stem = getattr(module, "conv1", None)
+    if isinstance(stem, _WEIGHTED):
+        return stem.weight.dtype
+    # a convolution first: in a whole dual encoder a text tower's linear layers may come before it
+    for kinds in (_CONVS, _WEIGHTED):
+        for m in module.modules():
+            if isinstance(m, kinds) and m.weight.is_floating_point():
+                return m.weight.dtype
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def align_low_precision(model: torch.nn.Module) -> None:
+    """Give the parameters open_clip's ``precision=`` conversion forgets the dtype of their layers.
+
+    open_clip 3.3 converts ``text_projection`` of CLIP and TextTransformer but not that of CoCa's
+    MultimodalTransformer, nor the learned ``query`` of an AttentionalPooler (CoCa's image tower), nor
+    the ``cls_emb`` a CoCa text tower appends (``torch.cat`` then promotes the tokens to float32); their
+    forwards then mix low-precision activations with float32 matrices (a dtype error). Each is matched
+    to the dtype of the linear layers beside it; LayerNorms and embeddings stay float32 as open_clip means.
+    """
+    from open_clip.transformer import AttentionalPooler, MultimodalTransformer, TextTransformer
+
+    forgotten = {AttentionalPooler: "query", MultimodalTransformer: "text_projection", TextTransformer: "cls_emb"}
+    for m in model.modules():
+        attr = forgotten.get(type(m))
+        p = getattr(m, attr, None) if attr else None
+        if isinstance(p, torch.nn.Parameter) and p.is_floating_point():
+            want = input_dtype(m)
+            if p.dtype != want:
+                p.data = p.data.to(want)
+
+
+def open_clip_preprocess_cfg(model: torch.nn.Module) -> dict[str, Any]:
+    """The eval preprocessing open_clip attached to ``model`` (size, mean/std, interpolation, resize mode)."""
+    import open_clip
+
+    return dict(open_clip.get_model_preprocess_cfg(model))
+
+
 def _register_config_file(path: Path) -> str:
     import open_clip
 
@@ -75,6 +131,8 @@ def load_openclip(ref: ModelRef, *, device: str | torch.device = "cpu", precisio
         hint = " (offline: no weights can be downloaded; pass a local file with --pretrained)" \
             if "offline" in msg.lower() or "connect" in msg.lower() or "hub" in msg.lower() else ""
         raise ModelLoadError(f"cannot load {ref.text}: {msg}{hint}") from None
+    if precision in ("bf16", "fp16", "pure_bf16", "pure_fp16"):
+        align_low_precision(model)
     model.eval()
     return OpenClipBundle(model, preprocess, preprocess_train, tokenizer, name, cfg)
 

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
+from ..inputs.spec import from_hf, from_openclip
+from .openclip_loader import input_dtype, open_clip_preprocess_cfg
 from .ref import ModelRef, parse_model_ref
 
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -33,6 +35,10 @@ class Scorer:
     model: dict[str, Any] = field(default_factory=dict)  # lineage: reference, backend, architecture
     # smallest (width, height) preprocessing needs; lets JPEGs decode at a reduced scale (images.decode_image)
     input_size: tuple[int, int] | None = None
+    # the same preprocessing as data (capcurate.inputs.ImageSpec): decode workers and the GPU replay it;
+    # None when the model's processor has steps a spec cannot express (then ``preprocess`` runs per image)
+    spec: Any = None
+    input_dtype: torch.dtype = torch.float32  # what encode_images wants its pixels in (cast on the device)
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +67,7 @@ def _openclip_scorer(ref: ModelRef, device: str, precision: str) -> Scorer:
     model, tokenizer = bundle.model, bundle.tokenizer
     if not hasattr(model, "encode_text") or not hasattr(model, "encode_image"):
         raise ModelLoadError(f"{ref.text} is not a CLIP-style open_clip model (no encode_image/encode_text)")
-    dtype = next(model.parameters()).dtype
+    dtype = input_dtype(getattr(model, "visual", model))  # low precision leaves some parameters fp32
 
     @torch.inference_mode()
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
@@ -77,7 +83,8 @@ def _openclip_scorer(ref: ModelRef, device: str, precision: str) -> Scorer:
         size = (size, size)
     return Scorer(bundle.preprocess, encode_images, encode_texts, embed_dim, "open_clip",
                   {**ref.describe(), "backend": "open_clip", "architecture": bundle.model_name,
-                   "precision": precision}, tuple(size) if size else None)
+                   "precision": precision}, tuple(size) if size else None,
+                  spec=from_openclip(open_clip_preprocess_cfg(model)), input_dtype=dtype)
 
 
 # -- transformers ----------------------------------------------------------------------------------
@@ -120,7 +127,7 @@ def _hf_scorer(ref: ModelRef, device: str, precision: str) -> Scorer:
     # SigLIP was trained on text padded to the full length; CLIP pools at EOS, so padding is harmless
     siglip_like = "siglip" in model.config.model_type
     padding = "max_length" if siglip_like else True
-    dtype = next(model.parameters()).dtype
+    dtype = input_dtype(getattr(model, "vision_model", model))  # the patch embedding's, not the first parameter's
 
     @torch.inference_mode()
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
@@ -138,7 +145,8 @@ def _hf_scorer(ref: ModelRef, device: str, precision: str) -> Scorer:
     proj = getattr(model.config, "projection_dim", None) or getattr(text_cfg, "hidden_size", 0)
     return Scorer(_HFImageTransform(image_processor), encode_images, encode_texts, int(proj), "transformers",
                   {**ref.describe(), "backend": "transformers", "architecture": type(model).__name__,
-                   "precision": precision}, _hf_input_size(image_processor))
+                   "precision": precision}, _hf_input_size(image_processor),
+                  spec=from_hf(image_processor), input_dtype=dtype)
 
 
 def _hf_input_size(image_processor: Any) -> tuple[int, int] | None:

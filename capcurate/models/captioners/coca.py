@@ -30,7 +30,7 @@ class CocaCaptioner(Captioner):
     backend = "openclip-coca"
 
     def __init__(self, ref: ModelRef, *, device: str = "cpu", dtype: str = "fp32", use_cache: bool = True):
-        from ..openclip_loader import load_openclip
+        from ..openclip_loader import input_dtype, load_openclip
 
         bundle = load_openclip(ref, device=device, precision=PRECISIONS[dtype])
         if not hasattr(bundle.model, "text_decoder"):
@@ -42,7 +42,7 @@ class CocaCaptioner(Captioner):
         self.bundle = bundle
         self.model = bundle.model
         self.device = torch.device(device)
-        self.dtype = next(self.model.visual.parameters()).dtype
+        self.dtype = input_dtype(self.model.visual)  # the patch conv's: low precision keeps some fp32
         self.tokenizer = bundle.tokenizer
         self.special = _special_tokens(self.tokenizer, getattr(self.model, "pad_id", 0))
         self.use_cache = use_cache
@@ -50,6 +50,13 @@ class CocaCaptioner(Captioner):
     @property
     def preprocess(self) -> Any:
         return self.bundle.preprocess
+
+    @property
+    def image_spec(self) -> Any:
+        from ...inputs.spec import from_openclip
+        from ..openclip_loader import open_clip_preprocess_cfg
+
+        return from_openclip(open_clip_preprocess_cfg(self.model))
 
     def prompt_ids(self, prompt: str | None) -> list[int]:
         if not prompt:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ...errors import ModelLoadError
+from ..openclip_loader import input_dtype
 from ..ref import ModelRef
 from .base import Captioner, DecodingConfig, clean_caption
 
@@ -80,8 +81,8 @@ class HFCaptioner(Captioner):
         self.config, model, self.processor = load_hf_parts(ref.name, dtype=dtype,
                                                            trust_remote_code=trust_remote_code)
         self.device = torch.device(device)
-        self.dtype = TORCH_DTYPES[dtype]
         self.model = model.to(self.device).eval()
+        self.dtype = input_dtype(self.model)  # the patch embedding's (fp32-kept modules can come first)
         self.model_type = getattr(self.config, "model_type", "")
         self.tokenizer = self.processor.tokenizer
         self._transform = HFImageTransform(self.processor.image_processor)
@@ -90,6 +91,12 @@ class HFCaptioner(Captioner):
     @property
     def preprocess(self) -> Any:
         return self._transform
+
+    @property
+    def image_spec(self) -> Any:
+        from ...inputs.spec import from_hf
+
+        return from_hf(self.processor.image_processor)
 
     def prompt_inputs(self, prompt: str | None) -> dict[str, torch.Tensor]:
         """Token inputs for one image (repeated per batch); empty when the model starts on its own."""
