@@ -75,3 +75,17 @@ def tiny_dataset(tmp_path: Path) -> Path:
     samples.append({"caption": "truncated", "image": make_image_bytes(99)[:200]})
     samples.append({"caption": "dead link", "status": "failed_to_download", "error_message": "HTTP 404"})
     return build_dataset(tmp_path / "ds", samples, per_shard=8)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``@pytest.mark.gpu`` tests where no CUDA device is visible (torch is imported only if one is marked)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="gpu: needs CUDA (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)

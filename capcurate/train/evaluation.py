@@ -126,7 +126,13 @@ def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size
     t0 = time.time()
     eval_set = open_eval_set(data)
     scorer = load_scorer(model, pretrained=pretrained, device=device, precision=precision)
-    results = evaluate_encoders(eval_set, scorer.preprocess, scorer.encode_images, scorer.encode_texts,
+    # bf16/fp16 models keep some parameters fp32: pixels go in the dtype of the layer that takes them
+    pixel_dtype = getattr(scorer, "input_dtype", None)
+
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+        return scorer.encode_images(pixels if pixel_dtype is None else pixels.to(pixel_dtype))
+
+    results = evaluate_encoders(eval_set, scorer.preprocess, encode_images, scorer.encode_texts,
                                 batch_size=batch_size, model_name=model)
     if pretrained:
         for r in results:
