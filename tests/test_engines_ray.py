@@ -29,7 +29,7 @@ def test_score_on_ray_actors_equals_local_engine(tmp_path, ray_cluster):
     remote = tmp_path / "remote"
     shutil.copytree(local, remote)
 
-    common = dict(pretrained=str(weights), name="tiny", batch_size=4, num_workers=0)
+    common = dict(pretrained=str(weights), name="tiny", batch_size=4, workers=0)
     score(local, f"openclip:{cfg}", **common)
     summary = score(remote, f"openclip:{cfg}", engine="ray", num_actors=2, **common)
 

@@ -12,7 +12,6 @@ from capcurate import atomic
 from capcurate.dataset import Dataset
 from capcurate.engines import parse_part, run_job, select_part
 from capcurate.errors import InputError, OutputExistsError
-from capcurate.imageloader import iter_image_batches
 from capcurate.shards import index_tar, iter_samples, split_member_name
 
 
@@ -72,19 +71,6 @@ def test_truncated_tar_yields_readable_prefix(tiny_dataset, tmp_path):
 def test_split_member_name_follows_webdataset():
     assert split_member_name("a/b/000.jpg") == ("a/b/000", "jpg")
     assert split_member_name("k.seg.PNG") == ("k", "seg.png")
-
-
-def test_image_batches_skip_bad_images(tiny_dataset):
-    import torchvision.transforms.functional as F
-
-    ds = Dataset(tiny_dataset)
-    rows = ds.connect().execute(
-        "SELECT uid, key FROM manifest WHERE shard='00002' AND status='success' ORDER BY key").fetchall()
-    batches = list(iter_image_batches(ds.shard_path("00002"), rows, F.to_tensor, batch_size=4, num_workers=0))
-    ok = sum(len(b.uids) for b in batches)
-    failed = [r for b in batches for r in b.failed]
-    assert ok + len(failed) == len(rows) and len(failed) == 2
-    assert all("corrupt" in reason or "not an image" in reason for _, reason in failed)
 
 
 class _CountJob:

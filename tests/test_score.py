@@ -84,14 +84,14 @@ def direct_openclip_scores(ds_root, cfg, weights, rows_):
 
 def test_score_equals_direct_open_clip_computation(scored_dataset, tiny_openclip):
     cfg, weights = tiny_openclip
-    summary = score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), num_workers=0,
+    summary = score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), workers=0,
                     batch_size=5)
     assert summary.ok and summary.counts["shards_processed"] == 3
     got = rows(scored_dataset)
     want = direct_openclip_scores(scored_dataset, cfg, weights, got)
     assert len(want) == 16
     for uid, s in want.items():
-        assert got[uid]["score_tiny_raw"] == pytest.approx(s, abs=1e-5)
+        assert got[uid]["score_tiny_raw"] == pytest.approx(s, abs=1e-3)  # tensor resize vs PIL: within the stated 1e-3
 
 
 def test_score_equals_direct_transformers_clip_computation(scored_dataset, tiny_hf_clip):
@@ -99,7 +99,7 @@ def test_score_equals_direct_transformers_clip_computation(scored_dataset, tiny_
     from PIL import Image
     from transformers import CLIPModel, CLIPProcessor
 
-    summary = score(scored_dataset, f"hf:{tiny_hf_clip}", "hfclip", num_workers=0, batch_size=4)
+    summary = score(scored_dataset, f"hf:{tiny_hf_clip}", "hfclip", workers=0, batch_size=4)
     assert summary.ok
     got = rows(scored_dataset, "hfclip")
     model = CLIPModel.from_pretrained(tiny_hf_clip).eval()
@@ -121,7 +121,7 @@ def test_score_equals_direct_transformers_clip_computation(scored_dataset, tiny_
 
 def test_failed_images_and_empty_captions_get_null_scores(scored_dataset, tiny_openclip):
     cfg, weights = tiny_openclip
-    score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), num_workers=0)
+    score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), workers=0)
     got = list(rows(scored_dataset).values())
     assert len(got) == 20
     by_caption = {r["caption"]: r for r in got}
@@ -135,21 +135,21 @@ def test_failed_images_and_empty_captions_get_null_scores(scored_dataset, tiny_o
 
 def test_score_resumes_after_kill(scored_dataset, tiny_openclip, monkeypatch):
     cfg, weights = tiny_openclip
-    real = ScoreJob.process
+    real = ScoreJob._finish_shard
 
-    def killed_on_second_shard(self, shard_id):
-        if shard_id == "00001":
+    def killed_on_second_shard(self, state):
+        if state["sid"] == "00001":
             raise KeyboardInterrupt
-        return real(self, shard_id)
+        return real(self, state)
 
-    monkeypatch.setattr(ScoreJob, "process", killed_on_second_shard)
+    monkeypatch.setattr(ScoreJob, "_finish_shard", killed_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), num_workers=0)
-    monkeypatch.setattr(ScoreJob, "process", real)
+        score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), workers=0)
+    monkeypatch.setattr(ScoreJob, "_finish_shard", real)
     out = Dataset(scored_dataset).family_dir("scores", "tiny")
     assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet"]
     first = pq.read_table(out / "00000.parquet")
-    summary = score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), num_workers=0)
+    summary = score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), workers=0)
     assert summary.counts["shards_skipped"] == 1 and summary.counts["shards_processed"] == 2
     assert pq.read_table(out / "00000.parquet").equals(first)
     assert len(rows(scored_dataset)) == 20
@@ -158,10 +158,10 @@ def test_score_resumes_after_kill(scored_dataset, tiny_openclip, monkeypatch):
 def test_other_parameters_refused_unless_overwrite(scored_dataset, tiny_openclip):
     cfg, weights = tiny_openclip
     ref = f"openclip:{cfg}"
-    score(scored_dataset, ref, "tiny", pretrained=str(weights), num_workers=0)
+    score(scored_dataset, ref, "tiny", pretrained=str(weights), workers=0)
     with pytest.raises(OutputExistsError, match="num_captions"):
-        score(scored_dataset, ref, "tiny", pretrained=str(weights), num_workers=0, num_captions=3)
-    s = score(scored_dataset, ref, "tiny", pretrained=str(weights), num_workers=0, num_captions=3,
+        score(scored_dataset, ref, "tiny", pretrained=str(weights), workers=0, num_captions=3)
+    s = score(scored_dataset, ref, "tiny", pretrained=str(weights), workers=0, num_captions=3,
               overwrite=True)
     assert s.counts["shards_processed"] == 3
     entries = Dataset(scored_dataset).card.lineage("scores", "tiny")
@@ -189,11 +189,11 @@ def add_captions(ds_root, name, shard, n_caps=3):
 def test_new_caption_column_scores_only_what_is_missing(scored_dataset, tiny_openclip):
     cfg, weights = tiny_openclip
     ref = f"openclip:{cfg}"
-    score(scored_dataset, ref, "tiny", pretrained=str(weights), num_workers=0, num_captions=3,
+    score(scored_dataset, ref, "tiny", pretrained=str(weights), workers=0, num_captions=3,
           save_embeddings=True)
     before = rows(scored_dataset)
     uids, caps = add_captions(scored_dataset, "blip", "00000")
-    s = score(scored_dataset, ref, "tiny", pretrained=str(weights), num_workers=0, num_captions=3,
+    s = score(scored_dataset, ref, "tiny", pretrained=str(weights), workers=0, num_captions=3,
               save_embeddings=True)
     # only shard 00000 has blip captions; its images came from the saved embeddings, not the tar
     assert s.counts["shards_processed"] == 1 and s.counts["shards_skipped"] == 2
@@ -221,14 +221,14 @@ def test_new_caption_column_scores_only_what_is_missing(scored_dataset, tiny_ope
     assert r["best_tiny_blip"] == (0 if direct[0] >= direct[1] else 2)
     assert after[uids[1]]["score_tiny_blip"] is None and after[uids[1]]["scores_tiny_blip"] is None
     assert "score_tiny_blip" in Dataset(scored_dataset).columns("samples")
-    s2 = score(scored_dataset, ref, "tiny", pretrained=str(weights), num_workers=0, num_captions=3,
+    s2 = score(scored_dataset, ref, "tiny", pretrained=str(weights), workers=0, num_captions=3,
                save_embeddings=True)
     assert s2.counts["shards_skipped"] == 3
 
 
 def test_save_embeddings_are_normalised_float16_in_uid_order(scored_dataset, tiny_openclip):
     cfg, weights = tiny_openclip
-    score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), num_workers=0,
+    score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), workers=0,
           save_embeddings=True)
     d = Dataset(scored_dataset).family_dir("embeddings", "tiny")
     order = pq.read_table(d / "00002.uids.parquet").column("uid").to_pylist()
@@ -268,16 +268,16 @@ def test_score_cli_reports_unknown_column_and_bad_model(scored_dataset, tmp_path
     assert res.exit_code == 4 and "holds no model" in res.output
 
 
-def test_large_jpegs_decode_at_reduced_scale_unless_exact(tmp_path, tiny_openclip):
+def test_default_decode_within_1e3_of_the_models_own_preprocessing_and_draft_is_opt_in(tmp_path, tiny_openclip):
     cfg, weights = tiny_openclip
     samples = [{"caption": f"a large photo {i}", "image": make_image_bytes(i, size=(256, 192))} for i in range(4)]
     root = build_dataset(tmp_path / "big", samples, per_shard=4)
     ref = f"openclip:{cfg}"
-    score(root, ref, "exact", pretrained=str(weights), num_workers=0, exact_decode=True)
-    score(root, ref, "fast", pretrained=str(weights), num_workers=0)
+    score(root, ref, "exact", pretrained=str(weights), workers=0)
+    score(root, ref, "fast", pretrained=str(weights), workers=0, decode="draft")
     exact, fast = rows(root, "exact"), rows(root, "fast")
-    direct = direct_openclip_scores(root, cfg, weights, exact)
+    direct = direct_openclip_scores(root, cfg, weights, exact)  # PIL + open_clip's own transform
     for uid, s in direct.items():
-        assert exact[uid]["score_exact_raw"] == pytest.approx(s, abs=1e-5)
+        assert exact[uid]["score_exact_raw"] == pytest.approx(s, abs=1e-3)
     diffs = [abs(fast[u]["score_fast_raw"] - exact[u]["score_exact_raw"]) for u in exact]
     assert max(diffs) > 1e-6 and max(diffs) < 0.05  # drafted decode: close, not identical

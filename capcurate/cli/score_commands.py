@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from .app import ENGINE_HELP, JSON_HELP, PART_HELP, app, run_command
+from .app import (
+    DECODE_HELP,
+    DEVICE_HELP,
+    ENGINE_HELP,
+    JSON_HELP,
+    PART_HELP,
+    PRECISION_HELP,
+    WORKERS_HELP,
+    app,
+    run_command,
+)
 
 
 @app.command()
@@ -26,16 +36,15 @@ def score(
     num_captions: int = typer.Option(1, "--num-captions", help=(
         "Score up to this many captions per sample of a recaption run with several; adds "
         "scores_<name>_<source> (list) and best_<name>_<source> (0-based index of the best).")),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images (and texts) per forward pass."),
-    num_workers: int = typer.Option(2, "--num-workers", help="DataLoader processes decoding images (0: in process)."),
-    device: str = typer.Option("cpu", "--device", help="Torch device, e.g. cpu, cuda, cuda:1."),
-    precision: str = typer.Option("fp32", "--precision", help="Model weights precision: fp32, fp16 or bf16."),
+    batch_size: str = typer.Option("auto", "--batch-size", help=(
+        "Images (and texts) per forward pass, or auto: 256 on a GPU, 64 on the CPU.")),
+    workers: str = typer.Option("auto", "--workers", help=WORKERS_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    decode: str = typer.Option("auto", "--decode", help=DECODE_HELP),
     save_embeddings: bool = typer.Option(False, "--save-embeddings", help=(
         "Also keep L2-normalised float16 image and text embeddings in embeddings/<name>/ (for dedup or "
         "clustering, and so a caption column added later reuses the image embeddings).")),
-    exact_decode: bool = typer.Option(False, "--exact-decode", help=(
-        "Decode JPEGs at full size. By default the decoder scales large JPEGs down (by 1/2 to 1/8, never below "
-        "the model's input size) before the model's own resize: several times faster, scores differ by ~1e-3.")),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
     part: str = typer.Option(None, "--part", help=PART_HELP),
     num_actors: int = typer.Option(None, "--num-actors", help="Ray actors (default: one per GPU, else per CPU)."),
@@ -53,9 +62,9 @@ def score(
         from ..stages.score import score as run
 
         return run(dataset, model, name, pretrained=pretrained, captions=captions, num_captions=num_captions,
-                   batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+                   batch_size=batch_size, workers=workers, device=device, precision=precision, decode=decode,
                    save_embeddings=save_embeddings, engine=engine, part=part, overwrite=overwrite,
-                   num_actors=num_actors, exact_decode=exact_decode)
+                   num_actors=num_actors)
 
     run_command(go, json_out=json)
 

@@ -14,10 +14,7 @@ embedded, and the image embeddings are read back from ``embeddings/<name>/`` whe
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,10 @@ from ..errors import InputError
 from ..summary import Summary
 
 RAW = "raw"
+# --batch-size auto: a ViT-L/14 in bf16 is past its best throughput at 256 images and far from memory
+# limits on any current GPU; on the CPU larger batches only add latency
+GPU_BATCH_SIZE = 256
+CPU_BATCH_SIZE = 64
 
 
 def score_column(name: str, source: str) -> str:
@@ -70,21 +71,6 @@ def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str]):
     return np.load(img).astype(np.float32), table.column("error").to_pylist()
 
 
-@contextlib.contextmanager
-def model_threads(device: str, num_workers: int) -> Iterator[None]:
-    """On CPU, leave the decoding workers their cores: torch's default of one thread per core makes its
-    OpenMP threads spin against the workers, which is ten times slower on a busy small machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    if device == "cpu" and num_workers > 0:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - num_workers))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # -- the per-shard job -----------------------------------------------------------------------------
 @dataclass
 class ScoreJob:
@@ -96,12 +82,12 @@ class ScoreJob:
     pretrained: str | None
     sources: list[str]
     num_captions: int = 1
-    batch_size: int = 64
-    num_workers: int = 2
-    device: str = "cpu"
-    precision: str = "fp32"
+    batch_size: int | str = "auto"
+    workers: int | str = "auto"
+    device: str = "auto"
+    precision: str = "auto"
     save_embeddings: bool = False
-    exact_decode: bool = False
+    decode: str = "auto"
     scorer: Any = field(default=None, repr=False)
 
     @property
@@ -131,34 +117,29 @@ class ScoreJob:
 
     def setup(self) -> None:
         if self.scorer is None:
+            from ..devices import resolve_decode, resolve_device, resolve_precision, resolve_workers
             from ..models.scorers import load_scorer
 
+            # resolved here, not on the driver: a Ray actor may sit on another kind of machine
+            self.device = resolve_device(self.device)
+            self.precision = resolve_precision(self.precision, self.device)
+            self.workers = resolve_workers(self.workers)
+            self.decode = resolve_decode(self.decode, self.device)
+            if self.batch_size == "auto":
+                self.batch_size = GPU_BATCH_SIZE if self.device.startswith("cuda") else CPU_BATCH_SIZE
             self.scorer = load_scorer(self.model, pretrained=self.pretrained, device=self.device,
                                       precision=self.precision)
 
     # -- images --------------------------------------------------------------------------------
-    def _embed_images(self, shard_id: str, keys: list[str], status: list[str | None]):
-        """(embeddings [n, d] float32, zero rows where failed; error per row or None)."""
-        from ..imageloader import iter_image_batches
+    def _stream(self, works: list[Any]) -> Any:
+        from ..inputs import ImageStream, Preprocess
 
-        n = len(keys)
-        emb = np.zeros((n, self.scorer.embed_dim), np.float32)
-        errors: list[str | None] = [None if s == "success" else f"not downloaded: {s}" for s in status]
-        # the row index is the id the loader echoes back, so duplicate uids cannot collide
-        entries = [(str(i), keys[i]) for i in range(n) if status[i] == "success"]
-        if not entries:
-            return emb, errors
-        draft = None if self.exact_decode else self.scorer.input_size
-        for batch in iter_image_batches(self.ds.shard_path(shard_id), entries, self.scorer.preprocess,
-                                        batch_size=self.batch_size, num_workers=self.num_workers, draft=draft):
-            for rid, reason in batch.failed:
-                errors[int(rid)] = reason
-            if batch.uids:
-                out = self.scorer.encode_images(batch.pixels).numpy()
-                if emb.shape[1] != out.shape[1]:  # embed_dim unknown from the config
-                    emb = np.zeros((n, out.shape[1]), np.float32)
-                emb[[int(r) for r in batch.uids]] = out
-        return emb, errors
+        sc = self.scorer
+        return ImageStream(works, Preprocess(sc.spec, sc.preprocess), batch_size=int(self.batch_size),
+                           workers=self.workers, device=self.device, dtype=sc.input_dtype, decode=self.decode)
+
+    def _encode_batch(self, pixels: Any) -> np.ndarray:
+        return self.scorer.encode_images(pixels).numpy()
 
     # -- texts ---------------------------------------------------------------------------------
     def _embed_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
@@ -184,11 +165,63 @@ class ScoreJob:
         return first, [(lists.get(u) or [])[: self.num_captions] for u in uids]
 
     def process(self, shard_id: str) -> dict[str, int]:
-        with model_threads(self.device, self.num_workers):
-            return self._process(shard_id)
+        for _, outcome in self.process_many([shard_id]):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        raise RuntimeError(f"shard {shard_id} produced no result")
 
-    def _process(self, shard_id: str) -> dict[str, int]:
-        import pyarrow as pa
+    def process_many(self, shard_ids: list[str]):
+        """Yield ``(shard_id, counts)`` as each shard's file is written, or ``(shard_id, exception)``.
+
+        Every shard's images go through one ``ImageStream``; a shard's texts are embedded and its file
+        written as soon as its last image batch is back, while the stream prepares the next batches.
+        """
+        from ..devices import model_threads
+
+        self.setup()
+        with model_threads(self.device, self.workers):
+            yield from self._score_shards(shard_ids)
+
+    def _score_shards(self, shard_ids: list[str]):
+        from ..inputs import ShardWork
+
+        works, states = [], []
+        for sid in shard_ids:
+            try:
+                state = self._open_shard(sid)
+            except Exception as e:
+                yield sid, e
+                continue
+            if state["reused"] is not None or not state["entries"]:
+                yield sid, self._guarded_finish(state)
+                continue
+            works.append(ShardWork(sid, self.ds.shard_path(sid), state["entries"]))
+            states.append(state)
+        if not works:
+            return
+        broken: dict[int, BaseException] = {}
+        for batch in self._stream(works):
+            for pos, rid, reason in batch.failed:
+                states[pos]["errors"][int(rid)] = reason
+            if batch.items:
+                try:
+                    out = self._encode_batch(batch.pixels)
+                except Exception as e:  # the shards of this batch fail; the others go on
+                    for pos, _ in batch.items:
+                        broken.setdefault(pos, e)
+                else:
+                    for (pos, rid), row in zip(batch.items, out, strict=True):
+                        st = states[pos]
+                        if st["emb"].shape[1] != out.shape[1]:  # embed_dim unknown from the config
+                            st["emb"] = np.zeros((len(st["uids"]), out.shape[1]), np.float32)
+                        st["emb"][int(rid)] = row
+            for pos in batch.completed:
+                st = states[pos]
+                states[pos] = None  # free the shard's embeddings once written
+                yield st["sid"], broken.pop(pos) if pos in broken else self._guarded_finish(st)
+
+    def _open_shard(self, shard_id: str) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
         manifest = pq.read_table(self.ds.samples_path(shard_id), columns=["uid", "key", "status", "caption"])
@@ -198,20 +231,39 @@ class ScoreJob:
         if previous is not None and previous.column("uid").to_pylist() != uids:
             previous = None  # the manifest changed under us: score everything again
         todo = self.missing_sources(shard_id) if previous is not None else self.available_sources(shard_id)
-
         reused = load_image_embeddings(self.embeddings_dir(), shard_id, uids) if self.save_embeddings else None
+        keys, status = manifest.column("key").to_pylist(), manifest.column("status").to_pylist()
+        errors: list[str | None] = [None if s == "success" else f"not downloaded: {s}" for s in status]
+        # the row number is the id the stream echoes back, so repeated uids cannot collide
+        entries = [(str(i), keys[i]) for i in range(len(keys)) if status[i] == "success"]
+        emb = np.zeros((len(uids), self.scorer.embed_dim or 1), np.float32)
         if reused is not None:
-            img_emb, errors = reused
-        else:
-            img_emb, errors = self._embed_images(shard_id, manifest.column("key").to_pylist(),
-                                                 manifest.column("status").to_pylist())
+            emb, errors = reused
+        return {"sid": shard_id, "uids": uids, "previous": previous, "todo": todo, "reused": reused,
+                "errors": errors, "entries": entries, "emb": emb, "raw": manifest.column("caption").to_pylist()}
+
+    def _guarded_finish(self, state: dict[str, Any]) -> dict[str, int] | BaseException:
+        try:
+            return self._finish_shard(state)
+        except Exception as e:
+            return e
+
+    def _finish_shard(self, state: dict[str, Any]) -> dict[str, int]:
+        shard_id, uids, previous, todo, reused = (state[k] for k in ("sid", "uids", "previous", "todo", "reused"))
+        img_emb, errors = state["emb"], state["errors"]
+        delivered = {int(r) for r, _ in state["entries"]}
+        for i in delivered:  # a row the stream never returned must not pass for a zero embedding
+            if errors[i] is None and not img_emb[i].any() and reused is None:
+                errors[i] = "image was not delivered"
         ok = np.array([e is None for e in errors], bool)
         counts = {"images_scored": int(ok.sum()), "images_failed": int((~ok).sum()), "scores_written": 0,
                   "scores_null": 0, "images_reused": int(len(uids) if reused is not None else 0)}
 
+        import pyarrow as pa
+
         columns: dict[str, pa.Array] = {}
         text_npys: dict[str, np.ndarray] = {}
-        raw = manifest.column("caption").to_pylist()
+        raw = state["raw"]
         for source in todo:
             first, lists = self._source_texts(shard_id, source, uids, raw)
             col, txt = self._score_source(img_emb, ok, first)
@@ -228,7 +280,7 @@ class ScoreJob:
         table = self._merge(previous, uids, columns, errors)
         if self.save_embeddings:
             self._save_embeddings(shard_id, uids, errors, img_emb, text_npys, reused is None)
-        atomic.write_parquet(out, table)  # last: this file marks the shard done
+        atomic.write_parquet(self.output_path(shard_id), table)  # last: this file marks the shard done
         return counts
 
     def _valid(self, text: Any) -> bool:
@@ -302,11 +354,12 @@ class ScoreJob:
 
 # -- the stage driver ------------------------------------------------------------------------------
 def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None = None,
-          captions: str | list[str] | None = None, num_captions: int = 1, batch_size: int = 64,
-          num_workers: int = 2, device: str = "cpu", precision: str = "fp32", save_embeddings: bool = False,
-          engine: str = "local", part: str | None = None, overwrite: bool = False,
-          num_actors: int | None = None, exact_decode: bool = False) -> Summary:
+          captions: str | list[str] | None = None, num_captions: int = 1, batch_size: int | str = "auto",
+          workers: int | str = "auto", device: str = "auto", precision: str = "auto", decode: str = "auto",
+          save_embeddings: bool = False, engine: str = "local", part: str | None = None,
+          overwrite: bool = False, num_actors: int | None = None) -> Summary:
     """Score every image against each selected caption column; writes ``scores/<name>/``."""
+    from ..devices import parse_batch_size, resolve_decode, resolve_device, resolve_precision, resolve_workers
     from ..models.ref import parse_model_ref
 
     t0 = time.time()
@@ -314,8 +367,17 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
     check_name(name, "scorer name")
     if num_captions < 1:
         raise InputError(f"--num-captions must be at least 1, got {num_captions}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    batch_size = parse_batch_size(batch_size)
+    resolve_workers(workers)  # checked here, resolved where the job runs
+    if engine == "ray":  # each actor resolves device and precision on its own machine
+        resolve_decode(decode, "cuda")
+        if precision != "auto":
+            resolve_precision(precision, "cpu")
+        run_device, run_precision = device, precision
+    else:
+        run_device = resolve_device(device)
+        run_precision = resolve_precision(precision, run_device)
+        resolve_decode(decode, run_device)
     sources = resolve_sources(ds, captions)
     ref = parse_model_ref(model, pretrained=pretrained)
     shard_ids = ds.shard_ids()
@@ -323,8 +385,9 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
         raise InputError(f"{ds.root} has no manifest shards (samples/*.parquet): download or ingest first")
 
     # sources are not parameters: adding one later resumes and fills in only the new columns
-    params = {"model": model, "pretrained": pretrained, "precision": precision, "num_captions": num_captions,
-              "save_embeddings": save_embeddings, "exact_decode": exact_decode}
+    # the approximate decode changes scores; which exact decoder (cpu or gpu) ran does not, within 1e-3
+    params = {"model": model, "pretrained": pretrained, "precision": run_precision, "num_captions": num_captions,
+              "save_embeddings": save_embeddings, "draft_decode": decode == "draft"}
     out_dir = ds.family_dir("scores", name)
     exists = out_dir.is_dir() and any(out_dir.glob("*.parquet"))
     mode = ds.card.claim_output("scores", name, params, overwrite=overwrite, exists=exists)
@@ -334,8 +397,8 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
     atomic.clean_stale_temps(out_dir)
     atomic.clean_stale_temps(ds.family_dir("embeddings", name))
 
-    job = ScoreJob(ds.root, name, model, pretrained, sources, num_captions, batch_size, num_workers,
-                   device, precision, save_embeddings, exact_decode)
+    job = ScoreJob(ds.root, name, model, pretrained, sources, num_captions, batch_size, workers,
+                   run_device, run_precision, save_embeddings, decode)
     if engine == "local":
         job.setup()  # a model that cannot load fails here, before a lineage entry is written
     entry = ds.card.start_entry(stage="score", family="scores", name=name, params=params,
@@ -346,7 +409,8 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
     result = run_job(job, shard_ids, engine=engine, part=part, description=f"score {name}", **options)
     counts = result.to_dict()
     failed = counts.pop("failed_shards")
-    ds.card.finish_entry(entry, {k: v for k, v in counts.items()}, sources=sources)
+    ds.card.finish_entry(entry, {k: v for k, v in counts.items()}, sources=sources, device=job.device,
+                         workers=job.workers, batch_size=job.batch_size, decode=job.decode)
     ok = not result.failed
     columns = [score_column(name, s) for s in sources]
     return Summary(
