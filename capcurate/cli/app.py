@@ -42,6 +42,8 @@ WORKERS_HELP = ("Processes reading and decoding images, or auto: one per CPU cor
 DECODE_HELP = ("auto (gpu when the model runs on CUDA, else cpu), gpu (JPEGs decoded in batches by nvJPEG; other "
                "formats on the CPU), cpu (libjpeg-turbo/libpng in the workers) or draft (CPU, JPEGs scaled down "
                "while decoding: faster, pixels differ slightly from the model's own preprocessing).")
+COMPILE_HELP = ("torch.compile the image tower: faster per image on a GPU after tens of seconds of compiling, so "
+                "it pays on large runs.")
 PART_HELP = ("Only shards i, i+N, ... of the sorted list, as i/N with 0 <= i < N (e.g. SLURM array task i "
              "of N); run every part to finish.")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from .app import (
+    COMPILE_HELP,
     DECODE_HELP,
     DEVICE_HELP,
     ENGINE_HELP,
@@ -60,6 +61,7 @@ def recaption(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     decode: str = typer.Option("auto", "--decode", help=DECODE_HELP),
+    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code",
         help="Allow a transformers model to run code shipped with it (only for models you trust)."),
@@ -84,5 +86,5 @@ def recaption(
         min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, num_captions=num_captions,
         length_penalty=length_penalty, prompt=prompt, seed=seed, batch_size=batch_size,
         workers=workers, device=device, precision=precision, decode=decode, trust_remote_code=trust_remote_code,
-        engine=engine, part=part, overwrite=overwrite,
+        engine=engine, part=part, overwrite=overwrite, compile=compile,
     ), json_out=json)

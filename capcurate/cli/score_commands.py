@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from .app import (
+    COMPILE_HELP,
     DECODE_HELP,
     DEVICE_HELP,
     ENGINE_HELP,
@@ -42,6 +43,7 @@ def score(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     decode: str = typer.Option("auto", "--decode", help=DECODE_HELP),
+    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     save_embeddings: bool = typer.Option(False, "--save-embeddings", help=(
         "Also keep L2-normalised float16 image and text embeddings in embeddings/<name>/ (for dedup or "
         "clustering, and so a caption column added later reuses the image embeddings).")),
@@ -64,7 +66,7 @@ def score(
         return run(dataset, model, name, pretrained=pretrained, captions=captions, num_captions=num_captions,
                    batch_size=batch_size, workers=workers, device=device, precision=precision, decode=decode,
                    save_embeddings=save_embeddings, engine=engine, part=part, overwrite=overwrite,
-                   num_actors=num_actors)
+                   num_actors=num_actors, compile=compile)
 
     run_command(go, json_out=json)
 

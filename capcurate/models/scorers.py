@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..inputs.spec import from_hf, from_openclip
+from .compiling import compile_image_tower
 from .openclip_loader import input_dtype, open_clip_preprocess_cfg
 from .ref import ModelRef, parse_model_ref
 
@@ -45,7 +46,7 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
 
 
-def load_scorer(ref: str | ModelRef, *, pretrained: str | None = None, device: str = "cpu",
+def load_scorer(ref: str | ModelRef, *, pretrained: str | None = None, device: str = "cpu", compile: bool = False,
                 precision: str = "fp32") -> Scorer:
     """Resolve a reference (``openclip:...``, ``hf:...``, a run or model directory) into a Scorer."""
     if precision not in PRECISIONS:
@@ -53,18 +54,20 @@ def load_scorer(ref: str | ModelRef, *, pretrained: str | None = None, device: s
     if isinstance(ref, str):
         ref = parse_model_ref(ref, pretrained=pretrained)
     if ref.kind == "openclip":
-        return _openclip_scorer(ref, device, precision)
+        return _openclip_scorer(ref, device, precision, compile)
     if ref.kind == "hf":
-        return _hf_scorer(ref, device, precision)
+        return _hf_scorer(ref, device, precision, compile)
     raise ModelLoadError(f"{ref.text}: no scorer backend for model kind {ref.kind!r}")
 
 
 # -- open_clip -------------------------------------------------------------------------------------
-def _openclip_scorer(ref: ModelRef, device: str, precision: str) -> Scorer:
+def _openclip_scorer(ref: ModelRef, device: str, precision: str, compile: bool = False) -> Scorer:
     from .openclip_loader import load_openclip
 
     bundle = load_openclip(ref, device=device, precision=precision)
     model, tokenizer = bundle.model, bundle.tokenizer
+    if compile:
+        compile_image_tower(model)
     if not hasattr(model, "encode_text") or not hasattr(model, "encode_image"):
         raise ModelLoadError(f"{ref.text} is not a CLIP-style open_clip model (no encode_image/encode_text)")
     dtype = input_dtype(getattr(model, "visual", model))  # low precision leaves some parameters fp32
@@ -103,7 +106,7 @@ def _features(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def _hf_scorer(ref: ModelRef, device: str, precision: str) -> Scorer:
+def _hf_scorer(ref: ModelRef, device: str, precision: str, compile: bool = False) -> Scorer:
     from transformers import AutoModel, AutoProcessor
 
     try:
@@ -118,6 +121,8 @@ def _hf_scorer(ref: ModelRef, device: str, precision: str) -> Scorer:
             "(expected CLIPModel, SiglipModel or another model with get_image_features/get_text_features)"
         )
     model.to(device).eval()
+    if compile:
+        compile_image_tower(model)
     tokenizer = getattr(processor, "tokenizer", None)
     image_processor = getattr(processor, "image_processor", None)
     if tokenizer is None or image_processor is None:

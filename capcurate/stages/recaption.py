@@ -158,6 +158,7 @@ class RecaptionJob:
     precision: str = "auto"
     decode: str = "auto"
     trust_remote_code: bool = False
+    compile: bool = False
     _captioner: Any = field(default=None, repr=False)
     _batch: int = 0
     _state: dict[str, int] = field(default_factory=dict)
@@ -177,7 +178,8 @@ class RecaptionJob:
         self.precision = resolve_precision(self.precision, self.device)
         self.workers = resolve_workers(self.workers)
         self._captioner = load_captioner(self.model, pretrained=self.pretrained, device=self.device,
-                                         dtype=self.precision, trust_remote_code=self.trust_remote_code)
+                                         dtype=self.precision, trust_remote_code=self.trust_remote_code,
+                                         compile=self.compile)
         self._batch, self.batch_note = self._resolve_batch_size()
         self._state = {"chunk": self._batch}
 
@@ -319,6 +321,7 @@ def recaption(
     device: str = "auto",
     precision: str = "auto",
     decode: str = "auto",
+    compile: bool = False,
     trust_remote_code: bool = False,
     engine: str = "local",
     part: str | None = None,
@@ -367,7 +370,7 @@ def recaption(
 
     job = RecaptionJob(str(ds.root), name, model, pretrained, cfg, batch_size=batch_size, workers=workers,
                        device=run_device, precision=run_precision, decode=decode,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, compile=compile)
     model_info: dict[str, Any] = dict(ref.describe())
     todo = select_part(shard_ids, parse_part(part))
     if engine == "local" and any(not job.output_path(s).exists() for s in todo):

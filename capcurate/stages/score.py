@@ -88,6 +88,7 @@ class ScoreJob:
     precision: str = "auto"
     save_embeddings: bool = False
     decode: str = "auto"
+    compile: bool = False
     scorer: Any = field(default=None, repr=False)
 
     @property
@@ -128,7 +129,7 @@ class ScoreJob:
             if self.batch_size == "auto":
                 self.batch_size = GPU_BATCH_SIZE if self.device.startswith("cuda") else CPU_BATCH_SIZE
             self.scorer = load_scorer(self.model, pretrained=self.pretrained, device=self.device,
-                                      precision=self.precision)
+                                      precision=self.precision, compile=self.compile)
 
     # -- images --------------------------------------------------------------------------------
     def _stream(self, works: list[Any]) -> Any:
@@ -357,7 +358,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
           captions: str | list[str] | None = None, num_captions: int = 1, batch_size: int | str = "auto",
           workers: int | str = "auto", device: str = "auto", precision: str = "auto", decode: str = "auto",
           save_embeddings: bool = False, engine: str = "local", part: str | None = None,
-          overwrite: bool = False, num_actors: int | None = None) -> Summary:
+          overwrite: bool = False, num_actors: int | None = None, compile: bool = False) -> Summary:
     """Score every image against each selected caption column; writes ``scores/<name>/``."""
     from ..devices import parse_batch_size, resolve_decode, resolve_device, resolve_precision, resolve_workers
     from ..models.ref import parse_model_ref
@@ -398,7 +399,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
     atomic.clean_stale_temps(ds.family_dir("embeddings", name))
 
     job = ScoreJob(ds.root, name, model, pretrained, sources, num_captions, batch_size, workers,
-                   run_device, run_precision, save_embeddings, decode)
+                   run_device, run_precision, save_embeddings, decode, compile)
     if engine == "local":
         job.setup()  # a model that cannot load fails here, before a lineage entry is written
     entry = ds.card.start_entry(stage="score", family="scores", name=name, params=params,

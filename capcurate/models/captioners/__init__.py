@@ -11,7 +11,7 @@ from .base import DECODINGS, DTYPES, Captioner, DecodingConfig, clean_caption
 
 
 def load_captioner(reference: str, *, pretrained: str | None = None, device: str = "cpu", dtype: str = "fp32",
-                   trust_remote_code: bool = False) -> Captioner:
+                   trust_remote_code: bool = False, compile: bool = False) -> Captioner:
     """Turn a model reference a user typed into a loaded ``Captioner``."""
     from ...errors import InputError
     from ..ref import parse_model_ref
@@ -22,10 +22,10 @@ def load_captioner(reference: str, *, pretrained: str | None = None, device: str
     if ref.kind == "hf":
         from .hf import HFCaptioner
 
-        return HFCaptioner(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        return HFCaptioner(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code, compile=compile)
     from .coca import CocaCaptioner
 
-    return CocaCaptioner(ref, device=device, dtype=dtype)
+    return CocaCaptioner(ref, device=device, dtype=dtype, compile=compile)
 
 
 __all__ = ["DECODINGS", "DTYPES", "Captioner", "DecodingConfig", "clean_caption", "load_captioner"]

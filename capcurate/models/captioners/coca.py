@@ -29,7 +29,8 @@ def _special_tokens(tokenizer: Any, pad_id: int):
 class CocaCaptioner(Captioner):
     backend = "openclip-coca"
 
-    def __init__(self, ref: ModelRef, *, device: str = "cpu", dtype: str = "fp32", use_cache: bool = True):
+    def __init__(self, ref: ModelRef, *, device: str = "cpu", dtype: str = "fp32", use_cache: bool = True,
+                 compile: bool = False):
         from ..openclip_loader import input_dtype, load_openclip
 
         bundle = load_openclip(ref, device=device, precision=PRECISIONS[dtype])
@@ -46,6 +47,11 @@ class CocaCaptioner(Captioner):
         self.tokenizer = bundle.tokenizer
         self.special = _special_tokens(self.tokenizer, getattr(self.model, "pad_id", 0))
         self.use_cache = use_cache
+        if compile:
+            from ..compiling import compile_image_tower
+
+            compile_image_tower(self.model)
+        self.compiled = compile
 
     @property
     def preprocess(self) -> Any:

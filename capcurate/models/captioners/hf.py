@@ -76,13 +76,21 @@ class HFCaptioner(Captioner):
     backend = "transformers"
 
     def __init__(self, ref: ModelRef, *, device: str = "cpu", dtype: str = "fp32",
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, compile: bool = False):
+        from ..attention import use_sdpa
+        from ..compiling import compile_image_tower
+
         self.ref = ref
         self.config, model, self.processor = load_hf_parts(ref.name, dtype=dtype,
                                                            trust_remote_code=trust_remote_code)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.dtype = input_dtype(self.model)  # the patch embedding's (fp32-kept modules can come first)
+        # BLIP's classes have no SDPA: its ViT gets a fused-attention forward (identical results)
+        self.fused_attention = 0
+        if getattr(self.model.config, "_attn_implementation", None) != "sdpa":
+            self.fused_attention = use_sdpa(self.model)
+        self.compiled = compile_image_tower(self.model) if compile else None
         self.model_type = getattr(self.config, "model_type", "")
         self.tokenizer = self.processor.tokenizer
         self._transform = HFImageTransform(self.processor.image_processor)
@@ -166,5 +174,7 @@ class HFCaptioner(Captioner):
             "model_type": self.model_type,
             "resolved_weights": str(local.resolve()) if local.exists() else self.ref.name,
             "revision": getattr(self.config, "_commit_hash", None),
-            "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+            "attn_implementation": "sdpa (capcurate)" if self.fused_attention
+            else getattr(self.model.config, "_attn_implementation", None),
+            "compiled": self.compiled,
         }

@@ -1,0 +1,25 @@
+"""``--compile``: torch.compile the image tower, the one part of a captioner or scorer with fixed shapes.
+
+Generation loops and text encoders see a new sequence length at every step or batch, so compiling
+them recompiles often; an image tower sees [batch, 3, H, W] for every full batch (one more graph for a
+shorter last batch). Compilation costs tens of seconds up front, so it pays on large runs only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# where each family keeps its image tower: open_clip, transformers BLIP/CLIP/SigLIP, BLIP-2/LLaVA-style
+_TOWERS = ("visual", "vision_model", "vision_tower", "vision_encoder")
+
+
+def compile_image_tower(model: torch.nn.Module) -> str | None:
+    """Replace the model's image tower by ``torch.compile(tower)``; returns its attribute name or None."""
+    # transformers wrappers may keep the tower one level down (model.model.vision_tower)
+    for owner in (model, getattr(model, "model", None)):
+        for name in _TOWERS:
+            tower = getattr(owner, name, None) if owner is not None else None
+            if isinstance(tower, torch.nn.Module):
+                setattr(owner, name, torch.compile(tower, dynamic=False))
+                return name
+    return None

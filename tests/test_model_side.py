@@ -1,0 +1,111 @@
+"""The model side of speed: fused attention where transformers has none, --compile, and the shared
+--workers/--device/--decode/--batch-size options, each checked to change speed and nothing else."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from captioner_fixtures import build_tiny_blip
+from scorer_fixtures import save_tiny_openclip
+from typer.testing import CliRunner
+
+from capcurate.cli import app
+from capcurate.errors import InputError
+from capcurate.stages.recaption import recaption
+from capcurate.stages.score import score
+
+
+@pytest.fixture(scope="module")
+def blip_ref(tmp_path_factory):
+    return build_tiny_blip(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def tiny_openclip(tmp_path_factory):
+    return save_tiny_openclip(tmp_path_factory.mktemp("openclip"))
+
+
+def _table(root, family, name):
+    return pq.read_table(sorted((root / family / name).glob("*.parquet"))).to_pylist()
+
+
+def test_blip_vision_tower_gets_fused_attention_with_identical_outputs(blip_ref):
+    from transformers import BlipForConditionalGeneration
+
+    from capcurate.models.attention import use_sdpa
+
+    path = blip_ref[len("hf:"):]
+    eager = BlipForConditionalGeneration.from_pretrained(path).eval()
+    fused = BlipForConditionalGeneration.from_pretrained(path).eval()
+    assert use_sdpa(fused) == eager.config.vision_config.num_hidden_layers
+    x = torch.randn(3, 3, eager.config.vision_config.image_size, eager.config.vision_config.image_size)
+    with torch.no_grad():
+        a = eager.vision_model(pixel_values=x).last_hidden_state
+        b = fused.vision_model(pixel_values=x).last_hidden_state
+    assert torch.allclose(a, b, atol=1e-5)
+    with torch.no_grad():
+        ga = eager.generate(pixel_values=x, max_new_tokens=5, do_sample=False)
+        gb = fused.generate(pixel_values=x, max_new_tokens=5, do_sample=False)
+    assert torch.equal(ga, gb)
+
+
+def test_recaption_loads_blip_with_fused_attention_and_records_it(tiny_dataset, blip_ref):
+    recaption(tiny_dataset, model=blip_ref, name="b", decoding="greedy", max_new_tokens=4, workers=0)
+    from capcurate.dataset import Dataset
+
+    entry = [e for e in Dataset(tiny_dataset).card.lineage() if e.get("name") == "b"][-1]
+    assert entry["model"]["attn_implementation"] == "sdpa (capcurate)"
+
+
+def test_compile_gives_the_same_scores_and_captions(tiny_dataset, blip_ref, tiny_openclip):
+    cfg, weights = tiny_openclip
+    ref = f"openclip:{cfg}"
+    score(tiny_dataset, ref, "plain", pretrained=str(weights), workers=0)
+    score(tiny_dataset, ref, "compiled", pretrained=str(weights), workers=0, compile=True)
+    plain, comp = _table(tiny_dataset, "scores", "plain"), _table(tiny_dataset, "scores", "compiled")
+    for p, c in zip(plain, comp, strict=True):
+        if p["score_plain_raw"] is None:
+            assert c["score_compiled_raw"] is None
+        else:
+            assert c["score_compiled_raw"] == pytest.approx(p["score_plain_raw"], abs=1e-4)
+    recaption(tiny_dataset, model=blip_ref, name="c0", decoding="greedy", max_new_tokens=4, workers=0)
+    recaption(tiny_dataset, model=blip_ref, name="c1", decoding="greedy", max_new_tokens=4, workers=0, compile=True)
+    assert [r["caption"] for r in _table(tiny_dataset, "captions", "c0")] == \
+        [r["caption"] for r in _table(tiny_dataset, "captions", "c1")]
+
+
+def test_workers_decode_and_batch_size_change_nothing_but_speed(tiny_dataset, tiny_openclip):
+    cfg, weights = tiny_openclip
+    ref = f"openclip:{cfg}"
+    score(tiny_dataset, ref, "a", pretrained=str(weights), workers=0, batch_size=3)
+    score(tiny_dataset, ref, "b", pretrained=str(weights), workers=2, batch_size="auto", device="auto",
+          precision="auto", decode="auto")
+    a, b = _table(tiny_dataset, "scores", "a"), _table(tiny_dataset, "scores", "b")
+    assert len(a) == len(b) == 24
+    for x, y in zip(a, b, strict=True):
+        assert (x["score_a_raw"] is None) == (y["score_b_raw"] is None)
+        if x["score_a_raw"] is not None:
+            assert x["score_a_raw"] == pytest.approx(y["score_b_raw"], abs=1e-5)
+        assert x["error_a"] == y["error_b"]
+
+
+def test_shared_options_refuse_bad_values_in_one_line(tiny_dataset, tiny_openclip):
+    cfg, weights = tiny_openclip
+    ref = f"openclip:{cfg}"
+    with pytest.raises(InputError, match="--decode gpu needs --device cuda"):
+        score(tiny_dataset, ref, "x", pretrained=str(weights), decode="gpu", device="cpu")
+    with pytest.raises(InputError, match="--workers"):
+        score(tiny_dataset, ref, "x", pretrained=str(weights), workers="many")
+    with pytest.raises(InputError, match="--precision"):
+        score(tiny_dataset, ref, "x", pretrained=str(weights), precision="fp8")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            score(tiny_dataset, ref, "x", pretrained=str(weights), device="cuda")
+    runner = CliRunner()
+    for command in (["score", str(tiny_dataset), "--model", ref, "--name", "x"],
+                    ["recaption", str(tiny_dataset), "--model", ref, "--name", "x"]):
+        res = runner.invoke(app, [*command, "--decode", "nvjpeg"])
+        assert res.exit_code == 2 and "--decode must be one of" in res.output
+        res = runner.invoke(app, [*command, "--batch-size", "0"])
+        assert res.exit_code == 2 and "--batch-size" in res.output
