@@ -9,7 +9,7 @@ All three use a tiny random BLIP (the same class as Salesforce/blip-*; pass ``--
 real one where weights are available), greedy decoding with exactly ``--tokens`` new tokens per caption
 so every path does the same generation work, and the same web-like JPEGs stored in dataset shards.
 
-    .venv/bin/python benchmarks/recaption.py [--images 256] [--size 512x384] [--batch-size 32] [--workers 2]
+    .venv/bin/python benchmarks/recaption.py [--images 256] [--size 512x384] [--batch-size 32] [--workers auto]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--size", default="512x384")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", default="auto")
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--model", default=None, help="hf:<dir> of a captioner; default: a tiny random BLIP")
     ap.add_argument("--device", default="cpu")
@@ -86,7 +86,7 @@ def main() -> None:
         # capcurate: timed end to end, model load and card writes included (the baselines get theirs free)
         t0 = time.perf_counter()
         s = recaption(ds, model=ref, name="bench", decoding="greedy", max_new_tokens=args.tokens,
-                      min_new_tokens=args.tokens, batch_size=args.batch_size, num_workers=args.workers,
+                      min_new_tokens=args.tokens, batch_size=args.batch_size, workers=args.workers,
                       device=args.device)
         ours = args.images / (time.perf_counter() - t0)
         assert s.counts["images_captioned"] == args.images, s.counts

@@ -48,10 +48,10 @@ run capcurate download "$POOL_METADATA" -o "$DS" --url-col url --caption-col tex
 run capcurate filter "$DS" --basic --name basic
 # 3. synthetic captions: BLIP-2, nucleus sampling as in "Improving Multimodal Datasets with Image Captioning"
 run capcurate recaption "$DS" --model hf:Salesforce/blip2-opt-2.7b --name blip2 --decoding nucleus --top-p 0.9 \
-  --max-new-tokens 30 --batch-size 64 --device cuda --dtype fp16 --engine ray
+  --max-new-tokens 30 --precision fp16 --engine ray
 # 4. CLIP scores of the raw and the synthetic caption with OpenAI's ViT-L/14
 run capcurate score "$DS" --model openclip:ViT-L-14/openai --name l14 --captions raw,blip2 \
-  --batch-size 512 --device cuda --precision fp16 --save-embeddings --engine ray
+  --batch-size 512 --precision fp16 --save-embeddings --engine ray
 # 5. the best mix: raw captions for the top 30% by L/14 score, BLIP-2 captions for the rest
 run capcurate mix "$DS" --strategy raw-top+synthetic --synthetic blip2 --score l14 --top-fraction 0.3 \
   --from-selection basic --name raw_top30_blip2

@@ -90,12 +90,12 @@ run capcurate train "$WORLD/seed" -o "$RUNS/captioner" --model-config "$WORLD/mo
 
 step "4/9 recaption the pool with it"
 run capcurate recaption "$DS" --model "$RUNS/captioner" --name coca --decoding greedy --max-new-tokens 24 \
-  --batch-size 128 --num-workers 1
+  --batch-size 128
 
 step "5/9 train a tiny CLIP scorer on the seed split ($SCORER_SAMPLES samples) and score raw + synthetic captions"
 run capcurate train "$WORLD/seed" -o "$RUNS/scorer" --model-config "$WORLD/models/tiny_clip.json" \
   --train-num-samples "$SCORER_SAMPLES" "${TRAIN_OPTS[@]}"
-run capcurate score "$DS" --model "$RUNS/scorer" --name clip --captions raw,coca --batch-size 128 --num-workers 1
+run capcurate score "$DS" --model "$RUNS/scorer" --name clip --captions raw,coca --batch-size 128
 
 step "6/9 filter and mix: five ways to choose the training captions"
 run capcurate mix "$DS" --strategy raw --name raw
