@@ -119,6 +119,13 @@ def test_input_dtype_is_the_patch_embeddings_not_the_first_parameters(models):
     # the parameters open_clip's conversion forgets follow their layers
     assert coca.visual.attn_pool.query.dtype == torch.bfloat16
     assert coca.text.cls_emb.dtype == coca.text_decoder.text_projection.dtype == torch.bfloat16
+    # a LayerNorm with float32 weights must normalise in float32: CUDA's layer_norm refuses mixed dtypes
+    # (the CPU accepts them, so only this check catches it without a GPU)
+    from open_clip.transformer import LayerNormFp32
+
+    norms = [(n, m) for n, m in coca.named_modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(isinstance(m, LayerNormFp32) or m.weight.dtype != torch.float32 for _, m in norms), \
+        [n for n, m in norms if not isinstance(m, LayerNormFp32) and m.weight.dtype == torch.float32]
 
 
 @pytest.mark.parametrize("backend", ["coca", "blip"])

@@ -65,12 +65,26 @@ def align_low_precision(model: torch.nn.Module) -> None:
     MultimodalTransformer, nor the learned ``query`` of an AttentionalPooler (CoCa's image tower), nor
     the ``cls_emb`` a CoCa text tower appends (``torch.cat`` then promotes the tokens to float32); their
     forwards then mix low-precision activations with float32 matrices (a dtype error). Each is matched
-    to the dtype of the linear layers beside it; LayerNorms and embeddings stay float32 as open_clip means.
+    to the dtype of the linear layers beside it; embeddings stay float32 as open_clip means.
+
+    LayerNorms keep float32 weights too, and open_clip builds the towers' norms as ``LayerNormFp32``
+    (input cast to float32) at low precision, but not an AttentionalPooler's ``ln_q``/``ln_k``: a plain
+    LayerNorm given bf16/fp16 input and float32 weights works on the CPU and fails on CUDA ("expected
+    scalar type BFloat16 but found Float"). Such norms become ``LayerNormFp32``.
     """
-    from open_clip.transformer import AttentionalPooler, MultimodalTransformer, TextTransformer
+    from open_clip.transformer import (
+        AttentionalPooler,
+        LayerNorm,
+        LayerNormFp32,
+        MultimodalTransformer,
+        TextTransformer,
+    )
 
     forgotten = {AttentionalPooler: "query", MultimodalTransformer: "text_projection", TextTransformer: "cls_emb"}
     for m in model.modules():
+        if type(m) in (LayerNorm, torch.nn.LayerNorm) and m.weight is not None and m.weight.dtype == torch.float32:
+            m.__class__ = LayerNormFp32  # same parameters; normalises in float32 and casts back
+            continue
         attr = forgotten.get(type(m))
         p = getattr(m, attr, None) if attr else None
         if isinstance(p, torch.nn.Parameter) and p.is_floating_point():
