@@ -47,3 +47,28 @@ def test_score_on_ray_actors_equals_local_engine(tmp_path, ray_cluster):
     # a second ray run finds every shard done and processes nothing
     again = score(remote, f"openclip:{cfg}", engine="ray", num_actors=2, **common)
     assert again.counts["shards_processed"] == 0 and again.counts["shards_skipped"] == 4
+
+
+def test_recaption_on_ray_resolves_device_on_the_actor_and_equals_local(tmp_path, ray_cluster):
+    from captioner_fixtures import build_tiny_blip
+
+    from capcurate.stages.recaption import RecaptionJob, recaption
+    from capcurate.stages.shard import ShardWriteJob
+
+    ref = build_tiny_blip(tmp_path / "model")
+    samples = [{"caption": f"a photo of thing {i}", "image": make_image_bytes(i)} for i in range(8)]
+    local = build_dataset(tmp_path / "local", samples, per_shard=4)
+    remote = tmp_path / "remote"
+    shutil.copytree(local, remote)
+    common = dict(model=ref, name="b", decoding="greedy", max_new_tokens=4, workers=0)
+    recaption(local, **common)
+    s = recaption(remote, engine="ray", **common)  # device/precision "auto" travel to the actors unresolved
+    assert s.ok and s.counts["shards_processed"] == 2
+    for shard in ("00000", "00001"):
+        a = pq.read_table(local / "captions" / "b" / f"{shard}.parquet").to_pylist()
+        b = pq.read_table(remote / "captions" / "b" / f"{shard}.parquet").to_pylist()
+        assert a == b
+    # model stages ask Ray for a GPU where there is one; shard copying never does
+    assert RecaptionJob("r", "n", ref, None, None).uses_gpu
+    assert not RecaptionJob("r", "n", ref, None, None, device="cpu").uses_gpu
+    assert not getattr(ShardWriteJob, "uses_gpu", False)

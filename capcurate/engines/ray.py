@@ -1,7 +1,9 @@
 """Ray engine: the same ``ShardJob`` on a pool of Ray actors, each loading its model once.
 
 Connects to an existing cluster when RAY_ADDRESS is set (``ray start --head`` / KubeRay), otherwise
-starts a local one. Each actor reserves ``num_gpus`` GPUs (0 on CPU machines).
+starts a local one. An actor of a job whose ``uses_gpu`` is true reserves one GPU where the cluster has
+GPUs; other jobs (shard, ingest) reserve none. Device, precision and decode workers are resolved by
+each actor in ``job.setup()``, on the machine it runs on.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def run_ray(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *, de
         ray.init(ignore_reinit_error=True, log_to_driver=False)
     resources = ray.cluster_resources()
     if num_gpus is None:
-        num_gpus = 1 if resources.get("GPU", 0) >= 1 else 0
+        # a GPU per actor only for jobs that run a model on one; copying or indexing shards needs none
+        wants_gpu = bool(getattr(job, "uses_gpu", False))
+        num_gpus = 1 if wants_gpu and resources.get("GPU", 0) >= 1 else 0
     if num_actors is None:
         num_actors = int(resources.get("GPU", 0)) if num_gpus else max(1, int(resources.get("CPU", 1) // num_cpus))
     num_actors = max(1, min(num_actors, len(shard_ids)))

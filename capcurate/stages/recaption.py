@@ -164,6 +164,11 @@ class RecaptionJob:
     _state: dict[str, int] = field(default_factory=dict)
     batch_note: str = ""
 
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether a Ray actor of this job should reserve a GPU (device auto or cuda)."""
+        return str(self.device) in ("auto", "") or str(self.device).startswith("cuda")
+
     def output_path(self, shard_id: str) -> Path:
         return Path(self.root) / FAMILY / self.name / f"{shard_id}.parquet"
 

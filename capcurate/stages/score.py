@@ -95,6 +95,11 @@ class ScoreJob:
     def ds(self) -> Dataset:
         return Dataset(self.root, must_exist=False)
 
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether a Ray actor of this job should reserve a GPU (device auto or cuda)."""
+        return str(self.device) in ("auto", "") or str(self.device).startswith("cuda")
+
     def output_path(self, shard_id: str) -> Path:
         return self.root / "scores" / self.name / f"{shard_id}.parquet"
 
