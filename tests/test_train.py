@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_fixtures import tiny_clip_config, tiny_coca_config, write_eval_set, write_shards
+from train_fixtures import (
+    textured_image,
+    tiny_clip_config,
+    tiny_coca_config,
+    write_eval_set,
+    write_shards,
+    write_textured_shards,
+)
 from typer.testing import CliRunner
 
 from capcurate.cli import app
@@ -18,7 +25,15 @@ from capcurate.train import train
 from capcurate.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPROCESS_ENV = {**os.environ, "CAPCURATE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+# CPU tests on any machine: device/precision auto would pick cuda + bf16 where a GPU is visible
+SUBPROCESS_ENV = {**os.environ, "CAPCURATE_PROGRESS": "0", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
 @pytest.fixture(autouse=True)
@@ -220,3 +235,168 @@ def test_train_config_round_trips_through_torchrun_arguments():
     assert argv[:3] == ["d", "-o", "o"]
     assert "--no-shuffle-shards" in argv and "--gather-with-grad" in argv
     assert argv[argv.index("--grad-clip") + 1] == "0" and argv[argv.index("--accum") + 1] == "4"
+
+
+# -- defaults, the step statistics, the image paths -------------------------------------------------
+def test_auto_defaults_resolve_per_process_and_are_recorded(tiny, monkeypatch):
+    from capcurate import devices
+
+    monkeypatch.setattr(devices, "available_cpus", lambda: 16)
+    cfg = TrainConfig(data="d", output="o", model="ViT-B-32").resolved()
+    assert (cfg.device, cfg.precision, cfg.workers, cfg.decode) == ("cpu", "fp32", 15, "cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: the cores are shared by 4 ranks
+    assert TrainConfig(data="d", output="o", workers="auto").resolved().workers == 3
+    assert TrainConfig(data="d", output="o", workers="2").resolved().workers == 2
+    with pytest.raises(InputError, match="--decode gpu needs --device cuda"):
+        TrainConfig(data="d", output="o", decode="gpu").resolved()
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    run = tiny["root"] / "run"
+    train(str(tiny["shards"]), str(run), model_config=str(tiny["clip"]), batch_size=16, workers=0, max_steps=1)
+    rec = json.loads((run / "run.json").read_text())
+    assert {k: rec["config"][k] for k in ("device", "precision", "decode")} == \
+        {"device": "cpu", "precision": "fp32", "decode": "cpu"}
+    assert rec["image_path"] == "cpu"
+
+
+def test_step_stats_reduce_on_the_process_groups_device(monkeypatch):
+    """The read-back all-reduces float64/int64 tensors on the group's device: CPU under gloo (run here on
+    a 1-rank group), the rank's GPU under NCCL (tests/test_gpu_train.py runs that on a GPU)."""
+    import socket
+
+    import torch
+    import torch.distributed as tdist
+
+    from capcurate.train.distributed import DistInfo, collective_device
+    from capcurate.train.trainer import NO_BAD_STEP, StepStats, reduce_step_stats
+
+    info = DistInfo(device=torch.device("cpu"))
+    stats = StepStats(info.device, accum=2)
+    for v in (1.0, 3.0):
+        stats.add({"contrastive_loss": torch.tensor(v), "caption_loss": torch.tensor(2 * v)})
+    stats.end_step(1)
+    # no group: nothing is reduced
+    terms, skipped, bad, extra = reduce_step_stats(info, stats.terms, 5, stats.bad_step, {"x": torch.tensor(7.0)})
+    assert terms == {"contrastive_loss": 2.0, "caption_loss": 4.0} and skipped == 5
+    assert bad == NO_BAD_STEP and extra == {"x": 7.0}
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    seen = []
+    real = tdist.all_reduce
+
+    def spy(t, op=tdist.ReduceOp.SUM, **kw):
+        seen.append((t.device.type, t.dtype))
+        return real(t, op=op, **kw)
+
+    monkeypatch.setattr(tdist, "all_reduce", spy)
+    try:
+        stats.add({"contrastive_loss": torch.tensor(float("nan")), "caption_loss": torch.tensor(0.0)})
+        stats.end_step(2)
+        stats.add({"contrastive_loss": torch.tensor(1.0), "caption_loss": torch.tensor(0.0)})
+        stats.end_step(3)  # finite again: the first bad step is what is reported
+        terms, skipped, bad, _ = reduce_step_stats(info, stats.terms, 2, stats.bad_step)
+        assert terms == {"contrastive_loss": 0.5, "caption_loss": 0.0} and skipped == 2 and bad == 2
+        assert seen == [("cpu", torch.float64), ("cpu", torch.int64)]
+        monkeypatch.setattr(tdist, "get_backend", lambda *a: "nccl")
+        assert collective_device(DistInfo(device=torch.device("cuda", 3))) == torch.device("cuda", 3)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_nan_is_noticed_at_the_next_logged_step_and_reported_at_its_own(tiny):
+    run = tiny["root"] / "run"
+    with pytest.raises(StageFailed, match=r"at step (\d+).*none \(no checkpoint") as e:
+        train(str(tiny["shards"]), str(run), model_config=str(tiny["clip"]), batch_size=16, workers=0,
+              lr=1e30, grad_clip=None, log_every=100)
+    assert int(str(e.value).split("at step ")[1].split(";")[0]) < 4  # checked at step 4, the epoch end
+    assert not (run / "checkpoints").is_dir() or not any((run / "checkpoints").iterdir())
+
+
+def _stream(urls, mode, transform, aug, **kw):
+    from capcurate.train.data import TrainStream
+
+    return TrainStream(urls, 6, 3, transform, lambda texts: list(texts), seed=3, num_workers=1,
+                       shuffle_buffer=0, mode=mode, aug=aug, **kw)
+
+
+@pytest.fixture
+def textured(tmp_path):
+    import open_clip
+
+    paths = write_textured_shards(tmp_path / "tex", 2, 9, png_every=4, corrupt_every=7)
+    transform = open_clip.image_transform(32, is_train=True)
+    from capcurate.train.gpu_batches import CropAug
+
+    return [str(p) for p in paths], transform, CropAug.from_transform(transform)
+
+
+def test_crop_boxes_are_the_ones_open_clips_transform_cuts(textured, monkeypatch):
+    """--decode cpu/gpu draw the RandomResizedCrop box from the header and the sample's seed: the box the
+    PIL transform (the "before" path) cuts from the same sample, and pixels within a few uint8 levels."""
+    import torch
+    import torchvision.transforms.functional as TF
+
+    urls, transform, aug = textured
+    assert aug is not None and aug.size == (32, 32) and aug.scale == (0.9, 1.0)
+    boxes = []
+    real = TF.resized_crop
+
+    def record(img, top, left, height, width, *a, **kw):
+        boxes.append((top, left, height, width))
+        return real(img, top, left, height, width, *a, **kw)
+
+    monkeypatch.setattr(TF, "resized_crop", record)
+    pil, cpu = _stream(urls, "pil", transform, None), _stream(urls, "cpu", transform, aug)
+    for seed, (w, h) in enumerate([(48, 40), (40, 56), (64, 64), (300, 200)]):
+        data = textured_image(seed, w, h)
+        before = pil._pil_transform(data, seed)
+        kind, u8 = cpu._crop(data, seed)
+        assert kind == "u8" and aug.draw_box(h, w, seed) == boxes[-1]
+        std = torch.tensor(aug.std).view(3, 1, 1)
+        diff = ((before - aug.normalize(u8[None])[0]) * std * 255).abs()
+        assert diff.mean() < 0.5 and diff.max() <= 6, (w, h, float(diff.mean()), float(diff.max()))
+        if w > 64:  # downscaling: antialiased bicubic on tensors follows PIL within one level
+            assert diff.max() <= 1.01
+
+
+def test_gpu_mode_worker_batches_decoded_on_cpu_equal_cpu_mode(textured):
+    """gpu mode ships JPEG bytes + boxes (PNGs and broken files as in cpu mode): the training-process
+    decode of those, run on the CPU, gives the cpu mode's batch bit for bit, with the same skips."""
+    import torch
+
+    from capcurate.train.gpu_batches import assemble_batch
+
+    urls, transform, aug = textured
+    cpu = list(_stream(urls, "cpu", transform, aug))
+    gpu = list(_stream(urls, "gpu", transform, aug))
+    assert len(cpu) == len(gpu) == 3
+    kinds = set()
+    for (a, ta, ma), (b, tb, mb) in zip(cpu, gpu, strict=True):
+        assert ta == tb and torch.equal(ma, mb) and len(a["jpeg_pos"]) == 0
+        kinds |= {"jpeg"} if len(b["jpeg_pos"]) else set()
+        kinds |= {"u8"} if len(b["u8_pos"]) else set()
+        xa, fa = assemble_batch(a, aug, "cpu")
+        xb, fb = assemble_batch(b, aug, "cpu")
+        assert fa == fb == 0 and xa.shape == (6, 3, 32, 32) and torch.equal(xa, xb)
+    assert kinds == {"jpeg", "u8"} and int(cpu[-1][2][3]) > 0  # both paths used; broken files skipped
+
+
+def test_cpu_decode_resumes_bit_exactly_with_workers_and_accumulation(tmp_path):
+    write_textured_shards(tmp_path / "tex", 4, 12, png_every=5)
+    cfg = tiny_clip_config(tmp_path)
+    opts = ["--model-config", str(cfg), "--batch-size", "6", "--accum", "2", "--lr", "2e-3", "--workers", "2",
+            "--decode", "cpu", "--shuffle-buffer", "10", "--save-every", "1", "--log-every", "2"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "tex"), "-o", str(full), *opts])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "tex"), "-o", str(part), *opts, "--max-steps", "1"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "tex"), "-o", str(part), *opts, "--resume", "latest"])
+    assert r.exit_code == 0, r.output
+    a, b = metrics(full), [x for x in metrics(part) if x["step"] != 1]  # part also logged its stop step
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [2, 4]
+    drop = ("samples_per_s",)
+    assert [{k: v for k, v in x.items() if k not in drop} for x in a] == \
+        [{k: v for k, v in x.items() if k not in drop} for x in b]

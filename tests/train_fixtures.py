@@ -91,3 +91,44 @@ def write_eval_set(folder: Path, per_class: int = 2) -> Path:
     (folder / "classnames.txt").write_text("\n".join(names) + "\n")
     (folder / "zeroshot_classification_templates.txt").write_text("a {c} square\na photo of a {c} thing\n")
     return folder
+
+
+def textured_image(seed: int, width: int, height: int, fmt: str = "JPEG") -> bytes:
+    """A noisy two-way gradient: crops and resizes of it differ visibly (unlike the solid squares)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
+    x = x + rng.normal(0, 25, (height, width, 3))
+    x[..., 1] = np.linspace(255, 0, height)[:, None]
+    img = Image.fromarray(x.clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def write_textured_shards(folder: Path, n_shards: int, per_shard: int, *, png_every: int = 0,
+                          corrupt_every: int = 0) -> list[Path]:
+    """Shards of textured images of several sizes (some PNG, some corrupt when asked), captioned."""
+    from capcurate.shards import TarShardWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = [(48, 40), (40, 56), (64, 64), (30, 36)]
+    paths, i = [], 0
+    for s in range(n_shards):
+        path = folder / f"{s:05d}.tar"
+        with TarShardWriter(path) as w:
+            for j in range(per_shard):
+                png = bool(png_every) and i % png_every == png_every - 1
+                img = textured_image(i, *sizes[i % len(sizes)], fmt="PNG" if png else "JPEG")
+                if corrupt_every and i % corrupt_every == corrupt_every - 1:
+                    img = img[: len(img) // 2]
+                ext = "png" if png else "jpg"
+                w.write(f"{s:05d}{j:04d}", {ext: img, "txt": f"texture number {i}".encode()})
+                i += 1
+        paths.append(path)
+    manifest = {"shards": [{"name": p.name, "samples": per_shard} for p in paths],
+                "total_samples": n_shards * per_shard}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return paths

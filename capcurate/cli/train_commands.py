@@ -47,12 +47,17 @@ def train(
     eps: float = typer.Option(1e-6, "--eps", help="AdamW epsilon."),
     warmup: int = typer.Option(0, "--warmup", help="Linear warmup steps before the cosine decay."),
     grad_clip: float | None = typer.Option(1.0, "--grad-clip", help="Clip the gradient norm to this (0 = off)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 (autocast) or fp16 (autocast + "
-                                  "GradScaler). Weights stay fp32."),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 "
+                                  "(autocast) or fp16 (autocast + GradScaler). Weights stay fp32."),
     accum: int = typer.Option(1, "--accum", help="Gradient accumulation: micro-batches per optimizer step."),
     compile: bool = typer.Option(False, "--compile", help="Wrap the model in torch.compile."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes per rank that decode and "
-                                "augment images; 0 decodes in the training process."),
+    workers: str = typer.Option("auto", "--workers", help="DataLoader worker processes per rank that read, "
+                                "decode and augment images; auto = usable cores / processes per machine - 1; "
+                                "0 decodes in the training process."),
+    decode: str = typer.Option("auto", "--decode", help="Where training images are decoded: gpu (workers read "
+                               "headers and draw the crop; JPEGs are decoded in batches with nvJPEG, cropped and "
+                               "resized on the GPU), cpu (workers decode, crop and resize uint8 tensors), or auto "
+                               "(gpu when --device is cuda)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, shard order, shuffle and augmentation."),
     shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", help="Samples held in each worker's shuffle "
                                        "buffer (0 or 1 = read in shard order)."),
@@ -76,7 +81,8 @@ def train(
                                             "during training; results go to metrics.jsonl."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0 = only at the end)."),
     log_every: int = typer.Option(1, "--log-every", help="Write a metrics.jsonl line every N steps."),
-    device: str | None = typer.Option(None, "--device", help="cuda, cuda:1 or cpu (default: cuda when available)."),
+    device: str | None = typer.Option(None, "--device", help="auto (default: cuda when available), cuda, cuda:1 "
+                                      "or cpu."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps "
                                             "(the schedule still spans all epochs); useful for smoke tests."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an -o that already holds a run."),
@@ -93,7 +99,7 @@ def train(
         data=data, output=output, model=model, model_config=model_config, pretrained=pretrained, loss=loss,
         batch_size=batch_size, epochs=epochs, train_num_samples=train_num_samples, lr=lr, wd=wd, beta1=beta1,
         beta2=beta2, eps=eps, warmup=warmup, grad_clip=grad_clip or None, precision=precision, accum=accum,
-        compile=compile, workers=workers, seed=seed, shuffle_buffer=shuffle_buffer, shuffle_shards=shuffle_shards,
+        compile=compile, workers=workers, decode=decode, seed=seed, shuffle_buffer=shuffle_buffer, shuffle_shards=shuffle_shards,
         local_loss=local_loss, gather_with_grad=gather_with_grad, caption_loss_weight=caption_loss_weight,
         clip_loss_weight=clip_loss_weight, lock_image=lock_image, lock_image_unlocked_groups=lock_image_unlocked_groups,
         save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume, eval_data=eval_data,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -29,10 +29,11 @@ class TrainConfig:
     eps: float = 1e-6
     warmup: int = 0
     grad_clip: float | None = 1.0
-    precision: str = "fp32"
+    precision: str = "auto"           # auto (bf16 on a GPU, fp32 on the CPU) | fp32 | bf16 | fp16
     accum: int = 1
     compile: bool = False
-    workers: int = 2
+    workers: int | str = "auto"       # auto: usable cores / processes on this machine - 1
+    decode: str = "auto"               # auto (gpu on cuda) | cpu | gpu: where training images are decoded
     seed: int = 0
     shuffle_buffer: int = 1000
     shuffle_shards: bool = True
@@ -48,9 +49,33 @@ class TrainConfig:
     eval_data: str | None = None
     eval_every: int = 0
     log_every: int = 1
-    device: str | None = None
+    device: str | None = None          # None/auto: cuda when available
     overwrite: bool = False
     max_steps: int | None = None       # stop early (smoke tests, benchmarks); schedule still spans epochs
+
+    def resolved(self) -> TrainConfig:
+        """This config with auto device, precision, workers and decode made concrete for this process
+        (what run.json and checkpoints record, and what --resume compares)."""
+        from ..devices import (
+            available_cpus,
+            resolve_decode,
+            resolve_device,
+            resolve_precision,
+            resolve_workers,
+        )
+        from ..errors import InputError
+        from .distributed import local_world_size
+
+        device = resolve_device(self.device)
+        precision = resolve_precision(self.precision, device)
+        if self.workers in (None, "", "auto"):  # one decode process per core, less one per rank
+            workers = max(1, available_cpus() // local_world_size() - 1)
+        else:
+            workers = resolve_workers(self.workers)
+        decode = resolve_decode(self.decode, device)
+        if decode not in ("cpu", "gpu"):
+            raise InputError(f"--decode {decode}: training decodes with auto, cpu or gpu")
+        return replace(self, device=device, precision=precision, workers=workers, decode=decode)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,12 @@ Determinism is the design constraint, because ``--resume`` must continue bit-exa
 
 Each worker yields exactly ``batches_per_worker`` batches per epoch (cycling over its shards), so an
 epoch is measured in samples and all ranks take the same number of steps.
+
+What a worker makes of an image depends on ``mode`` (see gpu_batches.py): ``"cpu"`` decodes to a uint8
+tensor and crops/resizes it (shipped as uint8), ``"gpu"`` reads the header only and ships the JPEG's
+bytes with its crop box for nvJPEG in the training process (other formats are decoded as in ``"cpu"``),
+``"pil"`` runs the model's own PIL transform (shipped as float; for transforms with more than a crop).
+The crop box is the same in all three for the same seed.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 
 from ..errors import InputError
 from ..shards import IMAGE_EXTS, index_tar
+from .gpu_batches import CropAug, pack_batch
 
 TEXT_EXTS = ("txt", "text", "caption")
 # meta tensor carried with every batch: logical worker, raw position after it, batches done, skipped
@@ -144,9 +151,15 @@ class TrainStream(torch.utils.data.IterableDataset):
     shuffle_buffer: int = 1000
     worker_offset: int = 0   # physical worker i plays logical worker (i + offset) % W after a resume
     resume: dict[int, WorkerState] = field(default_factory=dict)
+    mode: str = "pil"        # pil | cpu | gpu: what a worker does to an image (module docstring)
+    aug: CropAug | None = None  # the transform as a crop spec; needed by cpu and gpu
 
     def __post_init__(self) -> None:
         super().__init__()
+        if self.mode not in ("pil", "cpu", "gpu"):
+            raise ValueError(f"TrainStream mode must be pil, cpu or gpu, got {self.mode!r}")
+        if self.mode != "pil" and self.aug is None:
+            raise ValueError(f"TrainStream mode {self.mode!r} needs a CropAug")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -187,34 +200,58 @@ class TrainStream(torch.utils.data.IterableDataset):
             samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng)
         return samples
 
-    def _decode(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str] | None:
-        from PIL import Image
+    def sample_seed(self, sample: dict[str, Any]) -> int:
+        """The seed of one sample's augmentation: the same whichever worker or rank reads it."""
+        return _seed_of(self.seed, self.epoch, sample.get("__url__"), sample["__key__"])
 
+    def _decode(self, sample: dict[str, Any]) -> tuple[str, Any, str] | None:
+        """(kind, payload, caption): ("float", tensor) in pil mode, ("u8", tensor) or ("jpeg", (bytes,
+        box)) otherwise; None for a sample to skip."""
         img_ext = next((e for e in IMAGE_EXTS if e in sample), None)
         txt_ext = next((e for e in TEXT_EXTS if e in sample), None)
         if img_ext is None or txt_ext is None:
             return None
         try:
             text = sample[txt_ext].decode("utf-8").strip()
-            with Image.open(io.BytesIO(sample[img_ext])) as im:
-                im = im.convert("RGB")
-            seed = _seed_of(self.seed, self.epoch, sample.get("__url__"), sample["__key__"])
-            py_state = random.getstate()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                pixels = self.transform(im)
-            random.setstate(py_state)
+            data = sample[img_ext]
+            seed = self.sample_seed(sample)
+            if self.mode == "pil":
+                return "float", self._pil_transform(data, seed), text
+            return (*self._crop(data, seed), text)
         except Exception:  # any undecodable image or text is a counted skip, never a crash
             return None
-        return pixels, text
+
+    def _pil_transform(self, data: bytes, seed: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)  # as torch.manual_seed, leaving CUDA's RNG alone
+            random.seed(seed)
+            pixels = self.transform(im)
+        random.setstate(py_state)
+        return pixels
+
+    def _crop(self, data: bytes, seed: int) -> tuple[str, Any]:
+        from ..inputs.decode import decode_cpu, gpu_decodable, read_header
+
+        aug = self.aug
+        assert aug is not None
+        header = read_header(data)
+        fmt, mode, w, h = header
+        if self.mode == "gpu" and gpu_decodable(data, fmt, mode):
+            return "jpeg", (data, aug.draw_box(h, w, seed))
+        img = decode_cpu(data, header=header)
+        return "u8", aug.crop(img, aug.draw_box(img.shape[-2], img.shape[-1], seed)).contiguous()
 
     def _batches(self, logical: int, state: WorkerState):
         gid = self.rank * self.num_workers + logical
         total = self.world_size * self.num_workers
         counter = {"skipped": state.skipped}
         raw_pos, batches = 0, state.batches
-        images: list[torch.Tensor] = []
+        images: list[tuple[str, Any]] = []
         texts: list[str] = []
         if batches >= self.batches_per_worker:
             return
@@ -226,15 +263,23 @@ class TrainStream(torch.utils.data.IterableDataset):
             if item is None:
                 counter["skipped"] += 1
                 continue
-            images.append(item[0])
-            texts.append(item[1])
+            images.append((item[0], item[1]))
+            texts.append(item[2])
             if len(images) == self.batch_size:
                 batches += 1
                 meta = torch.tensor([logical, raw_pos, batches, counter["skipped"]], dtype=torch.long)
-                yield torch.stack(images), self.tokenizer(texts), meta
+                yield self._pack(images), self.tokenizer(texts), meta
                 images, texts = [], []
                 if batches >= self.batches_per_worker:
                     return
+
+
+    def _pack(self, images: list[tuple[str, Any]]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """float [n, 3, h, w] in pil mode, else gpu_batches.pack_batch's dict of uint8/bytes tensors."""
+        if self.mode == "pil":
+            return torch.stack([x for _, x in images])
+        assert self.aug is not None
+        return pack_batch(images, self.aug.size)
 
 
 def batches_per_worker(num_samples: int, batch_size: int, world_size: int, workers: int, accum: int) -> int:

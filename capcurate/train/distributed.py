@@ -43,6 +43,38 @@ def init_distributed(device: str | None = None) -> DistInfo:
     return DistInfo(rank, local, world, dev)
 
 
+def group_active() -> bool:
+    """Whether a process group is initialised (torchrun ranks; tests that set one up themselves)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def collective_device(info: DistInfo) -> torch.device:
+    """Where a collective's tensors must live: this rank's GPU under NCCL, the CPU under gloo."""
+    if group_active() and torch.distributed.get_backend() == "nccl":
+        if info.device.type == "cuda":
+            return info.device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce(info: DistInfo, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``t`` summed (or min-reduced) over the ranks, as a new tensor on the collective device.
+
+    Runs whenever a process group is initialised, a 1-rank group too; without one returns a copy.
+    """
+    if not group_active():
+        return t.clone()
+    x = t.to(collective_device(info), copy=True)
+    ops = {"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN}
+    torch.distributed.all_reduce(x, op=ops[op])
+    return x
+
+
+def local_world_size() -> int:
+    """Processes of this job on this machine (torchrun sets LOCAL_WORLD_SIZE); 1 otherwise."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         torch.distributed.barrier()

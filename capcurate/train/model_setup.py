@@ -12,6 +12,7 @@ import torch
 from ..errors import InputError, ModelLoadError
 from ..models.openclip_loader import init_coca_decoder
 from .config import TrainConfig
+from .gpu_batches import CropAug
 
 
 @dataclass
@@ -24,6 +25,7 @@ class ModelSetup:
     model_cfg: dict[str, Any]       # what RUN/model/open_clip_config.json records
     preprocess_cfg: dict[str, Any]
     tokenizer_dir: Path | None      # a local HF tokenizer folder to ship with RUN/model
+    train_aug: CropAug | None = None  # preprocess_train as a crop spec (None: run it on PIL images)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> ModelSetup:
@@ -63,7 +65,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> ModelSetup:
     tok_name = (model_cfg.get("text_cfg") or {}).get("hf_tokenizer_name")
     tok_dir = Path(tok_name) if tok_name and Path(tok_name).is_dir() else None
     return ModelSetup(model, pre_train, pre_val, tokenizer, name, model_cfg,
-                      open_clip.get_model_preprocess_cfg(model), tok_dir)
+                      open_clip.get_model_preprocess_cfg(model), tok_dir, CropAug.from_transform(pre_train))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

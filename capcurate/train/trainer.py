@@ -1,4 +1,12 @@
-"""The training loop: AdamW + cosine schedule, AMP, accumulation, DDP, checkpoints, resume, eval."""
+"""The training loop: AdamW + cosine schedule, AMP, accumulation, DDP, checkpoints, resume, eval.
+
+The loop never waits on the GPU for bookkeeping: loss terms stay device tensors, accumulated over the
+micro-batches of a step and checked for NaN/inf on the device; they are read back (one sync, and under
+DDP one all-reduce of the terms and skipped counts plus one of the first bad step, on the process
+group's device) only at steps that log, checkpoint or evaluate, and at the last step. A non-finite loss
+is therefore reported at the step it happened, but noticed at the next such step (every step with the
+default ``--log-every 1``): never after a checkpoint was written past it.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +35,17 @@ from .data import (
     make_loader,
     resolve_shards,
 )
-from .distributed import DistInfo, all_gather_object, barrier, cleanup, init_distributed
+from .distributed import (
+    DistInfo,
+    all_gather_object,
+    all_reduce,
+    barrier,
+    cleanup,
+    collective_device,
+    group_active,
+    init_distributed,
+)
+from .gpu_batches import assemble_batch, prefetched
 from .losses import LOSSES, build_loss, compute_loss
 from .model_setup import ModelSetup, build_model, build_optimizer
 from .progress import TrainProgress
@@ -48,6 +66,7 @@ def train(data: str | TrainConfig, output: str | None = None, **options: Any) ->
         if output is None:
             raise InputError("train needs an output run directory (-o RUN)")
         config = TrainConfig(data=str(data), output=str(output), **options)
+    config = config.resolved()  # auto device/precision/workers/decode -> what this process uses
     _validate(config)
     dist = init_distributed(config.device)
     try:
@@ -64,7 +83,7 @@ def _validate(c: TrainConfig) -> None:
     for name in ("batch_size", "epochs", "accum"):
         if getattr(c, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
-    if c.workers < 0:
+    if int(c.workers) < 0:
         raise InputError(f"--workers must be 0 (decode in process) or more, got {c.workers}")
 
 
@@ -73,6 +92,59 @@ def _autocast(precision: str, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+NO_BAD_STEP = 2 ** 62  # "no step had a non-finite loss" (min-reduced over ranks)
+
+
+class StepStats:
+    """One optimizer step's loss terms, on the device; the first step whose loss was not finite."""
+
+    def __init__(self, device: torch.device, accum: int):
+        self.accum = accum
+        self._acc: dict[str, torch.Tensor] | None = None
+        self.terms: dict[str, torch.Tensor] = {}
+        self.bad_step = torch.full((), NO_BAD_STEP, dtype=torch.long, device=device)
+        self.bad_value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        """A micro-batch's terms (no sync)."""
+        part = {k: v.detach().float() / self.accum for k, v in terms.items()}
+        self._acc = part if self._acc is None else {k: self._acc[k] + v for k, v in part.items()}
+
+    def end_step(self, step: int) -> None:
+        """Close optimizer step ``step``: its terms become ``terms``; a NaN/inf is noted on the device."""
+        self.terms, self._acc = self._acc or {}, None
+        if not self.terms:
+            return
+        total = torch.stack(list(self.terms.values())).sum()
+        newly = ~torch.isfinite(total) & (self.bad_step == NO_BAD_STEP)
+        self.bad_step = torch.where(newly, step, self.bad_step)
+        self.bad_value = torch.where(newly, total, self.bad_value)
+
+
+def reduce_step_stats(dist: DistInfo, terms: dict[str, torch.Tensor], skipped: int, bad_step: torch.Tensor,
+                      extra: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[dict[str, float], int, int, dict[str, float]]:
+    """Read back one step's statistics: (terms averaged over ranks, skipped samples summed over ranks,
+    first step with a non-finite loss over ranks or NO_BAD_STEP, ``extra`` values as they are here).
+
+    With a process group (any size, 1 too) the terms and counts are all-reduced on the group's device
+    (cuda under NCCL, the CPU under gloo); then a single device-to-host copy.
+    """
+    extra = extra or {}
+    names = list(terms)
+    dev = collective_device(dist) if group_active() else bad_step.device
+    world = torch.distributed.get_world_size() if group_active() else 1
+    vec = torch.stack([terms[k].detach().to(dev, torch.float64) for k in names]
+                      + [torch.tensor(float(skipped), dtype=torch.float64, device=dev)])
+    summed = all_reduce(dist, vec, "sum")
+    first_bad = all_reduce(dist, bad_step.to(dev).view(1), "min")
+    tail = [v.detach().to(dev, torch.float64).view(1) for v in extra.values()]
+    out = torch.cat([summed, first_bad.to(torch.float64), *tail]).tolist()
+    means = {k: v / world for k, v in zip(names, out, strict=False)}
+    n = len(names)
+    return means, int(round(out[n])), int(out[n + 1]), dict(zip(extra, out[n + 2:], strict=True))
 
 
 class _Trainer:
@@ -112,6 +184,8 @@ class _Trainer:
 
         setup = build_model(cfg, dist.device)
         self.setup = setup
+        # cpu/gpu need the train transform as a crop spec; anything more elaborate runs on PIL images
+        self.image_path = cfg.decode if setup.train_aug is not None else "pil"
         model = setup.model
         loss_fn = build_loss(cfg.loss, model, rank=dist.rank, world_size=dist.world_size,
                              local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
@@ -152,7 +226,7 @@ class _Trainer:
                     "config": cfg.to_dict(), "model_name": setup.name, "model_cfg": setup.model_cfg,
                     "world_size": dist.world_size, "num_samples": num_samples, "shards": len(shards.urls),
                     "shard_source": shards.source, "steps_per_epoch": steps_per_epoch,
-                    "total_steps": total_steps})
+                    "total_steps": total_steps, "image_path": self.image_path})
 
         core = model
         if dist.distributed:
@@ -166,10 +240,12 @@ class _Trainer:
         stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
         kill_at = int(os.environ.get(KILL_ENV, "0") or 0)
         global_batch = cfg.batch_size * dist.world_size * cfg.accum
-        last = {"loss": float("nan")}
+        last: dict[str, float] = {"loss": float("nan")}
         saved_step = step if resume_from is not None else -1
         skipped = 0
         seen = 0
+        rate = 0.0
+        stats = StepStats(dist.device, cfg.accum)
         t_train = time.time()
         model.train()
         with TrainProgress(total_steps, step, enabled=dist.is_main) as bar:
@@ -178,44 +254,46 @@ class _Trainer:
                     shards.urls, cfg.batch_size, bpw, setup.preprocess_train, setup.tokenizer,
                     seed=cfg.seed, epoch=epoch, rank=dist.rank, world_size=dist.world_size,
                     num_workers=n_workers, shuffle_shards=cfg.shuffle_shards, shuffle_buffer=cfg.shuffle_buffer,
-                    worker_offset=micro_done % n_workers, resume=data_state)
+                    worker_offset=micro_done % n_workers, resume=data_state, mode=self.image_path,
+                    aug=setup.train_aug)
                 loader = make_loader(stream, in_process=cfg.workers == 0, pin_memory=dist.device.type == "cuda")
-                terms_sum: dict[str, float] = {}
+                failed_here: dict[int, int] = {}  # images this process could not decode, per worker
                 t_log, seen_log = time.time(), 0
-                for images, texts, meta in loader:
+                for images, texts, meta, failed in self._device_batches(loader):
                     micro_done += 1
-                    data_state[int(meta[0])] = WorkerState(*map(int, meta[1:].tolist()))
+                    worker = int(meta[0])
+                    if failed:
+                        failed_here[worker] = failed_here.get(worker, 0) + failed
+                    raw_pos, batches, worker_skipped = map(int, meta[1:].tolist())
+                    data_state[worker] = WorkerState(raw_pos, batches, worker_skipped + failed_here.get(worker, 0))
                     sync = micro_done % cfg.accum == 0
-                    terms = self._micro_step(images, texts, loss_fn, sync)
-                    for k, v in terms.items():
-                        terms_sum[k] = terms_sum.get(k, 0.0) + v / cfg.accum
+                    stats.add(self._micro_step(images, texts, loss_fn, sync))
                     if not sync:
                         continue
-                    step_terms, terms_sum = self._reduce_terms(terms_sum), {}
-                    total = sum(step_terms.values())
-                    if not math.isfinite(total):
-                        good = ckpt_mod.latest_checkpoint(self.run_dir)
-                        raise StageFailed(f"loss became {total} at step {step + 1}; training stopped. Last good "
-                                          f"checkpoint: {good if good else 'none (no checkpoint was saved yet)'}")
                     lr = self.optimizer.param_groups[-1]["lr"]  # the lr this step used
                     self._optimizer_step()
                     step += 1
+                    stats.end_step(step)
                     seen += global_batch
                     seen_log += global_batch
-                    skipped = sum(all_gather_object(dist, sum(s.skipped for s in data_state.values())))
-                    rate = seen_log / max(time.time() - t_log, 1e-9)
-                    last = {"loss": total, **step_terms}
-                    if dist.is_main and (step % max(cfg.log_every, 1) == 0 or step == stop_at):
-                        self._log({"step": step, "epoch": epoch, "loss": total, **step_terms,
-                                   "lr": lr, "samples_per_s": rate,
-                                   "logit_scale": float(core.logit_scale.exp().item()), "skipped": skipped})
-                        t_log, seen_log = time.time(), 0
-                    bar.update(step, rate, total)
                     end_of_epoch = micro_done >= micro_per_epoch
-                    if (cfg.save_every and step % cfg.save_every == 0) or end_of_epoch or step >= stop_at:
+                    log_now = step % max(cfg.log_every, 1) == 0 or step >= stop_at
+                    save_now = bool(cfg.save_every and step % cfg.save_every == 0) or end_of_epoch or step >= stop_at
+                    eval_now = bool(eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0)
+                    if log_now or save_now or eval_now:  # the same steps on every rank: collectives inside
+                        step_terms, skipped, logit_scale = self._check(stats, data_state)
+                        last = {"loss": sum(step_terms.values()), **step_terms}
+                        if log_now:
+                            rate = seen_log / max(time.time() - t_log, 1e-9)
+                            if dist.is_main:
+                                self._log({"step": step, "epoch": epoch, **last, "lr": lr, "samples_per_s": rate,
+                                           "logit_scale": logit_scale, "skipped": skipped})
+                            t_log, seen_log = time.time(), 0
+                    bar.update(step, rate, last["loss"])
+                    if save_now:
                         self._save(step, epoch, micro_done, data_state, num_samples)
                         saved_step = step
-                    if eval_set is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                    if eval_now:
                         self._eval(eval_set, step)
                     if kill_at and step == kill_at:
                         os.kill(os.getpid(), signal.SIGKILL)
@@ -243,16 +321,35 @@ class _Trainer:
         return summary
 
     def _check_resume_options(self, meta: dict[str, Any]) -> None:
-        saved = TrainConfig.from_dict(meta.get("config", {}))
+        saved_dict = meta.get("config", {})
+        saved = TrainConfig.from_dict(saved_dict)
         diff = self.cfg.differences(saved)
-        diff = [k for k in diff if k not in ("model", "model_config", "output", "data", "pretrained")]
+        # options a checkpoint predates (e.g. --decode) are not held against it
+        diff = [k for k in diff if k not in ("model", "model_config", "output", "data", "pretrained") and k in saved_dict]
         if diff:
             shown = ", ".join(f"--{k.replace('_', '-')} {getattr(saved, k)!r} -> {getattr(self.cfg, k)!r}" for k in diff)
             raise InputError(f"--resume with other training options than the checkpoint's ({shown}); "
                              "use the original options or a new -o")
 
     # -- one step ----------------------------------------------------------------------------------
-    def _micro_step(self, images: torch.Tensor, texts: torch.Tensor, loss_fn, sync: bool) -> dict[str, float]:
+    def _device_batches(self, loader):
+        """(images on the device, normalised; tokens on the device; meta; images that failed to decode),
+        prepared a batch or two ahead in a thread when workers decode (gpu_batches.prefetched)."""
+        dev, aug = self.dist.device, self.setup.train_aug
+
+        def prepare(item):
+            images, texts, meta = item
+            failed = 0
+            if isinstance(images, dict):  # uint8 crops and/or JPEG bytes + boxes
+                images, failed = assemble_batch(images, aug, dev)
+            else:
+                images = images.to(dev, non_blocking=True)
+            return images, texts.to(dev, non_blocking=True), meta, failed
+
+        return prefetched(loader, prepare, dev, background=self.cfg.workers > 0)
+
+    def _micro_step(self, images: torch.Tensor, texts: torch.Tensor, loss_fn, sync: bool) -> dict[str, torch.Tensor]:
+        """Forward + backward of one micro-batch; its loss terms stay on the device (no sync)."""
         dev = self.dist.device
         images = images.to(dev, non_blocking=True)
         texts = texts.to(dev, non_blocking=True)
@@ -264,14 +361,21 @@ class _Trainer:
                 terms = compute_loss(loss_fn, out)
                 loss = sum(terms.values())
             self.scaler.scale(loss / self.cfg.accum).backward()
-        return {k: float(v.detach()) for k, v in terms.items()}
+        return {k: v.detach() for k, v in terms.items()}
 
-    def _reduce_terms(self, terms: dict[str, float]) -> dict[str, float]:
-        if not self.dist.distributed:
-            return terms
-        t = torch.tensor(list(terms.values()), dtype=torch.float64)
-        torch.distributed.all_reduce(t)  # mean over ranks: what is logged, and every rank sees a NaN
-        return {k: float(v) / self.dist.world_size for k, v in zip(terms, t.tolist(), strict=True)}
+    def _check(self, stats: StepStats, data_state: dict[int, WorkerState]) -> tuple[dict[str, float], int, float]:
+        """Read back the last step: (loss terms averaged over ranks, skipped samples of all ranks, logit
+        scale); stop with StageFailed when any rank's loss was not finite at this or an earlier step."""
+        local_skipped = sum(s.skipped for s in data_state.values())
+        terms, skipped, bad_step, extra = reduce_step_stats(
+            self.dist, stats.terms, local_skipped, stats.bad_step,
+            {"bad_value": stats.bad_value, "logit_scale": self.core.logit_scale.detach().float().exp()})
+        if bad_step != NO_BAD_STEP:
+            value = extra["bad_value"] if int(stats.bad_step) == bad_step else float("nan")
+            good = ckpt_mod.latest_checkpoint(self.run_dir)
+            raise StageFailed(f"loss became {value} at step {bad_step}; training stopped. Last good "
+                              f"checkpoint: {good if good else 'none (no checkpoint was saved yet)'}")
+        return terms, skipped, extra["logit_scale"]
 
     def _optimizer_step(self) -> None:
         cfg = self.cfg
