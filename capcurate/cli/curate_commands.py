@@ -66,7 +66,7 @@ def mix(
 def shard(
     dataset: Path = typer.Argument(..., help="Dataset directory holding the selection and source shards."),
     selection: str = typer.Option(..., "--selection", help="Selection to write (made by mix or filter)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder for 00000.tar ..., manifest.json "
+    out: Path = typer.Option(..., "--output", "-o", help="Output folder for 00000.tar ..., manifest.json "
                              "and sizes.json."),
     samples_per_shard: int = typer.Option(10000, "--samples-per-shard", help="Samples per output tar."),
     min_shards: int = typer.Option(1, "--min-shards", help="Write at least this many shards (fewer "
@@ -98,7 +98,7 @@ def shard(
 @app.command()
 def report(
     dataset: Path = typer.Argument(..., help="Dataset directory."),
-    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write."),
+    out: Path = typer.Option(Path("report.html"), "--output", "-o", help="HTML file to write."),
     selection: str = typer.Option(None, "--selection", help="Show this selection's samples (and the "
                                   "caption it chose for each)."),
     where: str = typer.Option(None, "--where", help="DuckDB predicate over the samples view, e.g. "

@@ -11,7 +11,7 @@ from .app import JSON_HELP, app, run_command
 
 @app.command()
 def synth(
-    out: Path = typer.Option(..., "-o", "--out", help="Folder to write the world into (created if missing)."),
+    out: Path = typer.Option(..., "-o", "--output", help="Folder to write the world into (created if missing)."),
     n_images: int = typer.Option(20000, "--n-images", help="Images in the web-like pool (urls.parquet + images/)."),
     image_size: int = typer.Option(64, "--image-size", help="Side of every rendered image in pixels."),
     noise_profile: str = typer.Option(
