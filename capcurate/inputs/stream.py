@@ -134,12 +134,17 @@ class _Images(Dataset):
 
 
 def _collate(items: list[tuple[int, str, Any]]) -> dict[str, Any]:
+    """Few tensors per batch: each tensor crossing from a worker costs a shared-memory file descriptor,
+    so JPEG bytes travel as one concatenated buffer plus their lengths, images as one stack."""
     out: dict[str, Any] = {"u8": [], "jpeg": [], "ready": [], "failed": []}
     for g, kind, payload in items:
         out[kind].append((g, payload))
     for kind in ("u8", "ready"):
         if out[kind]:
             out[kind] = ([g for g, _ in out[kind]], torch.stack([x for _, x in out[kind]]))
+    if out["jpeg"]:
+        parts = [x for _, x in out["jpeg"]]
+        out["jpeg"] = ([g for g, _ in out["jpeg"]], torch.cat(parts), [len(x) for x in parts])
     out["last"] = max(g for g, _, _ in items)
     return out
 
@@ -181,8 +186,9 @@ class ImageStream:
         failed = [(g, reason) for g, reason in raw["failed"]]
         u8: list[torch.Tensor] = []
         if raw["jpeg"]:
-            decoded = decode_jpegs_gpu([d for _, d in raw["jpeg"]], dev)
-            for (g, _), img in zip(raw["jpeg"], decoded, strict=True):
+            gs, buffer, lengths = raw["jpeg"]
+            decoded = decode_jpegs_gpu(list(torch.split(buffer, lengths)), dev)
+            for g, img in zip(gs, decoded, strict=True):
                 if isinstance(img, str):
                     failed.append((g, img))
                 else:
