@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The one command to run on a lent GPU machine, from the repository root (carry: [".whl"]):
+#
+#     bash benchmarks/device_check.sh
+#
+# 1. installs the wheels carried in .whl/ (what the machine's Python lacks: open_clip_torch with
+#    open_clip_train, duckdb, webdataset, ftfy, wcwidth, braceexpand, py3langid, pytest, pytest-timeout)
+#    into /tmp/site, offline;
+# 2. prints the machine: nvidia-smi, torch / torchvision / transformers / open_clip versions, cores,
+#    /dev/shm, open-file limit;
+# 3. runs the GPU tests (pytest -m gpu), time-limited; their failure does not stop step 4;
+# 4. runs benchmarks/gpu.py (its own budget: 290 s; killed at 330 s) -> $OUT/gpu.json.
+#
+# Everything is also written to $OUT/log.txt. Expected wall time: ~15 s install + up to 150 s tests +
+# ~3.5-5 min benchmark; at most ~8 min (every step has a timeout).
+set -u
+OUT=${OUT:-/tmp/capcurate-device-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    CAPCURATE_PROGRESS=0 NO_ALBUMENTATIONS_UPDATE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+main() {
+    local t0 rc_tests rc_bench
+    t0=$(date +%s)
+    echo "== capcurate device check: $(date -u +%FT%TZ) in $PWD (git $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+
+    echo "== 1. wheels -> /tmp/site"
+    ls -la .whl/ 2>&1
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl; then
+        echo "installed $(ls .whl/*.whl | wc -l) wheels"
+    else
+        echo "!! pip install of the carried wheels failed (continuing: imports will say what is missing)"
+    fi
+    export PYTHONPATH=/tmp/site:$PWD
+
+    echo "== 2. machine"
+    nvidia-smi 2>&1 | head -20
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 2>&1
+    echo "cores: $(nproc); memory: $(free -g | awk '/Mem:/ {print $2 " GiB"}')"
+    df -h /dev/shm /tmp 2>&1
+    # capcurate's decode=gpu input path (its default on CUDA) ships every JPEG of a batch as its own
+    # shared-memory tensor: a DataLoader worker holds ~batch x prefetch file descriptors. At the common
+    # default soft limit of 1024 that fails with "Too many open files"; raise the soft limit to the hard
+    # limit so the benchmark measures throughput, and say so.
+    echo "open files: soft $(ulimit -n), hard $(ulimit -Hn)"
+    if [ "$(ulimit -n)" != "$(ulimit -Hn)" ] && ulimit -n "$(ulimit -Hn)" 2>/dev/null; then
+        echo "!! raised the soft open-file limit to the hard limit, $(ulimit -n), for this run"
+    fi
+    python3 - <<'EOF' 2>&1
+import importlib, sys
+print("python", sys.version.split()[0])
+for name in ("torch", "torchvision", "transformers", "timm", "open_clip", "webdataset", "duckdb", "pyarrow",
+             "PIL", "numpy", "pytest", "capcurate"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name:13s} {getattr(m, '__version__', '?'):12s} {getattr(m, '__file__', '')}")
+    except Exception as e:
+        print(f"{name:13s} MISSING: {type(e).__name__}: {e}")
+try:
+    import torch
+    print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+    import open_clip_train  # noqa: F401  (the baseline trainer ships inside open_clip_torch)
+    print("open_clip_train importable")
+except Exception as e:
+    print("!!", type(e).__name__, e)
+EOF
+
+    echo "== 3. GPU tests (pytest -m gpu, limit 150 s)"
+    timeout -k 10 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-collection-errors \
+        --junitxml="$OUT/pytest-gpu.xml"
+    rc_tests=$?
+    echo "== pytest exit code: $rc_tests (124 = timed out; 5 = no gpu tests collected)"
+
+    echo "== 4. benchmarks/gpu.py (budget 290 s, killed at 330 s)"
+    timeout -k 10 330 python3 benchmarks/gpu.py --json-out "$OUT/gpu.json"
+    rc_bench=$?
+    echo "== gpu.py exit code: $rc_bench (0 ok, 1 some stage failed, 124 timed out); $OUT/gpu.json"
+    echo "== total $(( $(date +%s) - t0 )) s"
+    return "$rc_bench"
+}
+
+main 2>&1 | tee "$OUT/log.txt"
+exit "${PIPESTATUS[0]}"
