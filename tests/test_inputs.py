@@ -150,7 +150,7 @@ def test_batch_decode_isolates_a_bad_file():
 def mixed_dataset(tmp_path):
     samples = []
     for i in range(22):
-        samples.append({"caption": f"p{i}", "image": make_image_bytes(i, size=(48 + i, 40))})
+        samples.append({"caption": f"p{i}", "image": make_image_bytes(i, size=(48 + i % 3, 40))})  # sizes repeat
     samples[3]["image"] = b"not an image at all"
     samples[9]["image"] = make_image_bytes(9, size=(64, 48))[:250]      # truncated JPEG
     samples[15]["image"] = make_image_bytes(15, size=(30, 20), fmt="PNG")

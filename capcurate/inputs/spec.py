@@ -54,7 +54,7 @@ class ImageSpec:
         return (new_short, new_long) if h <= w else (new_long, new_short)
 
     def resize_crop(self, img: torch.Tensor) -> torch.Tensor:
-        """uint8 [3, H, W] (any device) -> uint8 [3, h, w] at ``output_size``."""
+        """uint8 [3, H, W] or [n, 3, H, W] of one size (any device) -> uint8 at ``output_size``."""
         from torchvision.transforms.v2 import functional as F
 
         h, w = img.shape[-2:]

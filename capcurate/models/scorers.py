@@ -29,7 +29,8 @@ class Scorer:
     """What the score stage needs from any image-text model."""
 
     preprocess: Callable[[Any], torch.Tensor]
-    encode_images: Callable[[torch.Tensor], torch.Tensor]  # [n, C, H, W] -> [n, d] normalised
+    # [n, C, H, W] -> [n, d] normalised float32, on the CPU (``to_cpu=False``: left on the model's device)
+    encode_images: Callable[..., torch.Tensor]
     encode_texts: Callable[[Sequence[str]], torch.Tensor]  # n texts -> [n, d] normalised
     embed_dim: int
     backend: str
@@ -42,8 +43,9 @@ class Scorer:
     input_dtype: torch.dtype = torch.float32  # what encode_images wants its pixels in (cast on the device)
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
+def _normalise(x: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
+    return x.cpu() if to_cpu else x
 
 
 def load_scorer(ref: str | ModelRef, *, pretrained: str | None = None, device: str = "cpu", compile: bool = False,
@@ -73,8 +75,8 @@ def _openclip_scorer(ref: ModelRef, device: str, precision: str, compile: bool =
     dtype = input_dtype(getattr(model, "visual", model))  # low precision leaves some parameters fp32
 
     @torch.inference_mode()
-    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        return _normalise(model.encode_image(pixels.to(device=device, dtype=dtype)))
+    def encode_images(pixels: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
+        return _normalise(model.encode_image(pixels.to(device=device, dtype=dtype)), to_cpu)
 
     @torch.inference_mode()
     def encode_texts(texts: Sequence[str]) -> torch.Tensor:
@@ -135,8 +137,9 @@ def _hf_scorer(ref: ModelRef, device: str, precision: str, compile: bool = False
     dtype = input_dtype(getattr(model, "vision_model", model))  # the patch embedding's, not the first parameter's
 
     @torch.inference_mode()
-    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        return _normalise(_features(model.get_image_features(pixel_values=pixels.to(device=device, dtype=dtype))))
+    def encode_images(pixels: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
+        feats = _features(model.get_image_features(pixel_values=pixels.to(device=device, dtype=dtype)))
+        return _normalise(feats, to_cpu)
 
     @torch.inference_mode()
     def encode_texts(texts: Sequence[str]) -> torch.Tensor:

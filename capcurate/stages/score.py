@@ -144,8 +144,9 @@ class ScoreJob:
         return ImageStream(works, Preprocess(sc.spec, sc.preprocess), batch_size=int(self.batch_size),
                            workers=self.workers, device=self.device, dtype=sc.input_dtype, decode=self.decode)
 
-    def _encode_batch(self, pixels: Any) -> np.ndarray:
-        return self.scorer.encode_images(pixels).numpy()
+    def _encode_batch(self, pixels: Any) -> Any:
+        """Embeddings left on the device: copied back once per shard, so no batch waits for the GPU."""
+        return self.scorer.encode_images(pixels, to_cpu=False)
 
     # -- texts ---------------------------------------------------------------------------------
     def _embed_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
@@ -217,15 +218,32 @@ class ScoreJob:
                     for pos, _ in batch.items:
                         broken.setdefault(pos, e)
                 else:
-                    for (pos, rid), row in zip(batch.items, out, strict=True):
-                        st = states[pos]
-                        if st["emb"].shape[1] != out.shape[1]:  # embed_dim unknown from the config
-                            st["emb"] = np.zeros((len(st["uids"]), out.shape[1]), np.float32)
-                        st["emb"][int(rid)] = row
+                    rows_of: dict[int, list[int]] = {}
+                    for j, (pos, rid) in enumerate(batch.items):
+                        rows_of.setdefault(pos, []).append(j)
+                        states[pos]["pending_rows"].append(int(rid))
+                    for pos, js in rows_of.items():
+                        states[pos]["pending"].append(out[js[0]:js[-1] + 1] if js == list(range(js[0], js[-1] + 1))
+                                                      else out[js])
             for pos in batch.completed:
                 st = states[pos]
                 states[pos] = None  # free the shard's embeddings once written
+                if pos not in broken:
+                    self._collect(st)
                 yield st["sid"], broken.pop(pos) if pos in broken else self._guarded_finish(st)
+
+    @staticmethod
+    def _collect(state: dict[str, Any]) -> None:
+        """Move a finished shard's device embeddings into its rows (the one sync per shard)."""
+        if not state["pending"]:
+            return
+        import torch
+
+        emb = torch.cat(state["pending"]).cpu().numpy()
+        if state["emb"].shape[1] != emb.shape[1]:  # embed_dim unknown from the config
+            state["emb"] = np.zeros((len(state["uids"]), emb.shape[1]), np.float32)
+        state["emb"][state["pending_rows"]] = emb
+        state["pending"], state["pending_rows"] = [], []
 
     def _open_shard(self, shard_id: str) -> dict[str, Any]:
         import pyarrow.parquet as pq
@@ -246,7 +264,8 @@ class ScoreJob:
         if reused is not None:
             emb, errors = reused
         return {"sid": shard_id, "uids": uids, "previous": previous, "todo": todo, "reused": reused,
-                "errors": errors, "entries": entries, "emb": emb, "raw": manifest.column("caption").to_pylist()}
+                "errors": errors, "entries": entries, "emb": emb, "raw": manifest.column("caption").to_pylist(),
+                "pending": [], "pending_rows": []}
 
     def _guarded_finish(self, state: dict[str, Any]) -> dict[str, int] | BaseException:
         try:
