@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import typer
 
-from .app import JSON_HELP, app, run_command
+from .app import DEVICE_HELP, JSON_HELP, PRECISION_HELP, app, run_command
 
 _BOOL_FLAGS = {  # TrainConfig field -> (on flag, off flag)
     "shuffle_shards": ("--shuffle-shards", "--no-shuffle-shards"),
@@ -147,9 +147,10 @@ def eval_command(
                              "(test/*.tar with .cls/.txt, classnames.txt, zeroshot_classification_templates.txt, as "
                              "`capcurate synth` writes it) or test.parquet (image path/bytes, label, caption)."),
     pretrained: str | None = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Images (and texts) encoded per batch."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 weights for inference."),
+    batch_size: str = typer.Option("auto", "--batch-size", help="Images (and texts) encoded per batch, or auto: "
+                                   "256 on a GPU, 64 on the CPU."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     output: str | None = typer.Option(None, "--output", "-o", help="Also write the clip_benchmark-shaped "
                                          "results ({dataset, model, task, metrics}) to this JSON file."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),

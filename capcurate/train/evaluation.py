@@ -66,9 +66,27 @@ def class_embeddings(encode_texts: Callable[[Sequence[str]], torch.Tensor], clas
 def evaluate_encoders(eval_set: EvalSet, preprocess: Callable[[Any], torch.Tensor],
                       encode_images: Callable[[torch.Tensor], torch.Tensor],
                       encode_texts: Callable[[Sequence[str]], torch.Tensor],
-                      *, batch_size: int = 64, model_name: str = "") -> list[dict[str, Any]]:
-    """Embed the eval set once and compute every task it supports; clip_benchmark-shaped records."""
+                      *, batch_size: int = 64, model_name: str = "",
+                      spec: Any = None) -> list[dict[str, Any]]:
+    """Embed the eval set once and compute every task it supports; clip_benchmark-shaped records.
+
+    With ``spec`` (a ``capcurate.inputs.ImageSpec``) images take the shared input path: libjpeg-turbo
+    decode and uint8 resize per image, normalisation per batch (``encode_images`` gets the normalised
+    float batch); without it, PIL and ``preprocess`` per image.
+    """
     from PIL import Image
+
+    from ..inputs import decode_cpu
+
+    def prepare(data: bytes) -> torch.Tensor:
+        if spec is not None:
+            return spec.resize_crop(decode_cpu(data))
+        with Image.open(io.BytesIO(data)) as im:
+            return preprocess(im.convert("RGB"))
+
+    def encode(batch: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.stack(batch)
+        return encode_images(spec.normalize(x) if spec is not None else x).float()
 
     img_embs, labels, texts, text_img = [], [], [], []
     pending: list[torch.Tensor] = []
@@ -76,8 +94,7 @@ def evaluate_encoders(eval_set: EvalSet, preprocess: Callable[[Any], torch.Tenso
     n = 0
     for s in eval_set.samples():
         try:
-            with Image.open(io.BytesIO(s.image)) as im:
-                pending.append(preprocess(im.convert("RGB")))
+            pending.append(prepare(s.image))
         except Exception:
             bad += 1  # an undecodable eval image is left out and counted
             continue
@@ -87,10 +104,10 @@ def evaluate_encoders(eval_set: EvalSet, preprocess: Callable[[Any], torch.Tenso
             text_img.append(n)
         n += 1
         if len(pending) == batch_size:
-            img_embs.append(encode_images(torch.stack(pending)).float())
+            img_embs.append(encode(pending))
             pending = []
     if pending:
-        img_embs.append(encode_images(torch.stack(pending)).float())
+        img_embs.append(encode(pending))
     if n == 0:
         raise InputError(f"eval set {eval_set.root} holds no decodable images")
     images = torch.nn.functional.normalize(torch.cat(img_embs), dim=-1)
@@ -117,13 +134,19 @@ def evaluate_encoders(eval_set: EvalSet, preprocess: Callable[[Any], torch.Tenso
     return results
 
 
-def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size: int = 64,
-             device: str = "cpu", precision: str = "fp32", output: str | None = None) -> Summary:
+def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size: int | str = "auto",
+             device: str = "auto", precision: str = "auto", output: str | None = None) -> Summary:
     """``capcurate eval``: load any CLIP-style reference (open_clip, run dir, hf:) and evaluate it."""
     from .. import atomic
+    from ..devices import parse_batch_size, resolve_device, resolve_precision
     from ..models.scorers import load_scorer
 
     t0 = time.time()
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    batch_size = parse_batch_size(batch_size)
+    if batch_size == "auto":
+        batch_size = 256 if device.startswith("cuda") else 64
     eval_set = open_eval_set(data)
     scorer = load_scorer(model, pretrained=pretrained, device=device, precision=precision)
     # bf16/fp16 models keep some parameters fp32: pixels go in the dtype of the layer that takes them
@@ -133,7 +156,7 @@ def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size
         return scorer.encode_images(pixels if pixel_dtype is None else pixels.to(pixel_dtype))
 
     results = evaluate_encoders(eval_set, scorer.preprocess, encode_images, scorer.encode_texts,
-                                batch_size=batch_size, model_name=model)
+                                batch_size=batch_size, model_name=model, spec=scorer.spec)
     if pretrained:
         for r in results:
             r["pretrained"] = pretrained
@@ -141,5 +164,6 @@ def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size
         atomic.write_json(output, results if len(results) > 1 else results[0])
     flat = {f"{r['task']}/{k}": round(v, 6) for r in results for k, v in r["metrics"].items()}
     return Summary("eval", counts={"images": results[0]["num_samples"], **flat},
-                   details={"results": results, "output": output}, seconds=time.time() - t0,
+                   details={"results": results, "output": output, "device": device, "precision": precision,
+                            "batch_size": batch_size}, seconds=time.time() - t0,
                    message=f"evaluated {model} on {eval_set.name}")
