@@ -109,3 +109,19 @@ def test_shared_options_refuse_bad_values_in_one_line(tiny_dataset, tiny_opencli
         assert res.exit_code == 2 and "--decode must be one of" in res.output
         res = runner.invoke(app, [*command, "--batch-size", "0"])
         assert res.exit_code == 2 and "--batch-size" in res.output
+
+
+def test_shards_stream_in_windows_with_the_same_results(tiny_dataset, tiny_openclip, monkeypatch):
+    """A pool of thousands of shards goes through in windows of STREAM_WINDOW (bounded memory)."""
+    import capcurate.engines.local as local
+
+    cfg, weights = tiny_openclip
+    ref = f"openclip:{cfg}"
+    score(tiny_dataset, ref, "one", pretrained=str(weights), workers=0, batch_size=5)
+    monkeypatch.setattr(local, "STREAM_WINDOW", 2)  # 3 shards: windows of 2 and 1
+    s = score(tiny_dataset, ref, "two", pretrained=str(weights), workers=0, batch_size=5)
+    assert s.counts["shards_processed"] == 3
+    for x, y in zip(_table(tiny_dataset, "scores", "one"), _table(tiny_dataset, "scores", "two"), strict=True):
+        assert (x["score_one_raw"] is None) == (y["score_two_raw"] is None) and x["error_one"] == y["error_two"]
+        if x["score_one_raw"] is not None:
+            assert x["score_one_raw"] == pytest.approx(y["score_two_raw"], abs=1e-6)

@@ -11,15 +11,25 @@ if TYPE_CHECKING:
     from . import EngineResult, ShardJob
 
 
+# shards per input stream: a stream holds every row of its shards (ids, keys, captions) in memory, so a
+# pool of thousands of shards goes through in windows; a new window costs one worker start-up
+STREAM_WINDOW = 16
+
+
+def _streamed(many, shard_ids: list[str]):
+    for i in range(0, len(shard_ids), STREAM_WINDOW):
+        yield from many(shard_ids[i:i + STREAM_WINDOW])
+
+
 def run_local(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *,
               description: str = "shards", fail_fast: bool = False) -> None:
     if not shard_ids:
         return
     job.setup()
     many = getattr(job, "process_many", None)
-    if callable(many):  # one input stream across all shards: workers and read-ahead live for the run
+    if callable(many):  # one input stream across many shards: workers and read-ahead live across them
         with progress_bar(len(shard_ids), description) as advance:
-            for sid, outcome in many(list(shard_ids)):
+            for sid, outcome in _streamed(many, list(shard_ids)):
                 if isinstance(outcome, BaseException):
                     if fail_fast or isinstance(outcome, KeyboardInterrupt):
                         raise outcome

@@ -240,7 +240,7 @@ class ScoreJob:
         import torch
 
         emb = torch.cat(state["pending"]).cpu().numpy()
-        if state["emb"].shape[1] != emb.shape[1]:  # embed_dim unknown from the config
+        if state["emb"] is None or state["emb"].shape[1] != emb.shape[1]:
             state["emb"] = np.zeros((len(state["uids"]), emb.shape[1]), np.float32)
         state["emb"][state["pending_rows"]] = emb
         state["pending"], state["pending_rows"] = [], []
@@ -260,7 +260,7 @@ class ScoreJob:
         errors: list[str | None] = [None if s == "success" else f"not downloaded: {s}" for s in status]
         # the row number is the id the stream echoes back, so repeated uids cannot collide
         entries = [(str(i), keys[i]) for i in range(len(keys)) if status[i] == "success"]
-        emb = np.zeros((len(uids), self.scorer.embed_dim or 1), np.float32)
+        emb = None  # allocated when the shard's embeddings come back (a window holds many shards)
         if reused is not None:
             emb, errors = reused
         return {"sid": shard_id, "uids": uids, "previous": previous, "todo": todo, "reused": reused,
@@ -276,6 +276,8 @@ class ScoreJob:
     def _finish_shard(self, state: dict[str, Any]) -> dict[str, int]:
         shard_id, uids, previous, todo, reused = (state[k] for k in ("sid", "uids", "previous", "todo", "reused"))
         img_emb, errors = state["emb"], state["errors"]
+        if img_emb is None:  # no image of the shard came back: every row carries its error
+            img_emb = np.zeros((len(uids), self.scorer.embed_dim or 1), np.float32)
         delivered = {int(r) for r, _ in state["entries"]}
         for i in delivered:  # a row the stream never returned must not pass for a zero embedding
             if errors[i] is None and not img_emb[i].any() and reused is None:
