@@ -147,10 +147,13 @@ def test_score_resumes_after_kill(scored_dataset, tiny_openclip, monkeypatch):
         score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), workers=0)
     monkeypatch.setattr(ScoreJob, "_finish_shard", real)
     out = Dataset(scored_dataset).family_dir("scores", "tiny")
-    assert sorted(p.name for p in out.glob("*.parquet")) == ["00000.parquet"]
+    # shards finished before the interrupt are kept (the finishing thread may have completed a later one);
+    # the interrupted shard left no file
+    done = sorted(p.name for p in out.glob("*.parquet"))
+    assert "00000.parquet" in done and "00001.parquet" not in done
     first = pq.read_table(out / "00000.parquet")
     summary = score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), workers=0)
-    assert summary.counts["shards_skipped"] == 1 and summary.counts["shards_processed"] == 2
+    assert summary.counts["shards_skipped"] == len(done) and summary.counts["shards_processed"] == 3 - len(done)
     assert pq.read_table(out / "00000.parquet").equals(first)
     assert len(rows(scored_dataset)) == 20
 

@@ -71,6 +71,10 @@ def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str]):
     return np.load(img).astype(np.float32), table.column("error").to_pylist()
 
 
+def _ready(outcome: Any) -> bool:
+    return not hasattr(outcome, "done") or outcome.done()
+
+
 # -- the per-shard job -----------------------------------------------------------------------------
 @dataclass
 class ScoreJob:
@@ -207,6 +211,17 @@ class ScoreJob:
             states.append(state)
         if not works:
             return
+        from concurrent.futures import ThreadPoolExecutor
+
+        # a finished shard's texts (tokenising, the text tower), scores and file are done by one thread
+        # beside the image stream, so the next images are decoded and embedded meanwhile
+        with ThreadPoolExecutor(1, thread_name_prefix="capcurate-score-finish") as finisher:
+            yield from self._stream_shards(works, states, finisher)
+
+    def _stream_shards(self, works: list[Any], states: list[Any], finisher: Any):
+        from collections import deque
+
+        pending: deque = deque()  # (shard id, future) in completion order
         broken: dict[int, BaseException] = {}
         for batch in self._stream(works):
             for pos, rid, reason in batch.failed:
@@ -228,9 +243,24 @@ class ScoreJob:
             for pos in batch.completed:
                 st = states[pos]
                 states[pos] = None  # free the shard's embeddings once written
-                if pos not in broken:
-                    self._collect(st)
-                yield st["sid"], broken.pop(pos) if pos in broken else self._guarded_finish(st)
+                if pos in broken:
+                    pending.append((st["sid"], broken.pop(pos)))
+                else:
+                    pending.append((st["sid"], finisher.submit(self._collect_and_finish, st)))
+            # hand back finished shards in order; hold at most two in flight (their rows stay in memory)
+            while pending and (len(pending) > 2 or _ready(pending[0][1])):
+                sid, outcome = pending.popleft()
+                yield sid, outcome.result() if hasattr(outcome, "result") else outcome
+        while pending:
+            sid, outcome = pending.popleft()
+            yield sid, outcome.result() if hasattr(outcome, "result") else outcome
+
+    def _collect_and_finish(self, state: dict[str, Any]) -> dict[str, int] | BaseException:
+        try:
+            self._collect(state)
+        except Exception as e:
+            return e
+        return self._guarded_finish(state)
 
     @staticmethod
     def _collect(state: dict[str, Any]) -> None:
