@@ -199,3 +199,15 @@ def test_top_fraction_with_basic_is_their_intersection(pool):
     s = run_filter(root, "datacomp_best", top_fraction=0.3, score="b32:raw", basic=True)
     top, basic = ({r["uid"] for r in selected(root, n)} for n in ("top", "basic"))
     assert {r["uid"] for r in selected(root, "datacomp_best")} == top & basic and s.counts["kept"] == len(top & basic)
+
+
+@pytest.mark.parametrize("text", ["red\xa0circle\xa0left", "red\u3000circle\u3000left", "red \u2009circle\tleft",
+                                  "red circle", "redcircleleft", "  red\u00a0\u00a0circle  left\u2028"])
+def test_basic_word_count_follows_python_str_split(text):
+    # DataComp counts words with Python's str.split(): non-breaking and ideographic spaces separate words
+    import duckdb
+
+    rule = dict(BasicFilter(language=None, min_words=3).rules("t", "1", "1"))["basic: caption words >= 3"]
+    got = duckdb.connect().execute(f"SELECT {rule} FROM (SELECT ? AS t)", [text]).fetchone()[0]
+    assert got == (len(text.split()) >= 3)
+    assert len("red\xa0circle\xa0left".split()) == 3

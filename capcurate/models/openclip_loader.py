@@ -166,7 +166,10 @@ def export_openclip_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_d
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file() and f.name != OPENCLIP_CONFIG:
                 shutil.copy2(f, out / f.name)
-        cfg.setdefault("text_cfg", {})["hf_tokenizer_name"] = str(out)
+        # absolute: open_clip's add_model_config + get_tokenizer(name) reads this path as is, so a path
+        # relative to where training ran would break loading from any other directory
+        # (``local-dir:`` loading ignores it and uses the folder itself, so a moved run still loads)
+        cfg.setdefault("text_cfg", {})["hf_tokenizer_name"] = str(out.resolve())
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic.atomic_path(out / "open_clip_model.safetensors") as tmp:
         save_file(state, str(tmp))

@@ -15,6 +15,22 @@ from typing import Any
 LANG_FUNCTION = "capcurate_language"
 
 
+def _python_whitespace_class() -> str:
+    """An RE2 class of every character Python's ``str.split()`` splits on.
+
+    RE2's ``\\s`` is ASCII only, so a caption joined by non-breaking (U+00A0) or ideographic (U+3000)
+    spaces would count as one word in SQL and as several in DataComp's Python.
+    """
+    import sys
+
+    spaces = [c for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    return "".join(f"\\x{{{c:x}}}" for c in spaces)
+
+
+# one word = a maximal run of characters that are not Python whitespace
+WORD_PATTERN = f"[^{_python_whitespace_class()}]+"
+
+
 @dataclass(frozen=True)
 class BasicFilter:
     language: str | None = "en"     # ISO 639-1 code py3langid must predict; None skips the rule
@@ -33,9 +49,9 @@ class BasicFilter:
             # the language of each distinct caption is computed once into __capcurate_lang (see below)
             rules.append((f"basic: caption language = {self.language}",
                           f"{caption} IN (SELECT text FROM __capcurate_lang WHERE lang = '{self.language}')"))
-        # regexp_extract_all(.., '\\S+') counts words exactly as Python's str.split() does
+        # counts words exactly as DataComp's Python ``len(text.split())`` does (Unicode spaces too)
         rules.append((f"basic: caption words >= {self.min_words}",
-                      f"len(regexp_extract_all({caption}, '\\S+')) >= {int(self.min_words)}"))
+                      f"len(regexp_extract_all({caption}, '{WORD_PATTERN}')) >= {int(self.min_words)}"))
         rules.append((f"basic: caption chars >= {self.min_chars}", f"length({caption}) >= {int(self.min_chars)}"))
         rules.append((f"basic: min(width, height) >= {self.min_side}",
                       f"least({width}, {height}) >= {int(self.min_side)}"))

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import random
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,8 +41,24 @@ from ..shards import IMAGE_EXTS, index_tar
 from .gpu_batches import CropAug, pack_batch
 
 TEXT_EXTS = ("txt", "text", "caption")
-# meta tensor carried with every batch: logical worker, raw position after it, batches done, skipped
-META_FIELDS = ("worker", "raw_pos", "batches", "skipped")
+# meta tensor carried with every batch: logical worker, raw position after it, batches done, skipped,
+# shard opens that failed this epoch
+META_FIELDS = ("worker", "raw_pos", "batches", "skipped", "open_errors")
+
+log = logging.getLogger("capcurate.train")
+
+
+class ShardsUnreadable(InputError):
+    """No training shard could be opened for a whole cycle: the stream would otherwise wait forever."""
+
+
+def one_line_cause(exc: BaseException) -> str:
+    """The cause of an exception re-raised from a DataLoader worker (whose message holds the worker's
+    traceback), as one line."""
+    lines = [x.strip() for x in str(exc).strip().splitlines() if x.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last
 
 
 @dataclass
@@ -120,6 +138,31 @@ def check_members(url: str, probe: int = 16) -> None:
                          f"(keys e.g. {', '.join(keys[:3])}); training needs a caption per image")
 
 
+# curl's exit statuses as webdataset's pipe reports them when the stream closes
+CURL_EXITS = {6: "could not resolve host", 7: "could not connect", 22: "HTTP error status", 28: "timed out",
+              35: "TLS handshake failed", 56: "connection reset"}
+
+
+def _close(stream: Any) -> str | None:
+    """Close a shard stream; the failure it reports (a pipe's exit status), as one line, or None."""
+    if stream is None:
+        return None
+    try:
+        stream.close()
+    except Exception as e:
+        status = re.search(r"exit (\d+)", str(e))
+        if status and "curl" in str(e):
+            code = int(status.group(1))
+            return f"curl exit {code} ({CURL_EXITS.get(code, 'download failed')})"
+        return _first_line(e)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
 def _seed_of(*parts: Any) -> int:
     return zlib.crc32(":".join(map(str, parts)).encode())
 
@@ -185,6 +228,75 @@ class TrainStream(torch.utils.data.IterableDataset):
                 yield {"url": u}
             cycle += 1
 
+    def _shards_per_cycle(self, gid: int, total: int) -> int:
+        """How many shard opens make one full cycle of this reader's shards."""
+        if len(self.urls) < total:
+            return len(self.urls)  # draws with replacement: as many draws as there are shards
+        return len(range(gid, len(self.urls), total))
+
+    def _tar_members(self, gid: int, total: int, counter: dict[str, int]) -> Iterator[dict[str, Any]]:
+        """Members of this reader's shards, cycling; a shard that cannot be opened (or yields nothing)
+        is counted in ``counter["open_errors"]`` and logged once per shard. When a full cycle of this
+        reader's shards failed, every shard is probed once: if none opens, ``ShardsUnreadable``."""
+        import webdataset as wds
+
+        def member_error(exn: Exception) -> bool:
+            counter["skipped"] += 1  # a damaged member or tar: count it, keep going
+            return True
+
+        per_cycle = self._shards_per_cycle(gid, total)
+        logged: set[str] = set()
+        failures: dict[str, str] = {}  # shards that failed since the last one that opened
+        for src in self._shard_stream(gid, total):
+            url, n, cause = src["url"], 0, "it holds no tar members"
+            stream = None
+            try:
+                stream = wds.gopen(url)
+                for member in wds.tariterators.tar_file_iterator(stream, handler=member_error):
+                    member["__url__"] = url
+                    n += 1
+                    yield member
+            except Exception as e:
+                cause = _first_line(e)
+                if n:
+                    counter["skipped"] += 1  # cut off after some members: counted like a damaged tar
+            closed = _close(stream)  # a failed download (curl's exit status) shows only when closed
+            if closed and not n:
+                cause = closed
+            if n:
+                failures.clear()
+                continue
+            counter["open_errors"] += 1
+            failures[url] = cause
+            if url not in logged:
+                logged.add(url)
+                log.warning("cannot open training shard %s: %s", url, cause)
+            if len(failures) >= per_cycle and not self._any_shard_opens(failures):
+                first = next(iter(failures.items()))
+                raise ShardsUnreadable(
+                    f"none of the {len(self.urls)} training shards could be opened "
+                    f"(first: {first[0]}: {first[1]}); check the paths or URLs and that the server is up")
+            if len(failures) >= per_cycle:
+                failures.clear()  # another reader's shards open: this reader tries its next cycle
+
+    def _any_shard_opens(self, known_bad: dict[str, str]) -> bool:
+        """Whether some shard outside ``known_bad`` yields at least one tar member."""
+        import webdataset as wds
+
+        for url in self.urls:
+            if url in known_bad:
+                continue
+            stream = None
+            try:
+                stream = wds.gopen(url)
+                if next(iter(wds.tariterators.tar_file_iterator(stream)), None) is not None:
+                    _close(stream)
+                    return True
+            except Exception as e:
+                known_bad[url] = _first_line(e)
+            known_bad[url] = _close(stream) or known_bad.get(url, "it holds no tar members")
+        return False
+
     def _raw_samples(self, gid: int, total: int, counter: dict[str, int]) -> Iterator[dict[str, Any]]:
         import webdataset as wds
 
@@ -192,8 +304,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             counter["skipped"] += 1  # a damaged member or tar: count it, keep going
             return True
 
-        src = wds.tariterators.url_opener(self._shard_stream(gid, total), handler=handler)
-        files = wds.tariterators.tar_file_expander(src, handler=handler)
+        files = self._tar_members(gid, total, counter)
         samples = wds.tariterators.group_by_keys(files, handler=handler)
         if self.shuffle_buffer > 1:
             rng = random.Random(_seed_of(self.seed, self.epoch, "buffer", gid))
@@ -249,7 +360,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     def _batches(self, logical: int, state: WorkerState):
         gid = self.rank * self.num_workers + logical
         total = self.world_size * self.num_workers
-        counter = {"skipped": state.skipped}
+        counter = {"skipped": state.skipped, "open_errors": 0}
         raw_pos, batches = 0, state.batches
         images: list[tuple[str, Any]] = []
         texts: list[str] = []
@@ -267,7 +378,8 @@ class TrainStream(torch.utils.data.IterableDataset):
             texts.append(item[2])
             if len(images) == self.batch_size:
                 batches += 1
-                meta = torch.tensor([logical, raw_pos, batches, counter["skipped"]], dtype=torch.long)
+                meta = torch.tensor([logical, raw_pos, batches, counter["skipped"], counter["open_errors"]],
+                                    dtype=torch.long)
                 yield self._pack(images), self.tokenizer(texts), meta
                 images, texts = [], []
                 if batches >= self.batches_per_worker:

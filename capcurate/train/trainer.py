@@ -27,12 +27,14 @@ from ..summary import Summary
 from . import checkpoint as ckpt_mod
 from .config import PRECISIONS, TrainConfig
 from .data import (
+    ShardsUnreadable,
     TrainStream,
     WorkerState,
     batches_per_worker,
     check_members,
     count_samples,
     make_loader,
+    one_line_cause,
     resolve_shards,
 )
 from .distributed import (
@@ -71,6 +73,8 @@ def train(data: str | TrainConfig, output: str | None = None, **options: Any) ->
     dist = init_distributed(config.device)
     try:
         return _Trainer(config, dist).run()
+    except ShardsUnreadable as e:  # from a DataLoader worker its message carries the worker's traceback
+        raise ShardsUnreadable(one_line_cause(e)) from None
     finally:
         cleanup(dist)
 
@@ -243,6 +247,7 @@ class _Trainer:
         last: dict[str, float] = {"loss": float("nan")}
         saved_step = step if resume_from is not None else -1
         skipped = 0
+        open_errors: dict[tuple[int, int], int] = {}  # (epoch, worker) -> shards that failed to open
         seen = 0
         rate = 0.0
         stats = StepStats(dist.device, cfg.accum)
@@ -264,7 +269,8 @@ class _Trainer:
                     worker = int(meta[0])
                     if failed:
                         failed_here[worker] = failed_here.get(worker, 0) + failed
-                    raw_pos, batches, worker_skipped = map(int, meta[1:].tolist())
+                    raw_pos, batches, worker_skipped = map(int, meta[1:4].tolist())
+                    open_errors[(epoch, worker)] = int(meta[4])
                     data_state[worker] = WorkerState(raw_pos, batches, worker_skipped + failed_here.get(worker, 0))
                     sync = micro_done % cfg.accum == 0
                     stats.add(self._micro_step(images, texts, loss_fn, sync))
@@ -310,6 +316,7 @@ class _Trainer:
             return None
         counts = {"steps": step, "total_steps": total_steps, "epochs": cfg.epochs, "world_size": dist.world_size,
                   "samples_seen": seen, "samples_per_s": seen / max(train_s, 1e-9), "skipped_samples": skipped,
+                  "shard_open_errors": sum(open_errors.values()),
                   **{k: v for k, v in last.items()}}
         summary = Summary("train", counts=counts, details={
             "run": str(self.run_dir), "model": setup.name, "checkpoint": str(ckpt_mod.latest_checkpoint(self.run_dir)),
