@@ -117,3 +117,17 @@ def test_step_stats_reduce_on_a_nccl_group_and_training_under_it(shards):
         assert s.ok and s.counts["steps"] == 2
     finally:
         tdist.destroy_process_group()
+
+
+def test_optimizer_is_fused_on_cuda_and_the_reference_loop_on_cpu():
+    from capcurate.train.config import TrainConfig
+    from capcurate.train.model_setup import build_optimizer
+
+    cfg = TrainConfig(data="", output="")
+    gpu = build_optimizer(torch.nn.Linear(4, 4).cuda(), cfg)
+    cpu = build_optimizer(torch.nn.Linear(4, 4), cfg)
+    assert gpu.defaults["fused"] is True and not cpu.defaults.get("fused")
+    model = torch.nn.Linear(4, 4).cuda()
+    opt = build_optimizer(model, cfg)
+    model(torch.randn(2, 4, device="cuda")).sum().backward()
+    opt.step()
