@@ -3,6 +3,12 @@
 A file that exists under its final name is therefore complete; that is what makes every stage
 resumable by skipping finished shards. Temp names start with '.' so globs like '*.parquet' never
 see a half-written file.
+
+Many processes may write into one folder at once (``--part i/N`` runs of a SLURM array, Ray actors,
+on one host or several sharing a filesystem). A temp name says who writes it
+(``.<name>~<host>~<pid>~<token>.tmp``), so a cleaner removes only temps whose writer is provably gone:
+written on this host by a process that no longer exists. Another host's temps are never touched.
+A temp file that vanished before its rename is an error, never a success.
 """
 
 from __future__ import annotations
@@ -10,29 +16,87 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import StageFailed
+
+SEP = "~"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def host_name() -> str:
+    """This host's name as it appears in temp names (no separators, no path characters)."""
+    return _UNSAFE.sub("_", platform.node() or "unknown-host")
+
+
+def owner_tag() -> str:
+    """``<host>~<pid>``: who owns a temp file or a scratch folder made by this process."""
+    return f"{host_name()}{SEP}{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (an EPERM answer means it does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def owner_gone(host: str, pid: int) -> bool:
+    """True only when the owner is provably gone: on this host, and its process no longer exists.
+
+    A pid that was reused by another process counts as alive (a leftover is kept, never a live file
+    removed); another host's owner cannot be checked and is never judged gone.
+    """
+    return host == host_name() and pid != os.getpid() and not pid_alive(pid)
+
+
+def parse_owner(name: str) -> tuple[str, int] | None:
+    """(host, pid) of a temp file or scratch folder name that carries ``~<host>~<pid>~``, else None."""
+    parts = name.rsplit(SEP, 3)  # the final name may hold a '~'; host and pid never do
+    if len(parts) != 4 or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
+
 
 def temp_path_for(path: Path) -> Path:
-    """A unique hidden sibling of ``path`` to write into before the final rename."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    """A unique hidden sibling of ``path`` (``.<name>~<host>~<pid>~<token>.tmp``) to write into first."""
+    return path.with_name(f".{path.name}{SEP}{owner_tag()}{SEP}{uuid.uuid4().hex[:8]}.tmp")
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path; on success it is fsynced and renamed to ``path``, on error removed."""
+    """Yield a temp path; on success it is fsynced and renamed to ``path``, on error removed.
+
+    The caller must have written the temp file: a temp that is missing at the end (never written, or
+    removed by someone else meanwhile) raises ``StageFailed`` and ``path`` is left as it was.
+    """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(final)
     try:
         yield tmp
-        if tmp.exists():
+        try:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
+        except FileNotFoundError:
+            raise StageFailed(
+                f"the temporary file of {final} vanished before it was renamed (removed by another "
+                "process?): nothing was written; run again"
+            ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -58,12 +122,20 @@ def write_parquet(path: str | os.PathLike, table: Any, **kwargs: Any) -> None:
 
 
 def clean_stale_temps(folder: str | os.PathLike) -> int:
-    """Remove temp files a killed run left behind in ``folder``; returns how many."""
+    """Remove the temp files in ``folder`` whose writer is provably gone; returns how many.
+
+    Only temps written on this host by a process that no longer exists are removed. Temps of live
+    processes (another ``--part`` writing now), of other hosts, and of older capcurate versions (whose
+    names do not say the host) stay.
+    """
     n = 0
     p = Path(folder)
     if not p.is_dir():
         return 0
     for f in p.glob(".*.tmp"):
+        owner = parse_owner(f.name)
+        if owner is None or not owner_gone(*owner):
+            continue
         with contextlib.suppress(FileNotFoundError):
             f.unlink()
             n += 1

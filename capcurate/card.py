@@ -15,7 +15,7 @@ import platform
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from . import __version__, atomic
 from .errors import DatasetError, OutputExistsError
 
 CARD_NAME = "capcurate.json"
+LOCK_NAME = ".capcurate.lock"
 FORMAT = "capcurate-dataset"
 FORMAT_VERSION = 1
 
@@ -51,16 +52,6 @@ def normalise_params(params: dict[str, Any]) -> dict[str, Any]:
 _RUNNING: dict[str, int] = {}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, owned by someone else
-        return True
-    return True
-
-
 def may_be_running(entry: dict[str, Any]) -> bool:
     """Whether the run behind an unfinished lineage entry may still be writing (False once it is known over).
 
@@ -76,7 +67,7 @@ def may_be_running(entry: dict[str, Any]) -> bool:
         return True
     pid = int(parts[1])
     if pid != os.getpid():
-        return _pid_alive(pid)
+        return atomic.pid_alive(pid)
     owner = _RUNNING.get(entry["id"])
     if owner is None or owner == threading.get_ident():
         return False
@@ -118,7 +109,7 @@ class Card:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the card's file lock (other processes' ``editing`` and ``claim_output`` wait)."""
-        lock_path = self.root / ".capcurate.lock"
+        lock_path = self.root / LOCK_NAME
         with open(lock_path, "a+") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
@@ -141,6 +132,41 @@ class Card:
     def lineage(self, family: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
         return _select(self.read().get("lineage", []), family, name)
 
+    def claim(
+        self, *, stage: str, family: str, name: str, params: dict[str, Any], overwrite: bool,
+        exists: bool | Callable[[], bool], model: dict[str, Any] | None = None,
+        remove: Callable[[], None] | None = None,
+    ) -> tuple[str, str]:
+        """Claim ``family/name`` and start its lineage entry in one locked step; returns (mode, entry id).
+
+        ``mode`` is 'new', 'resume' or 'overwrite' (the rule of ``claim_output``). ``exists`` (a bool, or
+        a callable asked under the lock) says whether outputs of that name are on disk. With 'overwrite',
+        ``remove`` deletes the old outputs under the lock before the entry is written, so a run killed
+        while deleting leaves the old lineage in place and nobody resumes into half-deleted outputs.
+        Entries of runs that wrote nothing and are over are dropped: they do not hold the name.
+        A run that then writes nothing at all (its model did not load) calls ``abandon_entry``.
+        """
+        params = normalise_params(params)
+        with self.editing() as card:
+            previous = _select(card.get("lineage", []), family, name)
+            mode, void = _decide(family, name, params, previous,
+                                 overwrite=overwrite, exists=exists() if callable(exists) else exists)
+            if mode == "overwrite":
+                if remove is not None:
+                    remove()
+                void = {e["id"] for e in previous}
+            card["lineage"] = [e for e in card["lineage"] if e.get("id") not in void]
+            entry = self._new_entry(stage, family, name, params, model)
+            card["lineage"].append(entry)
+        _RUNNING[entry["id"]] = threading.get_ident()
+        return mode, entry["id"]
+
+    def abandon_entry(self, entry_id: str) -> None:
+        """Remove an entry whose run wrote nothing (it failed before its first output): the name is free."""
+        _RUNNING.pop(entry_id, None)
+        with self.editing() as card:
+            card["lineage"] = [e for e in card["lineage"] if e.get("id") != entry_id]
+
     def claim_output(
         self, family: str, name: str, params: dict[str, Any], *, overwrite: bool, exists: bool
     ) -> str:
@@ -151,46 +177,22 @@ class Card:
         wrote nothing (``exists`` is false) and is over (finished, or its process gone) does not hold the
         name: with other parameters the claim is 'new' and ``start_entry`` replaces its entries.
 
-        The card is read under its lock, and ``start_entry`` (same Card, same family/name) checks again
-        under the lock that no run with other parameters took the name in between.
+        Prefer ``claim``, which also starts the entry under the same lock. Here the card is read under
+        its lock, and ``start_entry`` (same Card, same family/name) checks again under the lock that no
+        run with other parameters took the name in between.
         """
         params = normalise_params(params)
         with self.locked():
             previous = _select(self.read().get("lineage", []), family, name)
-        self._claims[(family, name)] = ({e["id"] for e in previous}, set())
-        if not previous and not exists:
-            return "new"
-        if overwrite:
-            return "overwrite"
-        if not previous:
-            raise OutputExistsError(
-                f"{family}/{name} exists but has no lineage entry; pass --overwrite to replace it"
-            )
-        last = previous[-1]
-        if last.get("parameters") != params and not exists:
-            # nothing was written: only a run that may still be writing holds the name
-            held = [e for e in previous if may_be_running(e)]
-            if not held:
-                self._claims[(family, name)] = ({e["id"] for e in previous}, {e["id"] for e in previous})
-                return "new"
-            last = held[-1]
-        if last.get("parameters") != params:
-            changed = _differing(params, last.get("parameters", {}))
-            raise OutputExistsError(
-                f"{family}/{name} was made with other parameters (differs in: {', '.join(changed)}); "
-                "choose another --name or pass --overwrite"
-            )
-        return "resume"
+        mode, void = _decide(family, name, params, previous, overwrite=overwrite, exists=exists)
+        self._claims[(family, name)] = ({e["id"] for e in previous}, void)
+        return mode
 
-    def start_entry(
-        self, *, stage: str, family: str | None, name: str | None, params: dict[str, Any],
-        model: dict[str, Any] | None = None, replace: bool = False,
-    ) -> str:
-        """Append a lineage entry (finished=None) and return its id; ``replace`` drops older ones of that name."""
+    def _new_entry(self, stage: str, family: str | None, name: str | None, params: dict[str, Any],
+                   model: dict[str, Any] | None) -> dict[str, Any]:
         # the random tail keeps ids unique when one process starts two runs within a second
-        entry_id = f"{stage}-{now()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        entry = {
-            "id": entry_id,
+        return {
+            "id": f"{stage}-{now()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
             "stage": stage,
             "family": family,
             "name": name,
@@ -204,6 +206,14 @@ class Card:
             "finished": None,
             "counts": {},
         }
+
+    def start_entry(
+        self, *, stage: str, family: str | None, name: str | None, params: dict[str, Any],
+        model: dict[str, Any] | None = None, replace: bool = False,
+    ) -> str:
+        """Append a lineage entry (finished=None) and return its id; ``replace`` drops older ones of that name."""
+        entry = self._new_entry(stage, family, name, params, model)
+        entry_id = entry["id"]
         claim = self._claims.pop((family, name), None) if family is not None and name is not None else None
         with self.editing() as card:
             if replace:
@@ -238,6 +248,31 @@ class Card:
         with self.editing() as card:
             if source not in card["sources"]:
                 card["sources"].append(source)
+
+
+def _decide(family: str, name: str, params: dict[str, Any], previous: list[dict[str, Any]], *,
+            overwrite: bool, exists: bool) -> tuple[str, set[str]]:
+    """(mode, ids of void entries) for a claim of ``family/name`` given its earlier entries; may refuse."""
+    if not previous and not exists:
+        return "new", set()
+    if overwrite:
+        return "overwrite", set()
+    if not previous:
+        raise OutputExistsError(f"{family}/{name} exists but has no lineage entry; pass --overwrite to replace it")
+    last = previous[-1]
+    if last.get("parameters") != params and not exists:
+        # nothing was written: only a run that may still be writing holds the name
+        held = [e for e in previous if may_be_running(e)]
+        if not held:
+            return "new", {e["id"] for e in previous}
+        last = held[-1]
+    if last.get("parameters") != params:
+        changed = _differing(params, last.get("parameters", {}))
+        raise OutputExistsError(
+            f"{family}/{name} was made with other parameters (differs in: {', '.join(changed)}); "
+            "choose another --name or pass --overwrite"
+        )
+    return "resume", set()
 
 
 def _select(entries: list[dict[str, Any]], family: str | None, name: str | None) -> list[dict[str, Any]]:

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pyarrow as pa
 
-from .card import CARD_NAME, Card
+from . import atomic
+from .card import CARD_NAME, LOCK_NAME, Card  # noqa: F401  (CARD_NAME: re-exported)
 from .errors import DatasetError, InputError, OutputExistsError
 
 SAMPLE_COLUMNS = [
@@ -92,22 +93,28 @@ class Dataset:
         we never write into somebody else's files by accident.
         """
         root = Path(root)
-        if (root / CARD_NAME).is_file():
-            if not allow_existing_dataset:
-                raise OutputExistsError(f"{root} is already a capcurate dataset")
-            ds = cls(root)
-            for s in sources or []:
-                ds.card.add_source(s)
-            return ds
-        if root.exists() and not root.is_dir():
-            raise DatasetError(f"{root} exists and is not a directory")
-        if root.is_dir() and any(root.iterdir()) and not force:
-            raise OutputExistsError(
-                f"{root} exists, is not empty and is not a capcurate dataset; pass --force to use it anyway"
-            )
-        root.mkdir(parents=True, exist_ok=True)
-        Card(root).create(sources)
-        return cls(root)
+        card = Card(root)
+        if not card.exists():
+            if root.exists() and not root.is_dir():
+                raise DatasetError(f"{root} exists and is not a directory")
+            # another --part may be creating this dataset right now: its lock and temp files do not count
+            foreign = [p for p in root.iterdir() if p.name != LOCK_NAME and not atomic.is_temp_name(p.name)
+                       ] if root.is_dir() else []
+            if foreign and not force and not card.exists():
+                raise OutputExistsError(
+                    f"{root} exists, is not empty and is not a capcurate dataset; pass --force to use it anyway"
+                )
+            root.mkdir(parents=True, exist_ok=True)
+            with card.locked():  # several processes may create one dataset at once: one card wins
+                if not card.exists():
+                    card.create(sources)
+                    return cls(root)
+        if not allow_existing_dataset:
+            raise OutputExistsError(f"{root} is already a capcurate dataset")
+        ds = cls(root)
+        for s in sources or []:
+            ds.card.add_source(s)
+        return ds
 
     # -- paths -------------------------------------------------------------------------------------
     @property
@@ -157,13 +164,16 @@ class Dataset:
         parameters are refused unless ``overwrite``, which empties both folders first. Returns the id of
         the lineage entry the stage finishes with ``card.finish_entry``.
         """
-        exists = bool(self.shard_ids()) or (self.shards_dir.is_dir() and any(self.shards_dir.iterdir()))
-        mode = self.card.claim_output("shards", stage, params, overwrite=overwrite, exists=exists)
-        if mode == "overwrite":
+        def exists() -> bool:
+            return bool(self.shard_ids()) or (self.shards_dir.is_dir() and any(self.shards_dir.iterdir()))
+
+        def remove() -> None:
             shutil.rmtree(self.shards_dir, ignore_errors=True)
             shutil.rmtree(self.samples_dir, ignore_errors=True)
-        return self.card.start_entry(stage=stage, family="shards", name=stage, params=params,
-                                     replace=mode == "overwrite")
+
+        _mode, entry = self.card.claim(stage=stage, family="shards", name=stage, params=params,
+                                       overwrite=overwrite, exists=exists, remove=remove)
+        return entry
 
     # -- querying ----------------------------------------------------------------------------------
     def connect(self, **kwargs: Any):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, atomic
+from .. import __version__, atomic, lineage
 from ..dataset import Dataset, check_name
 from ..errors import InputError, StageFailed
 from ..summary import Summary
@@ -162,6 +162,7 @@ class RecaptionJob:
     _captioner: Any = field(default=None, repr=False)
     _batch: int = 0
     _state: dict[str, int] = field(default_factory=dict)
+    _inputs: dict[str, dict[str, str]] = field(default_factory=dict, repr=False)  # shard -> what it read
     batch_note: str = ""
 
     @property
@@ -171,6 +172,11 @@ class RecaptionJob:
 
     def output_path(self, shard_id: str) -> Path:
         return Path(self.root) / FAMILY / self.name / f"{shard_id}.parquet"
+
+    def is_done(self, shard_id: str) -> bool:
+        """Done when the file exists and was made from the shard's current manifest (capcurate.lineage)."""
+        return lineage.is_fresh(self.output_path(shard_id),
+                                {lineage.SAMPLES: Path(self.root) / "samples" / f"{shard_id}.parquet"})
 
     def setup(self) -> None:
         if self._captioner is not None:
@@ -219,8 +225,6 @@ class RecaptionJob:
 
     def process_many(self, shard_ids: list[str]):
         """Yield ``(shard_id, counts)`` as each shard's file is written, or ``(shard_id, exception)``."""
-        import pyarrow.parquet as pq
-
         from ..inputs import ShardWork
 
         self.setup()
@@ -228,7 +232,9 @@ class RecaptionJob:
         works, rows_of = [], []
         for sid in shard_ids:
             try:
-                manifest = pq.read_table(root / "samples" / f"{sid}.parquet", columns=["uid", "key", "status"])
+                manifest, fp = lineage.read_parquet(root / "samples" / f"{sid}.parquet",
+                                                    columns=["uid", "key", "status"])
+                self._inputs[sid] = {lineage.SAMPLES: fp}
             except Exception as e:  # an unreadable manifest fails its shard only
                 yield sid, e
                 continue
@@ -299,7 +305,8 @@ class RecaptionJob:
             out["caption"].append(caps[0] if caps else None)
             out["captions"].append(caps)
             out["error"].append(err)
-        atomic.write_parquet(self.output_path(shard_id), pa.Table.from_pydict(out, schema=captions_schema()))
+        table = pa.Table.from_pydict(out, schema=captions_schema())
+        atomic.write_parquet(self.output_path(shard_id), lineage.stamp(table, self._inputs.pop(shard_id, {})))
         return counts
 
 
@@ -378,7 +385,7 @@ def recaption(
                        trust_remote_code=trust_remote_code, compile=compile)
     model_info: dict[str, Any] = dict(ref.describe())
     todo = select_part(shard_ids, parse_part(part))
-    if engine == "local" and any(not job.output_path(s).exists() for s in todo):
+    if engine == "local" and any(not job.is_done(s) for s in todo):
         job.setup()  # load before the lineage entry so an unloadable model leaves no trace in the card
         model_info.update(job.captioner.describe())
     entry = ds.card.start_entry(stage="recaption", family=FAMILY, name=name, params=params, model=model_info,

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import atomic
+from .. import atomic, lineage
 from ..dataset import Dataset, check_name
 from ..errors import InputError
 from ..summary import Summary
@@ -58,8 +58,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str]):
-    """Saved (embeddings, errors) of a shard if they exist and follow the manifest's row order."""
+def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str], samples_fp: str | None = None):
+    """Saved (embeddings, errors) of a shard if they exist, follow the manifest's row order and were made
+    from the manifest whose fingerprint is ``samples_fp`` (capcurate.lineage)."""
     import pyarrow.parquet as pq
 
     img, order = emb_dir / f"{shard_id}.image.npy", emb_dir / f"{shard_id}.uids.parquet"
@@ -68,6 +69,9 @@ def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str]):
     table = pq.read_table(order)
     if table.column("uid").to_pylist() != uids:
         return None
+    made_from = lineage.recorded_in(table).get(lineage.SAMPLES)
+    if samples_fp is not None and made_from not in (None, samples_fp):
+        return None  # the same uids with other images (re-ingested): embed again
     return np.load(img).astype(np.float32), table.column("error").to_pylist()
 
 
@@ -119,8 +123,18 @@ class ScoreJob:
         import pyarrow.parquet as pq
 
         out = self.output_path(shard_id)
-        have = set(pq.read_schema(out).names) if out.exists() else set()
-        return [s for s in self.available_sources(shard_id) if score_column(self.name, s) not in have]
+        recorded = lineage.recorded_inputs(out)
+        have = set(pq.read_schema(out).names) if recorded is not None else set()
+        # a column made from a manifest or captions file that changed since is missing too
+        return [s for s in self.available_sources(shard_id) if score_column(self.name, s) not in have
+                or lineage.stale_inputs(recorded or {}, self.inputs_of(shard_id, s))]
+
+    def inputs_of(self, shard_id: str, source: str) -> dict[str, Path]:
+        """The files a score column of ``source`` is made from (capcurate.lineage names -> paths)."""
+        files = {lineage.SAMPLES: self.root / "samples" / f"{shard_id}.parquet"}
+        if source != RAW:
+            files[lineage.captions_input(source)] = self.root / "captions" / source / f"{shard_id}.parquet"
+        return files
 
     def is_done(self, shard_id: str) -> bool:
         return self.output_path(shard_id).exists() and not self.missing_sources(shard_id)
@@ -161,13 +175,15 @@ class ScoreJob:
             out.update(zip(chunk, self.scorer.encode_texts(chunk).numpy(), strict=True))
         return out
 
-    def _source_texts(self, shard_id: str, source: str, uids: list[str], raw: list[str | None]):
-        """(first caption per row, caption list per row or None) aligned with the manifest rows."""
-        import pyarrow.parquet as pq
-
+    def _source_texts(self, shard_id: str, source: str, uids: list[str], raw: list[str | None],
+                      inputs: dict[str, str] | None = None):
+        """(first caption per row, caption list per row or None) aligned with the manifest rows; the
+        fingerprint of the captions file read goes into ``inputs``."""
         if source == RAW:
             return raw, None
-        table = pq.read_table(self.root / "captions" / source / f"{shard_id}.parquet")
+        table, fp = lineage.read_parquet(self.root / "captions" / source / f"{shard_id}.parquet")
+        if inputs is not None:
+            inputs[lineage.captions_input(source)] = fp
         by_uid = dict(zip(table.column("uid").to_pylist(), table.column("caption").to_pylist(), strict=True))
         first = [by_uid.get(u) for u in uids]
         if self.num_captions <= 1 or "captions" not in table.column_names:
@@ -278,14 +294,19 @@ class ScoreJob:
     def _open_shard(self, shard_id: str) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
-        manifest = pq.read_table(self.ds.samples_path(shard_id), columns=["uid", "key", "status", "caption"])
+        manifest, samples_fp = lineage.read_parquet(self.ds.samples_path(shard_id),
+                                                    columns=["uid", "key", "status", "caption"])
         uids = manifest.column("uid").to_pylist()
         out = self.output_path(shard_id)
         previous = pq.read_table(out) if out.exists() else None
-        if previous is not None and previous.column("uid").to_pylist() != uids:
-            previous = None  # the manifest changed under us: score everything again
+        inputs = lineage.recorded_in(previous) if previous is not None else {}
+        if previous is not None and (previous.column("uid").to_pylist() != uids
+                                     or inputs.get(lineage.SAMPLES, samples_fp) != samples_fp):
+            previous, inputs = None, {}  # the manifest changed: score everything again
+        inputs[lineage.SAMPLES] = samples_fp
         todo = self.missing_sources(shard_id) if previous is not None else self.available_sources(shard_id)
-        reused = load_image_embeddings(self.embeddings_dir(), shard_id, uids) if self.save_embeddings else None
+        reused = (load_image_embeddings(self.embeddings_dir(), shard_id, uids, samples_fp)
+                  if self.save_embeddings else None)
         keys, status = manifest.column("key").to_pylist(), manifest.column("status").to_pylist()
         errors: list[str | None] = [None if s == "success" else f"not downloaded: {s}" for s in status]
         # the row number is the id the stream echoes back, so repeated uids cannot collide
@@ -295,7 +316,7 @@ class ScoreJob:
             emb, errors = reused
         return {"sid": shard_id, "uids": uids, "previous": previous, "todo": todo, "reused": reused,
                 "errors": errors, "entries": entries, "emb": emb, "raw": manifest.column("caption").to_pylist(),
-                "pending": [], "pending_rows": []}
+                "pending": [], "pending_rows": [], "inputs": inputs}
 
     def _guarded_finish(self, state: dict[str, Any]) -> dict[str, int] | BaseException:
         try:
@@ -322,7 +343,7 @@ class ScoreJob:
         text_npys: dict[str, np.ndarray] = {}
         raw = state["raw"]
         for source in todo:
-            first, lists = self._source_texts(shard_id, source, uids, raw)
+            first, lists = self._source_texts(shard_id, source, uids, raw, state["inputs"])
             col, txt = self._score_source(img_emb, ok, first)
             columns[score_column(self.name, source)] = col
             counts["scores_written"] += len(col) - col.null_count
@@ -336,8 +357,10 @@ class ScoreJob:
 
         table = self._merge(previous, uids, columns, errors)
         if self.save_embeddings:
-            self._save_embeddings(shard_id, uids, errors, img_emb, text_npys, reused is None)
-        atomic.write_parquet(self.output_path(shard_id), table)  # last: this file marks the shard done
+            self._save_embeddings(shard_id, uids, errors, img_emb, text_npys, reused is None,
+                                  {lineage.SAMPLES: state["inputs"][lineage.SAMPLES]})
+        # last: this file marks the shard done; it records the inputs it was made from
+        atomic.write_parquet(self.output_path(shard_id), lineage.stamp(table, state["inputs"]))
         return counts
 
     def _valid(self, text: Any) -> bool:
@@ -396,7 +419,8 @@ class ScoreJob:
         return pa.table(data)
 
     def _save_embeddings(self, shard_id: str, uids: list[str], errors: list[str | None], img_emb: np.ndarray,
-                         text_npys: dict[str, np.ndarray], write_images: bool) -> None:
+                         text_npys: dict[str, np.ndarray], write_images: bool,
+                         inputs: dict[str, str] | None = None) -> None:
         import pyarrow as pa
 
         d = self.embeddings_dir()
@@ -405,8 +429,8 @@ class ScoreJob:
         if write_images:
             save_npy(d / f"{shard_id}.image.npy", img_emb.astype(np.float16))
             atomic.write_parquet(d / f"{shard_id}.uids.parquet",
-                                 pa.table({"uid": pa.array(uids, pa.string()),
-                                           "error": pa.array(errors, pa.string())}))
+                                 lineage.stamp(pa.table({"uid": pa.array(uids, pa.string()),
+                                                         "error": pa.array(errors, pa.string())}), inputs or {}))
 
 
 # -- the stage driver ------------------------------------------------------------------------------

@@ -1,0 +1,169 @@
+"""Which inputs a derived file was made from, and whether they are still the current ones.
+
+Every per-shard file a stage derives from other files records, in its Parquet metadata under
+``capcurate.inputs``, a fingerprint of each input file it read::
+
+    captions/<name>/00003.parquet     {"samples": "<fp of samples/00003.parquet>"}
+    scores/<name>/00003.parquet       {"samples": ..., "captions/blip": "<fp of captions/blip/00003.parquet>"}
+    embeddings/<name>/00003.uids.parquet   {"samples": ...}
+
+A fingerprint is a hash of the input file's bytes, taken from the very bytes the stage read. A file is
+*stale* when an input's current fingerprint differs from the recorded one (``ingest --overwrite`` wrote
+new images, ``recaption --overwrite`` new captions); stages treat a stale file as not done and make it
+again, and ``capcurate stats`` lists stale columns. A shard's manifest covers its tar: it is written
+after the tar by the same run (and holds each image's sha256 where the input had one).
+
+Files written before lineage was recorded carry no ``capcurate.inputs``; they count as fresh (nothing
+says otherwise) and ``stats`` calls their lineage unknown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+META_KEY = b"capcurate.inputs"
+SAMPLES = "samples"
+
+_CACHE: dict[tuple[str, int, int, int], str] = {}
+
+
+def captions_input(name: str) -> str:
+    """The key under which a captions run is recorded as an input."""
+    return f"captions/{name}"
+
+
+def fingerprint_bytes(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=12).hexdigest()
+
+
+def fingerprint(path: str | os.PathLike) -> str | None:
+    """The fingerprint of a file's current content, or None when it does not exist."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)  # a rewritten file is a new inode (rename)
+    fp = _CACHE.get(key)
+    if fp is None:
+        try:
+            fp = fingerprint_bytes(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        _CACHE[key] = fp
+    return fp
+
+
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[Any, str]:
+    """(table, fingerprint) from one read of the file: the fingerprint is of exactly what was read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = Path(path).read_bytes()
+    return pq.read_table(pa.BufferReader(data), columns=columns), fingerprint_bytes(data)
+
+
+def stamp(table: Any, inputs: dict[str, str]) -> Any:
+    """``table`` with ``inputs`` (input name -> fingerprint) recorded in its schema metadata."""
+    meta = dict(table.schema.metadata or {})
+    meta[META_KEY] = json.dumps(dict(sorted(inputs.items()))).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def recorded_in(table: Any) -> dict[str, str]:
+    """The inputs recorded in a table read from a derived file ({} when it records none)."""
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    try:
+        out = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def recorded_inputs(path: str | os.PathLike) -> dict[str, str] | None:
+    """What a derived file says it was made from: None when the file is missing, {} when it does not say."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+    except FileNotFoundError:
+        return None
+    raw = meta.get(META_KEY)
+    if not raw:
+        return {}
+    try:
+        out = json.loads(raw)
+    except ValueError:
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def stale_inputs(recorded: dict[str, str], current: dict[str, str | os.PathLike]) -> list[str]:
+    """Inputs named in ``current`` (name -> path) whose file changed since ``recorded`` was written.
+
+    An input the record does not mention is not judged (a file from before lineage was recorded); an
+    input file that is gone now counts as changed.
+    """
+    return [name for name, path in current.items()
+            if name in recorded and recorded[name] != fingerprint(path)]
+
+
+def is_fresh(path: str | os.PathLike, current: dict[str, str | os.PathLike]) -> bool:
+    """Whether ``path`` exists and none of its inputs changed since it was made."""
+    recorded = recorded_inputs(path)
+    return recorded is not None and not stale_inputs(recorded, current)
+
+
+# -- a dataset's view of freshness (for ``capcurate stats``) --------------------------------------
+def staleness(ds: Any) -> dict[str, dict[str, Any]]:
+    """Column -> {"stale_shards": [...], "missing_shards": [...], "unknown_shards": n} for every caption
+    column (``cap_<name>``) and score column (``score_<name>_<source>``) of dataset ``ds``."""
+    import pyarrow.parquet as pq
+
+    shard_ids = ds.shard_ids()
+    out: dict[str, dict[str, Any]] = {}
+
+    def note(col: str, sid: str, what: str) -> None:
+        rec = out.setdefault(col, {"stale_shards": [], "missing_shards": [], "unknown_shards": 0})
+        if what == "unknown":
+            rec["unknown_shards"] += 1
+        else:
+            rec[f"{what}_shards"].append(sid)
+
+    for name in ds.names("captions"):
+        col = f"cap_{name}"
+        out[col] = {"stale_shards": [], "missing_shards": [], "unknown_shards": 0}
+        for sid in shard_ids:
+            recorded = recorded_inputs(ds.family_dir("captions", name) / f"{sid}.parquet")
+            if recorded is None:
+                note(col, sid, "missing")
+            elif not recorded:
+                note(col, sid, "unknown")
+            elif stale_inputs(recorded, {SAMPLES: ds.samples_path(sid)}):
+                note(col, sid, "stale")
+    for name in ds.names("scores"):
+        prefix = f"score_{name}_"
+        files = {sid: ds.family_dir("scores", name) / f"{sid}.parquet" for sid in shard_ids}
+        columns = sorted({c for f in files.values() if f.exists() for c in pq.read_schema(f).names
+                          if c.startswith(prefix)})
+        for col in columns:
+            out[col] = {"stale_shards": [], "missing_shards": [], "unknown_shards": 0}
+        for sid, f in files.items():
+            recorded = recorded_inputs(f)
+            have = set(pq.read_schema(f).names) if recorded is not None else set()
+            for col in columns:
+                source = col[len(prefix):]
+                current: dict[str, Any] = {SAMPLES: ds.samples_path(sid)}
+                if source != "raw":
+                    current[captions_input(source)] = ds.family_dir("captions", source) / f"{sid}.parquet"
+                if col not in have:
+                    note(col, sid, "missing")
+                elif not recorded:
+                    note(col, sid, "unknown")
+                elif stale_inputs(recorded, current):
+                    note(col, sid, "stale")
+    return out
