@@ -15,7 +15,10 @@ at its tar offset and either
 - decode on the CPU (libjpeg-turbo / libpng through torchvision, PIL for the rest) and resize/crop the
   uint8 image to the model's input size (``decode="cpu"``; ``"draft"`` lets libjpeg scale down while
   decoding: faster, approximate), or
-- run the model's own processor when its preprocessing cannot be expressed as an ``ImageSpec``.
+- run the model's own processor when its preprocessing cannot be expressed as an ``ImageSpec``, or
+- decode only (``Preprocess(native=True)``): images at their native size, for models whose processor
+  must see the images and the text together (chat-template VLMs: image tokens depend on image size);
+  the batch's ``images`` is then a list of uint8 ``[3, h, w]`` tensors and ``pixels`` is None.
 
 uint8 crosses the process boundary (4x less than float), normalisation runs once per batch on the
 device, and a background thread prepares the next batch (decode, resize, normalise, host-to-device copy
@@ -25,8 +28,6 @@ on its own CUDA stream) while the model works on this one.
 from __future__ import annotations
 
 import bisect
-import queue
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from .decode import decode_cpu, decode_jpegs_gpu, gpu_decodable, read_header
+from .prefetch import prefetched
 from .spec import ImageSpec
 
 
@@ -54,10 +56,11 @@ class Preprocess:
     spec: ImageSpec | None = None
     fallback: Callable[[Any], torch.Tensor] | None = None   # PIL image -> normalised float tensor
     max_pixels: int = DEFAULT_MAX_PIXELS
+    native: bool = False   # decode only: uint8 images at native size, for a processor that needs them
 
     def __post_init__(self) -> None:
-        if self.spec is None and self.fallback is None:
-            raise ValueError("Preprocess needs a spec or a fallback transform")
+        if self.spec is None and self.fallback is None and not self.native:
+            raise ValueError("Preprocess needs a spec, a fallback transform, or native=True")
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Batch:
     pixels: torch.Tensor | None
     failed: list[tuple[int, str, str]] = field(default_factory=list)
     completed: list[int] = field(default_factory=list)
+    images: list[torch.Tensor] | None = None   # native mode: decoded uint8 [3, h, w], one per item
 
     def __len__(self) -> int:
         return len(self.items)
@@ -118,6 +122,8 @@ class _Images(Dataset):
 
     def _prepare(self, data: bytes) -> tuple[str, Any]:
         pre = self.pre
+        if pre.native:
+            return "native", decode_cpu(data, max_pixels=pre.max_pixels).contiguous()
         if pre.spec is None:
             return "ready", pre.fallback(decode_image(data, max_pixels=pre.max_pixels))
         header = read_header(data, pre.max_pixels)
@@ -136,9 +142,13 @@ class _Images(Dataset):
 def _collate(items: list[tuple[int, str, Any]]) -> dict[str, Any]:
     """Few tensors per batch: each tensor crossing from a worker costs a shared-memory file descriptor,
     so JPEG bytes travel as one concatenated buffer plus their lengths, images as one stack."""
-    out: dict[str, Any] = {"u8": [], "jpeg": [], "ready": [], "failed": []}
+    out: dict[str, Any] = {"u8": [], "jpeg": [], "ready": [], "native": [], "failed": []}
     for g, kind, payload in items:
         out[kind].append((g, payload))
+    if out["native"]:  # images of many sizes: one flat buffer plus their shapes
+        parts = [x for _, x in out["native"]]
+        out["native"] = ([g for g, _ in out["native"]], torch.cat([x.reshape(-1) for x in parts]),
+                         [tuple(x.shape) for x in parts])
     for kind in ("u8", "ready"):
         if out[kind]:
             out[kind] = ([g for g, _ in out[kind]], torch.stack([x for _, x in out[kind]]))
@@ -156,8 +166,8 @@ class ImageStream:
     def __init__(self, works: Sequence[ShardWork], pre: Preprocess, *, batch_size: int, workers: int,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  decode: str = "cpu", prefetch: int = 2):
-        if decode == "gpu" and pre.spec is None:
-            decode = "cpu"  # the model's own processor needs PIL images
+        if decode == "gpu" and (pre.spec is None or pre.native):
+            decode = "cpu"  # the model's own processor runs on host images
         self.works = list(works)
         self.pre = pre
         self.device = torch.device(device)
@@ -178,8 +188,16 @@ class ImageStream:
                           pin_memory=self.device.type == "cuda",
                           prefetch_factor=4 if self.workers > 0 else None, persistent_workers=False)
 
-    def _to_device(self, raw: dict[str, Any]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-        """Decode what is still bytes, resize, normalise: (indices, pixels, failures)."""
+    def _to_device(self, raw: dict[str, Any]) -> tuple[list[int], Any, list[tuple[int, str]]]:
+        """Decode what is still bytes, resize, normalise: (indices, pixels, failures); in native mode the
+        pixels are the list of decoded images, left on the host for the model's processor."""
+        if raw["native"]:
+            gs, buffer, shapes = raw["native"]
+            sizes = [c * h * w for c, h, w in shapes]
+            images = [x.view(shape) for x, shape in zip(torch.split(buffer, sizes), shapes, strict=True)]
+            return list(gs), images, list(raw["failed"])
+        if self.pre.native:
+            return [], None, list(raw["failed"])
         spec, dev = self.pre.spec, self.device
         idx: list[int] = []
         parts: list[torch.Tensor] = []
@@ -213,68 +231,23 @@ class ImageStream:
             pixels = ready if pixels is None else torch.cat([pixels, ready])
         return idx, pixels, failed
 
-    def _prepared(self) -> Iterator[tuple[dict[str, Any], Any, Any]]:
-        """Background thread: fetch from the loader and move to the device one or two batches ahead."""
-        cuda = self.device.type == "cuda"
-        side = torch.cuda.Stream(self.device) if cuda else None
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
-        done = object()
-
-        def work() -> None:
-            try:
-                for raw in self._loader():
-                    if stop.is_set():
-                        break
-                    if cuda:
-                        with torch.cuda.stream(side):
-                            ready = self._to_device(raw)
-                            event = torch.cuda.Event()
-                            event.record(side)
-                    else:
-                        ready, event = self._to_device(raw), None
-                    q.put((raw["last"], ready, event))
-                q.put(done)
-            except BaseException as e:  # surfaced in the consumer
-                q.put(e)
-
-        t = threading.Thread(target=work, name="capcurate-image-stream", daemon=True)
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                last, ready, event = item
-                if event is not None:
-                    current = torch.cuda.current_stream(self.device)
-                    current.wait_event(event)
-                    if ready[1] is not None:  # made on the side stream, used (and freed) on this one
-                        ready[1].record_stream(current)
-                yield last, ready, event
-        finally:
-            stop.set()
-            while t.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(timeout=0.05)
-
     def __iter__(self) -> Iterator[Batch]:
         if not len(self.dataset):
             return
         ds = self.dataset
         next_shard = 0
-        for last, (idx, pixels, failed), _ in self._prepared():
+        batches = prefetched(self._loader(), lambda raw: (raw["last"], *self._to_device(raw)), self.device,
+                             depth=self.prefetch)
+        for last, idx, pixels, failed in batches:
             items = [ds.locate(g) for g in idx]
             fails = [(*ds.locate(g), reason) for g, reason in failed]
             completed = []
             while next_shard < len(self.works) and ds.starts[next_shard + 1] <= last + 1:
                 completed.append(next_shard)
                 next_shard += 1
-            yield Batch([(p, ds.works[p][1][i][0]) for p, i in items], pixels,
-                        [(p, ds.works[p][1][i][0], r) for p, i, r in fails], completed)
+            native = isinstance(pixels, list)
+            yield Batch([(p, ds.works[p][1][i][0]) for p, i in items], None if native else pixels,
+                        [(p, ds.works[p][1][i][0], r) for p, i, r in fails], completed,
+                        images=pixels if native else None)
         if next_shard < len(self.works):  # trailing shards with no entries
             yield Batch([], None, [], list(range(next_shard, len(self.works))))

@@ -27,7 +27,7 @@ from typing import Any
 
 from .. import atomic
 from ..dataset import Dataset, samples_schema
-from ..engines import run_job
+from ..engines import check_max_retries, run_job
 from ..errors import InputError
 from ..images import DEFAULT_MAX_PIXELS
 from ..shards import IMAGE_EXTS, TarShardWriter, index_tar
@@ -240,9 +240,11 @@ def ingest(
     part: str | None = None,
     force: bool = False,
     overwrite: bool = False,
+    max_retries: int = 2,
 ) -> Summary:
     """Adopt an img2dataset folder, webdataset tars or an image folder into a dataset directory."""
     t0 = time.perf_counter()
+    check_max_retries(max_retries)
     path = Path(path)
     if kind not in KINDS:
         raise InputError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -264,7 +266,8 @@ def ingest(
     for d in (ds.shards_dir, ds.samples_dir):
         atomic.clean_stale_temps(d)
     job = IngestJob(ds, kind, inputs, root, uid_col=uid_col, link=link, max_pixels=max_pixels)
-    result = run_job(job, list(inputs), engine=engine, part=part, description=f"ingest {kind}")
+    result = run_job(job, list(inputs), engine=engine, part=part, description=f"ingest {kind}",
+                     max_retries=max_retries)
     counts = {"kind": kind, **result.to_dict()}
     counts.pop("failed_shards", None)
     ds.card.finish_entry(entry, counts)

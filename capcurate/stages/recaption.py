@@ -339,10 +339,13 @@ def recaption(
     part: str | None = None,
     overwrite: bool = False,
     fail_fast: bool = False,
+    max_retries: int = 2,
 ) -> Summary:
     """Caption every image of ``dataset`` with ``model`` into ``captions/<name>/``; returns a Summary."""
     from ..devices import parse_batch_size, resolve_decode, resolve_device, resolve_precision, resolve_workers
-    from ..engines import parse_part, run_job, select_part
+    from ..engines import check_max_retries, parse_part, run_job, select_part
+
+    check_max_retries(max_retries)
     from ..models.captioners import DecodingConfig
     from ..models.ref import parse_model_ref
 
@@ -391,7 +394,7 @@ def recaption(
     entry = ds.card.start_entry(stage="recaption", family=FAMILY, name=name, params=params, model=model_info,
                                 replace=mode == "overwrite")
     result = run_job(job, shard_ids, engine=engine, part=part, description=f"recaption {name}",
-                     fail_fast=fail_fast)
+                     fail_fast=fail_fast, max_retries=max_retries)
     counts = result.to_dict()
     failed = counts.pop("failed_shards")
     ds.card.finish_entry(entry, counts, capcurate_version=__version__, device=job.device, workers=job.workers,

@@ -438,12 +438,15 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
           captions: str | list[str] | None = None, num_captions: int = 1, batch_size: int | str = "auto",
           workers: int | str = "auto", device: str = "auto", precision: str = "auto", decode: str = "auto",
           save_embeddings: bool = False, engine: str = "local", part: str | None = None,
-          overwrite: bool = False, num_actors: int | None = None, compile: bool = False) -> Summary:
+          overwrite: bool = False, num_actors: int | None = None, compile: bool = False,
+          max_retries: int = 2) -> Summary:
     """Score every image against each selected caption column; writes ``scores/<name>/``."""
     from ..devices import parse_batch_size, resolve_decode, resolve_device, resolve_precision, resolve_workers
+    from ..engines import check_max_retries
     from ..models.ref import parse_model_ref
 
     t0 = time.time()
+    check_max_retries(max_retries)
     ds = Dataset(dataset)
     check_name(name, "scorer name")
     if num_captions < 1:
@@ -487,7 +490,8 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
     from ..engines import run_job
 
     options = {"num_actors": num_actors} if engine == "ray" and num_actors else {}
-    result = run_job(job, shard_ids, engine=engine, part=part, description=f"score {name}", **options)
+    result = run_job(job, shard_ids, engine=engine, part=part, description=f"score {name}",
+                     max_retries=max_retries, **options)
     counts = result.to_dict()
     failed = counts.pop("failed_shards")
     ds.card.finish_entry(entry, {k: v for k, v in counts.items()}, sources=sources, device=job.device,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .. import __version__, atomic
 from ..dataset import Dataset, check_name
-from ..engines import run_job
+from ..engines import check_max_retries, run_job
 from ..errors import InputError, OutputExistsError, StageFailed
 from ..shards import TarShardWriter
 from ..summary import Summary
@@ -97,9 +97,11 @@ def shard(
     overwrite: bool = False,
     engine: str = "local",
     part: str | None = None,
+    max_retries: int = 2,
 ) -> Summary:
     """Write ``selection`` of ``dataset`` as training shards ``out/00000.tar ...`` (see module docstring)."""
     t0 = time.time()
+    check_max_retries(max_retries)
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     check_name(selection, "selection name")
     if selection not in ds.selection_names():
@@ -124,7 +126,7 @@ def shard(
                           min_shards=min_shards, shuffle=shuffle, seed=seed)
         ids = [shard_name(i) for i in range(len(plan.shard_sizes))]
         result = run_job(ShardWriteJob(ds.root, out, plan), ids, engine=engine, part=part,
-                         description="shards")
+                         description="shards", max_retries=max_retries)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -25,9 +25,6 @@ the model's own PIL transform and ship float, as before.
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,66 +155,3 @@ def assemble_batch(packed: dict[str, torch.Tensor], aug: CropAug,
     out[packed["jpeg_pos"].to(device, non_blocking=True)] = jpegs
     out[packed["u8_pos"].to(device, non_blocking=True)] = packed["u8"].to(device, non_blocking=True)
     return aug.normalize(out), failed
-
-
-def prefetched(source: Iterable[Any], prepare: Callable[[Any], Any], device: torch.device, *,
-               background: bool = True, depth: int = 2) -> Iterator[Any]:
-    """``prepare(item)`` for each item of ``source``, done ``depth`` items ahead in a thread.
-
-    On CUDA the thread works on its own stream (decode, resize, host-to-device copies overlap the
-    training step) and the consumer's stream waits on an event before using the result. With
-    ``background=False`` (``--workers 0``: the samples are decoded in this process, and their
-    augmentation seeds the global RNG) everything runs inline.
-    """
-    if not background:
-        for item in source:
-            yield prepare(item)
-        return
-    source = iter(source)  # DataLoader workers start (fork) here, in the calling thread
-    cuda = device.type == "cuda"
-    side = torch.cuda.Stream(device) if cuda else None
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-    done = object()
-
-    def work() -> None:
-        try:
-            for item in source:
-                if stop.is_set():
-                    break
-                if cuda:
-                    with torch.cuda.stream(side):
-                        ready = prepare(item)
-                        event = torch.cuda.Event()
-                        event.record(side)
-                else:
-                    ready, event = prepare(item), None
-                q.put((ready, event))
-            q.put(done)
-        except BaseException as e:  # surfaced in the consumer
-            q.put(e)
-
-    t = threading.Thread(target=work, name="capcurate-train-batches", daemon=True)
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            ready, event = item
-            if event is not None:
-                current = torch.cuda.current_stream(device)
-                current.wait_event(event)
-                for x in ready if isinstance(ready, (tuple, list)) else (ready,):
-                    if isinstance(x, torch.Tensor) and x.is_cuda:  # made on the side stream, used on this one
-                        x.record_stream(current)
-            yield ready
-    finally:
-        stop.set()
-        while t.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                t.join(timeout=0.05)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, OutputExistsError, StageFailed
+from ..inputs.prefetch import prefetched
 from ..summary import Summary
 from . import checkpoint as ckpt_mod
 from .config import PRECISIONS, TrainConfig
@@ -47,7 +48,7 @@ from .distributed import (
     group_active,
     init_distributed,
 )
-from .gpu_batches import assemble_batch, prefetched
+from .gpu_batches import assemble_batch
 from .losses import LOSSES, build_loss, compute_loss
 from .model_setup import ModelSetup, build_model, build_optimizer
 from .progress import TrainProgress
