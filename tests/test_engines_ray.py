@@ -72,3 +72,67 @@ def test_recaption_on_ray_resolves_device_on_the_actor_and_equals_local(tmp_path
     assert RecaptionJob("r", "n", ref, None, None).uses_gpu
     assert not RecaptionJob("r", "n", ref, None, None, device="cpu").uses_gpu
     assert not getattr(ShardWriteJob, "uses_gpu", False)
+
+
+class SlowCountingJob:
+    """Writes one marker file per shard; the actor working on ``kill_shard`` kills itself (kill -9) the
+    first time, after 0.2 s of work, as an out-of-memory kill or a lost node would end it."""
+
+    def __init__(self, root, kill_shard: str | None = None, always_kill: bool = False):
+        self.root, self.kill_shard, self.always_kill = root, kill_shard, always_kill
+
+    def output_path(self, sid):
+        return self.root / f"{sid}.done"
+
+    def setup(self):
+        pass
+
+    def process(self, sid):
+        import os
+        import signal
+        import time
+
+        (self.root / f"{sid}.attempt.{os.getpid()}").touch()
+        time.sleep(0.2)
+        if sid == self.kill_shard and (self.always_kill or not (self.root / "killed").exists()):
+            (self.root / "killed").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.output_path(sid).write_text(sid)
+        return {"rows": 1}
+
+
+def test_ray_replaces_a_killed_actor_and_retries_only_its_shard(tmp_path, ray_cluster):
+    import sys
+
+    from capcurate.engines import run_job
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the job class lives in this test file
+    ids = [f"{i:05d}" for i in range(6)]
+    result = run_job(SlowCountingJob(tmp_path, kill_shard="00002"), ids, engine="ray", num_actors=2,
+                     max_retries=1)
+    assert sorted(result.processed) == ids and not result.failed
+    assert result.counts["rows"] == 6 and result.counts["ray_actors_replaced"] == 1
+    attempts = {sid: len(list(tmp_path.glob(f"{sid}.attempt.*"))) for sid in ids}
+    assert attempts == {**dict.fromkeys(ids, 1), "00002": 2}  # one shard of work lost, nothing else redone
+
+    # an actor that dies every time: the shard fails after --max-retries, the other shards still finish
+    again = tmp_path / "again"
+    again.mkdir()
+    result = run_job(SlowCountingJob(again, kill_shard="00001", always_kill=True), ids[:3], engine="ray",
+                     num_actors=2, max_retries=0)
+    assert sorted(result.processed) == ["00000", "00002"]
+    assert "died 1 times (--max-retries 0)" in result.failed["00001"]
+
+
+@pytest.mark.parametrize("command", ["recaption", "score", "ingest", "shard"])
+def test_max_retries_must_not_be_negative(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from capcurate.cli import app
+
+    args = {"recaption": ["recaption", str(tmp_path), "--model", "hf:x", "--name", "n"],
+            "score": ["score", str(tmp_path), "--model", "openclip:x", "--name", "n"],
+            "ingest": ["ingest", str(tmp_path), "-o", str(tmp_path / "out")],
+            "shard": ["shard", str(tmp_path), "--selection", "s", "-o", str(tmp_path / "out")]}[command]
+    r = CliRunner().invoke(app, [*args, "--engine", "ray", "--max-retries", "-1"])
+    assert r.exit_code == 2 and "--max-retries must be 0 or more, got -1" in r.output, r.output

@@ -44,6 +44,8 @@ DECODE_HELP = ("auto (gpu when the model runs on CUDA, else cpu), gpu (JPEGs dec
                "while decoding: faster, pixels differ slightly from the model's own preprocessing).")
 COMPILE_HELP = ("torch.compile the image tower: faster per image on a GPU after tens of seconds of compiling, so "
                 "it pays on large runs.")
+MAX_RETRIES_HELP = ("With --engine ray: times a shard is retried on a fresh actor when its actor dies (killed, out of "
+                    "memory, node lost); a shard that raises is not retried.")
 PART_HELP = ("Only shards i, i+N, ... of the sorted list, as i/N with 0 <= i < N (e.g. SLURM array task i "
              "of N); run every part to finish.")
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .app import ENGINE_HELP, JSON_HELP, PART_HELP, app, run_command
+from .app import ENGINE_HELP, JSON_HELP, MAX_RETRIES_HELP, PART_HELP, app, run_command
 
 STRATEGY_HELP = (
     "How to pair each image with a caption: raw (alt-text only), synthetic (one captioner's caption), "
@@ -78,6 +78,7 @@ def shard(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards in OUT written from another "
                                    "selection or with other parameters (the same ones resume)."),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    max_retries: int = typer.Option(2, "--max-retries", help=MAX_RETRIES_HELP),
     part: str = typer.Option(None, "--part", help=f"{PART_HELP} The last part to finish writes manifest.json."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -91,7 +92,7 @@ def shard(
 
     run_command(lambda: shard_fn(
         dataset, selection, out, samples_per_shard=samples_per_shard, min_shards=min_shards,
-        shuffle=shuffle, seed=seed, overwrite=overwrite, engine=engine, part=part,
+        shuffle=shuffle, seed=seed, overwrite=overwrite, engine=engine, part=part, max_retries=max_retries,
     ), json_out=json)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from .app import ENGINE_HELP, JSON_HELP, PART_HELP, app, run_command, stdout
+from .app import ENGINE_HELP, JSON_HELP, MAX_RETRIES_HELP, PART_HELP, app, run_command, stdout
 
 FORCE_HELP = "Write into OUTPUT even though it exists, is not empty and is not a capcurate dataset."
 OVERWRITE_HELP = ("Delete the dataset's shards and manifest and start again when a previous run used other "
@@ -78,6 +78,7 @@ def ingest(
     max_pixels: int = typer.Option(64_000_000, "--max-pixels", help=(
         "Images whose header declares more pixels than this are counted as failed, never decoded.")),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    max_retries: int = typer.Option(2, "--max-retries", help=MAX_RETRIES_HELP),
     part: str = typer.Option(None, "--part", help=PART_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
@@ -91,7 +92,8 @@ def ingest(
         from ..stages.ingest import ingest as run
 
         return run(path, output, kind=kind, samples_per_shard=samples_per_shard, uid_col=uid_col, link=link,
-                   max_pixels=max_pixels, engine=engine, part=part, force=force, overwrite=overwrite)
+                   max_pixels=max_pixels, engine=engine, part=part, force=force, overwrite=overwrite,
+                   max_retries=max_retries)
 
     run_command(go, json_out=json)
 

@@ -10,6 +10,7 @@ from .app import (
     DEVICE_HELP,
     ENGINE_HELP,
     JSON_HELP,
+    MAX_RETRIES_HELP,
     PART_HELP,
     PRECISION_HELP,
     WORKERS_HELP,
@@ -66,6 +67,7 @@ def recaption(
         False, "--trust-remote-code",
         help="Allow a transformers model to run code shipped with it (only for models you trust)."),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    max_retries: int = typer.Option(2, "--max-retries", help=MAX_RETRIES_HELP),
     part: str = typer.Option(None, "--part", help=PART_HELP),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing caption set NAME made with other parameters."),
@@ -86,5 +88,5 @@ def recaption(
         min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, num_captions=num_captions,
         length_penalty=length_penalty, prompt=prompt, seed=seed, batch_size=batch_size,
         workers=workers, device=device, precision=precision, decode=decode, trust_remote_code=trust_remote_code,
-        engine=engine, part=part, overwrite=overwrite, compile=compile,
+        engine=engine, part=part, overwrite=overwrite, compile=compile, max_retries=max_retries,
     ), json_out=json)

@@ -12,6 +12,7 @@ from .app import (
     DEVICE_HELP,
     ENGINE_HELP,
     JSON_HELP,
+    MAX_RETRIES_HELP,
     PART_HELP,
     PRECISION_HELP,
     WORKERS_HELP,
@@ -48,6 +49,7 @@ def score(
         "Also keep L2-normalised float16 image and text embeddings in embeddings/<name>/ (for dedup or "
         "clustering, and so a caption column added later reuses the image embeddings).")),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
+    max_retries: int = typer.Option(2, "--max-retries", help=MAX_RETRIES_HELP),
     part: str = typer.Option(None, "--part", help=PART_HELP),
     num_actors: int = typer.Option(None, "--num-actors", help="Ray actors (default: one per GPU, else per CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=(
@@ -66,7 +68,7 @@ def score(
         return run(dataset, model, name, pretrained=pretrained, captions=captions, num_captions=num_captions,
                    batch_size=batch_size, workers=workers, device=device, precision=precision, decode=decode,
                    save_embeddings=save_embeddings, engine=engine, part=part, overwrite=overwrite,
-                   num_actors=num_actors, compile=compile)
+                   num_actors=num_actors, compile=compile, max_retries=max_retries)
 
     run_command(go, json_out=json)
 

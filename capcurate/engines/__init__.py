@@ -72,9 +72,24 @@ def select_part(shard_ids: Sequence[str], part: tuple[int, int] | None) -> list[
     return [s for p, s in enumerate(ids) if p % n == i]
 
 
+DEFAULT_MAX_RETRIES = 2
+
+
+def check_max_retries(max_retries: int) -> int:
+    if max_retries < 0:
+        raise InputError(f"--max-retries must be 0 or more, got {max_retries}")
+    return max_retries
+
+
 def run_job(job: ShardJob, shard_ids: Sequence[str], *, engine: str = "local", part: str | None = None,
-            description: str = "shards", **engine_options: Any) -> EngineResult:
-    """Run ``job`` over ``shard_ids`` (restricted to ``part``) with the chosen engine."""
+            description: str = "shards", max_retries: int = DEFAULT_MAX_RETRIES,
+            **engine_options: Any) -> EngineResult:
+    """Run ``job`` over ``shard_ids`` (restricted to ``part``) with the chosen engine.
+
+    ``max_retries``: on Ray, how many times a shard whose actor died (killed, out of memory, node lost)
+    is retried on a fresh actor; a shard that raises is recorded as failed at once (it would fail again).
+    """
+    check_max_retries(max_retries)
     todo = select_part(shard_ids, parse_part(part))
     result = EngineResult()
     remaining = []
@@ -87,7 +102,7 @@ def run_job(job: ShardJob, shard_ids: Sequence[str], *, engine: str = "local", p
     elif engine == "ray":
         from .ray import run_ray
 
-        run_ray(job, remaining, result, description=description, **engine_options)
+        run_ray(job, remaining, result, description=description, max_retries=max_retries, **engine_options)
     else:
         raise InputError(f"unknown engine {engine!r}: choose local or ray")
     return result
