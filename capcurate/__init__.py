@@ -26,6 +26,7 @@ _API: dict[str, str] = {
     "report": "capcurate.stages.report",
     "score": "capcurate.stages.score",
     "filter": "capcurate.stages.filter",
+    "dedup": "capcurate.stages.dedup",
     "load_scorer": "capcurate.models.scorers",
     "train": "capcurate.train",
     "evaluate": "capcurate.train",

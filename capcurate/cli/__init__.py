@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "capcurate.cli.data_commands",       # download, ingest, query, stats
     "capcurate.cli.recaption_commands",  # recaption
     "capcurate.cli.score_commands",      # score, filter
+    "capcurate.cli.dedup_commands",      # dedup
     "capcurate.cli.curate_commands",     # mix, shard, report
     "capcurate.cli.train_commands",      # train, eval
     "capcurate.cli.synth_commands",      # synth
@@ -21,7 +22,7 @@ COMMAND_MODULES = [
 
 # --help lists commands in pipeline order, then the tools to look at a dataset, then the demo world.
 COMMAND_ORDER = [
-    "download", "ingest", "recaption", "score", "filter", "mix", "shard", "train", "eval",
+    "download", "ingest", "recaption", "score", "dedup", "filter", "mix", "shard", "train", "eval",
     "query", "stats", "report", "synth",
 ]
 

@@ -37,6 +37,9 @@ def synth(
     eval_size: int = typer.Option(1000, "--eval-size", help="Images in the held-out labelled eval set."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per tar shard of the seed and eval splits."),
     workers: int = typer.Option(None, "--workers", help="Processes that render images (default: CPU count, at most 8)."),
+    duplicate_rate: float = typer.Option(0.0, "--duplicate-rate", help=(
+        "Share of pool images (at most 0.5) that copy an earlier one: exact bytes, resized + re-encoded, or the "
+        "same scene drawn again; urls.parquet records duplicate_of (uid) and duplicate_kind as ground truth.")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a world already in OUT."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -52,4 +55,5 @@ def synth(
              "wrong_object": rate_wrong_object, "boilerplate": rate_boilerplate, "decorate": rate_decorate}
     run_command(lambda: run(out, n_images=n_images, image_size=image_size, noise_profile=noise_profile,
                             rates=rates, seed=seed, base_url=base_url, seed_size=seed_size, eval_size=eval_size,
-                            shard_size=shard_size, workers=workers, overwrite=overwrite), json_out=json)
+                            shard_size=shard_size, workers=workers, duplicate_rate=duplicate_rate,
+                            overwrite=overwrite), json_out=json)

@@ -3,7 +3,8 @@
 Writes under ``OUT``:
 
     images/NNN/NNNNNN.jpg      the pool's images, to be served over HTTP (the "web")
-    urls.parquet               url, caption (noisy alt-text), uid + truth columns (true_*, noise_kind)
+    urls.parquet               url, caption (noisy alt-text), uid + truth columns (true_*, noise_kind;
+                               duplicate_of, duplicate_kind with --duplicate-rate)
     seed/                      the clean "human-annotated" split with true captions, as training shards
     eval/                      the held-out labelled eval set in clip_benchmark's webdataset layout
     tokenizer/                 the world's word-level tokenizer (Hugging Face format)
@@ -28,7 +29,7 @@ from .. import atomic
 from ..errors import InputError, OutputExistsError
 from ..progress import progress_bar
 from ..summary import Summary
-from ..world.generate import ItemSpec, make_items
+from ..world.generate import DUPLICATE_KINDS, ItemSpec, make_items
 from ..world.noise import KINDS, resolve_rates
 
 SYNTH_CARD = "synth.json"
@@ -59,6 +60,7 @@ def synth(
     shard_size: int = 1000,
     context_length: int = 32,
     workers: int | None = None,
+    duplicate_rate: float = 0.0,
     overwrite: bool = False,
 ) -> Summary:
     """Render a CapWorld pool, seed split and eval set into ``out``; see the module docstring."""
@@ -67,6 +69,8 @@ def synth(
         raise InputError(f"--n-images must be >= 1 and split sizes >= 0, got {n_images}, {seed_size}, {eval_size}")
     if not 16 <= image_size <= 1024:
         raise InputError(f"--image-size must be between 16 and 1024 pixels, got {image_size}")
+    if not 0 <= duplicate_rate <= 0.5:
+        raise InputError(f"--duplicate-rate must be between 0 and 0.5, got {duplicate_rate}")
     noise = resolve_rates(noise_profile, rates)
     root = Path(out)
     _claim(root, overwrite)
@@ -84,11 +88,13 @@ def synth(
 
     base = base_url.rstrip("/")
     kinds: Counter[str] = Counter()
+    dup_kinds: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(workers) if workers > 1 else _InProcess() as pool, \
             progress_bar(total, "synth", "images") as advance:
-        for item in _generate(pool, ItemSpec("pool", seed, image_size, noise), n_images, advance):
+        for item in _generate(pool, ItemSpec("pool", seed, image_size, noise, duplicate_rate=duplicate_rate),
+                              n_images, advance):
             i, scene = item["index"], item["scene"]
             img_path = root / image_relpath(i)
             if i % 1000 == 0:
@@ -99,7 +105,12 @@ def synth(
             rows.append({"url": f"{base}/{image_relpath(i)}", "caption": item["alt_text"], "uid": world_uid(seed, i),
                          "true_caption": item["true_caption"], "noise_kind": item["noise_kind"],
                          **{f"true_{k}": v for k, v in scene.to_dict().items()}})
-        _write_urls(root / "urls.parquet", rows)
+            if duplicate_rate > 0:  # ground truth of the planted duplicates
+                dup = item.get("duplicate_of")
+                rows[-1]["duplicate_of"] = None if dup is None else world_uid(seed, dup)
+                rows[-1]["duplicate_kind"] = item.get("duplicate_kind")
+                dup_kinds[item.get("duplicate_kind") or "original"] += 1
+        _write_urls(root / "urls.parquet", rows, duplicates=duplicate_rate > 0)
         write_training_shards(root / "seed", (
             {"key": f"seed{it['index']:06d}", "image": it["image"], "caption": it["true_caption"],
              "meta": {"uid": f"seed{it['index']:06d}", "caption_source": "true", **it["scene"].to_dict()}}
@@ -115,6 +126,8 @@ def synth(
     params = {"n_images": n_images, "image_size": image_size, "noise_profile": noise_profile,
               "noise_rates": noise.to_dict(), "seed": seed, "base_url": base, "seed_size": seed_size,
               "eval_size": eval_size, "shard_size": shard_size, "context_length": context_length}
+    if duplicate_rate > 0:
+        params["duplicate_rate"] = duplicate_rate
     atomic.write_json(root / SYNTH_CARD, {"format": "capworld/1", "parameters": params, "vocab_size": vocab_size,
                                           "noise_kind_counts": {k: kinds[k] for k in KINDS},
                                           "classes": len(names)})
@@ -122,7 +135,8 @@ def synth(
         stage="synth",
         counts={"pool images": n_images, "seed images": seed_size, "eval images": eval_size,
                 "eval classes": len(names), "eval shards": n_eval_shards, "vocab size": vocab_size,
-                **{f"alt-text {k}": kinds[k] for k in KINDS}},
+                **{f"alt-text {k}": kinds[k] for k in KINDS},
+                **{f"duplicates {k}": dup_kinds[k] for k in DUPLICATE_KINDS if duplicate_rate > 0}},
         details={"out": str(root), "noise rates": noise.to_dict(), "urls": str(root / "urls.parquet"),
                  "tiny_clip": str(root / "models" / "tiny_clip.json"),
                  "tiny_coca": str(root / "models" / "tiny_coca.json"), "workers": workers},
@@ -151,14 +165,15 @@ def _generate(pool: Any, spec: ItemSpec, n: int, advance: Any) -> Iterator[dict[
         advance(len(items))
 
 
-def _write_urls(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_urls(path: Path, rows: list[dict[str, Any]], *, duplicates: bool = False) -> None:
     import pyarrow as pa
 
     schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("uid", pa.string()),
                         ("true_caption", pa.string()), ("noise_kind", pa.string()),
                         ("true_shape", pa.string()), ("true_colour", pa.string()), ("true_size", pa.string()),
                         ("true_position", pa.string()), ("true_count", pa.int32()),
-                        ("true_background", pa.string()), ("true_tone", pa.string())])
+                        ("true_background", pa.string()), ("true_tone", pa.string())]
+                       + ([("duplicate_of", pa.string()), ("duplicate_kind", pa.string())] if duplicates else []))
     atomic.write_parquet(path, pa.Table.from_pylist(rows, schema=schema))
 
 

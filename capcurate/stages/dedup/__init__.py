@@ -1,0 +1,240 @@
+"""``capcurate dedup``: drop exact, near, caption and semantic duplicates; keep one member of each group.
+
+Kinds run in this order, each over what the previous ones kept:
+
+- exact: the same sha256 of the image bytes (recorded by download and ingest);
+- near: pHash within ``hamming`` bits (resized and re-encoded copies; ``phash.py``);
+- captions: the same alt-text after lower-casing and collapsing white space (boilerplate);
+- semantic: SemDeDup on a scorer's saved image embeddings (``semantic.py``).
+
+Writes ``selections/<name>.parquet`` (the kept rows, filter's schema: uid, caption, caption_source,
+shard, key) and ``dedup/<name>.parquet`` (one row per member of a duplicate group: uid, group, kind,
+kept, duplicate_of, similarity), so groups can be inspected with ``query`` or ``report``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ... import atomic
+from ...dataset import Dataset, check_name
+from ...errors import InputError, OutputExistsError
+from ...summary import Summary
+from .embeddings import EmbeddingStore, peak_memory_mb
+from .groups import Found, components, keep_largest, label_strings
+from .pool import Pool, load_pool, sha256_column
+from .semantic import KEEPS, concat
+
+DEFAULT_HAMMING = 8
+DEFAULT_EPS = 0.05
+ROWS_PER_CLUSTER = 1000   # --clusters auto: pairwise work grows with the cluster size
+TRAIN_PER_CLUSTER = 50    # --train-size auto: faiss wants at least 39 training rows per centroid
+
+
+def dedup_path(ds: Dataset, name: str) -> Path:
+    return ds.root / "dedup" / f"{check_name(name, 'dedup name')}.parquet"
+
+
+def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = False, captions: bool = False,
+          semantic: str | None = None, hamming: int = DEFAULT_HAMMING, eps: float = DEFAULT_EPS,
+          keep: str = "hard", clusters: int | str = "auto", train_size: int | str = "auto", seed: int = 0,
+          workers: int | str = "auto", overwrite: bool = False) -> Summary:
+    """Find duplicates of the chosen kinds; write the kept selection and the groups (module docstring)."""
+    from ...devices import resolve_workers
+    from ...progress import progress_bar
+
+    t0 = time.time()
+    ds = Dataset(dataset)
+    check_name(name, "selection name")
+    if not (exact or near or captions or semantic):
+        raise InputError("choose at least one kind: --exact, --near, --captions or --semantic SCORER")
+    if not 0 <= hamming < 32:
+        raise InputError(f"--hamming must be between 0 and 31 bits (of 64), got {hamming}")
+    if not 0 < eps < 1:
+        raise InputError(f"--eps must be in (0, 1): duplicates are pairs above cosine 1 - eps; got {eps}")
+    if keep not in KEEPS:
+        raise InputError(f"--keep must be one of {', '.join(KEEPS)}, got {keep!r}")
+    clusters, train_size = _auto_int(clusters, "--clusters"), _auto_int(train_size, "--train-size")
+    n_workers = resolve_workers(workers)
+    store = EmbeddingStore(ds, check_name(semantic, "scorer name")) if semantic else None
+    sel_out, groups_out = ds.selection_path(name), dedup_path(ds, name)
+    present = [str(p.relative_to(ds.root)) for p in (sel_out, groups_out) if p.exists()]
+    if present and not overwrite:
+        raise OutputExistsError(f"{', '.join(present)} exist(s); choose another --name or pass --overwrite")
+
+    pool = load_pool(ds)
+    removed = np.zeros(len(pool), bool)
+    found: list[Found] = []
+    counts: dict[str, Any] = {"pool": len(pool)}
+    details: dict[str, Any] = {"name": name}
+    timings: dict[str, float] = {}
+
+    if exact:
+        t = time.time()
+        rows, labels = label_strings(sha256_column(ds, pool))
+        found.append(keep_largest("exact", rows, labels, pool.pixels))
+        timings["exact"] = time.time() - t
+        details["sha256_computed_here"] = pool.sha256_computed
+    if near:
+        t = time.time()
+        with progress_bar(int((~removed).sum()), f"dedup {name}: perceptual hashes", "images") as advance:
+            found.append(_near(ds, pool, _removed(removed, found), hamming, n_workers, advance, counts))
+        timings["near"] = time.time() - t
+    if captions:
+        t = time.time()
+        rm = _removed(removed, found)
+        text = [None if rm[i] or c is None else (re.sub(r"\s+", " ", c).strip().lower() or None)
+                for i, c in enumerate(pool.table.column("caption").to_pylist())]
+        rows, labels = label_strings(text)
+        found.append(keep_largest("caption", rows, labels, pool.pixels))
+        timings["captions"] = time.time() - t
+    if store is not None:
+        t = time.time()
+        found.append(_semantic(store, pool, _removed(removed, found), eps, keep, clusters, train_size, seed,
+                               name, details, counts))
+        timings["semantic"] = time.time() - t
+    removed = _removed(removed, found)
+
+    for f in found:
+        counts[f"{f.kind} duplicates"] = len(f.rows)
+        details[f"{f.kind} groups"] = f.groups
+    counts["kept"] = int((~removed).sum())
+    _write_outputs(pool, removed, found, sel_out, groups_out)
+
+    details["seconds_by_kind"] = {k: round(v, 2) for k, v in timings.items()}
+    details["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    params = {"exact": exact, "near": near, "captions": captions, "semantic": semantic,
+              "hamming": hamming if near else None, "eps": eps if semantic else None,
+              "keep": keep if semantic else None, "clusters": clusters if semantic else None,
+              "train_size": train_size if semantic else None, "seed": seed if semantic else None}
+    entry = ds.card.start_entry(stage="dedup", family="selections", name=name, params=params, replace=True)
+    ds.card.finish_entry(entry, counts, dedup_groups=str(groups_out.relative_to(ds.root)))
+    n, kept = len(pool), counts["kept"]
+    pct = f" ({kept / n:.1%})" if n else ""
+    return Summary(stage="dedup", counts=counts, details=details, seconds=time.time() - t0,
+                   message=f"kept {kept:,} of {n:,}{pct} into selections/{name}; groups in dedup/{name}.parquet "
+                           f"(peak memory {details['peak_memory_mb']:,.0f} MB)")
+
+
+def _auto_int(value: int | str, option: str) -> int | None:
+    if value in (None, "", "auto"):
+        return None
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{option} must be a positive integer or 'auto', got {value!r}") from None
+    if n < 1:
+        raise InputError(f"{option} must be a positive integer or 'auto', got {n}")
+    return n
+
+
+def _removed(base: np.ndarray, found: list[Found]) -> np.ndarray:
+    out = base.copy()
+    for f in found:
+        out[f.rows] = True
+    return out
+
+
+def _near(ds: Dataset, pool: Pool, removed: np.ndarray, threshold: int, workers: int, advance: Any,
+          counts: dict[str, Any]) -> Found:
+    from .phash import LONG_BYTES, hamming, hash_shards, near_pairs
+
+    keys, shards = pool.table.column("key").to_pylist(), pool.table.column("shard").to_pylist()
+    todo: dict[str, list[int]] = {}
+    for i in np.flatnonzero(~removed):
+        todo.setdefault(shards[i], []).append(int(i))
+    sids = sorted(todo)
+    results = hash_shards([(str(ds.shard_path(s)), [keys[i] for i in todo[s]]) for s in sids], workers, advance)
+    rows = np.concatenate([np.array(todo[s], np.int64) for s in sids]) if sids else np.zeros(0, np.int64)
+    hashes = np.concatenate([h for h, _ in results]) if results else np.zeros((0, 8 + LONG_BYTES), np.uint8)
+    ok = np.concatenate([o for _, o in results]) if results else np.zeros(0, bool)
+    counts["near: images not hashed"] = int((~ok).sum())
+    rows, hashes = rows[ok], hashes[ok]
+    a, b, _ = near_pairs(hashes, threshold)
+    labels = components(len(rows), a, b)
+    f = keep_largest("near", rows, labels, pool.pixels)
+    # similarity: 1 - (differing bits of the 256-bit pHash of the kept member) / 256
+    where = np.full(len(pool), -1, np.int64)
+    where[rows] = np.arange(len(rows))
+    long = hashes[:, 8:]
+    f.similarity = (1 - hamming(long[where[f.rows]], long[where[f.of]]) / (8 * LONG_BYTES)).astype(np.float32)
+    return f
+
+
+def _semantic(store: EmbeddingStore, pool: Pool, removed: np.ndarray, eps: float, keep: str,
+              clusters: int | None, train_size: int | None, seed: int, name: str, details: dict[str, Any],
+              counts: dict[str, Any]) -> Found:
+    from ...progress import progress_bar
+    from .kmeans import CentroidIndex, gather_sample, train_kmeans
+    from .semantic import assign, semdedup
+
+    shards, masks, pool_rows = [], [], []
+    for shard in store.shards():
+        rows = pool.shard_rows.get(shard.shard_id)
+        if rows is None or pool.shard_uids[shard.shard_id] != shard.uids:
+            raise InputError(f"embeddings/{store.name}/{shard.shard_id} does not follow the manifest's rows: "
+                             f"re-run capcurate score --name {store.name} --save-embeddings")
+        prow = np.where(rows >= 0, rows, 0)
+        shards.append(shard)
+        masks.append(shard.ok & (rows >= 0) & ~removed[prow])
+        pool_rows.append(rows)
+    n = int(sum(int(m.sum()) for m in masks))
+    counts["semantic: images without embeddings"] = int((~removed).sum()) - n
+    if n < 2:
+        details["semantic clusters"] = 0
+        return Found("semantic", *(np.zeros(0, np.int64),) * 2, np.zeros(0, np.float32), np.zeros(0, np.int64))
+    k = min(n, clusters or max(1, math.ceil(n / ROWS_PER_CLUSTER)))
+    size = train_size or max(k, min(n, TRAIN_PER_CLUSTER * k))
+    t = time.time()
+    sample = gather_sample(shards, masks, size, seed, store.dim)
+    centroids = train_kmeans(sample, k, seed=seed)
+    details["semantic clusters"], details["semantic k-means rows"] = k, len(sample)
+    del sample
+    cand = assign(shards, masks, pool_rows, CentroidIndex(centroids, "l2"))
+    details["semantic k-means seconds"] = round(time.time() - t, 2)
+    with progress_bar(n, f"dedup {name}: semantic", "images") as advance:
+        return semdedup(shards, cand, eps=eps, keep=keep, seed=seed, advance=advance)
+
+
+def _write_outputs(pool: Pool, removed: np.ndarray, found: list[Found], sel_out: Path, groups_out: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = pool.table
+    kept = t.filter(pa.array(~removed)).select(["uid", "caption", "shard", "key"])
+    kept = kept.add_column(2, "caption_source", pa.array(["raw"] * kept.num_rows, pa.string()))
+    kept = kept.take(pc.sort_indices(kept, [("uid", "ascending")]))
+
+    uids = t.column("uid")
+    rows, group, kind, keep_flag, of, sim = [], [], [], [], [], []
+    next_group = 0
+    for f in found:
+        labels = np.concatenate([f.keeper_group, f.group])
+        uniq, gid = np.unique(labels, return_inverse=True)
+        gid = gid + next_group
+        next_group += len(uniq)
+        nk = len(f.keepers)
+        rows += [f.keepers, f.rows]
+        group.append(gid)
+        kind.append(np.full(nk + len(f.rows), f.kind, object))
+        keep_flag += [np.ones(nk, bool), np.zeros(len(f.rows), bool)]
+        of += [np.full(nk, -1, np.int64), f.of]
+        sim += [np.full(nk, np.nan, np.float32), f.similarity]
+    r, o, s = concat(rows, np.int64), concat(of, np.int64), concat(sim, np.float32)
+    groups = pa.table({
+        "uid": uids.take(pa.array(r)),
+        "group": pa.array(concat(group, np.int64)),
+        "kind": pa.array(concat(kind, object).tolist(), pa.string()),
+        "kept": pa.array(concat(keep_flag, bool)),
+        "duplicate_of": pc.if_else(pa.array(o >= 0), uids.take(pa.array(np.maximum(o, 0))), pa.scalar(None, pa.string())),
+        "similarity": pa.array(s, pa.float32(), mask=np.isnan(s)),
+    })
+    groups = groups.take(pc.sort_indices(groups, [("group", "ascending"), ("kept", "descending"), ("uid", "ascending")]))
+    atomic.write_parquet(groups_out, groups)
+    atomic.write_parquet(sel_out, kept)   # last: the selection marks a finished run
