@@ -104,3 +104,17 @@ def model_threads(device: str, workers: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def resolve_placement(device: str | None, precision: str | None, decode: str | None,
+                      engine: str = "local") -> tuple[str, str]:
+    """(device, precision) a stage records, its words checked. Under ``--engine ray`` they stay as
+    given (``auto`` included): each actor resolves them on its own machine in the job's ``setup``."""
+    if engine == "ray":
+        resolve_decode(decode, "cuda")  # only the words: the actor's device decides the rest
+        if precision not in (None, "", "auto"):
+            resolve_precision(precision, "cpu")
+        return device or "auto", precision or "auto"
+    run_device = resolve_device(device)
+    resolve_decode(decode, run_device)
+    return run_device, resolve_precision(precision, run_device)

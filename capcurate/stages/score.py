@@ -441,7 +441,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
           overwrite: bool = False, num_actors: int | None = None, compile: bool = False,
           max_retries: int = 2) -> Summary:
     """Score every image against each selected caption column; writes ``scores/<name>/``."""
-    from ..devices import parse_batch_size, resolve_decode, resolve_device, resolve_precision, resolve_workers
+    from ..devices import parse_batch_size, resolve_placement, resolve_workers
     from ..engines import check_max_retries
     from ..models.ref import parse_model_ref
 
@@ -453,15 +453,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
         raise InputError(f"--num-captions must be at least 1, got {num_captions}")
     batch_size = parse_batch_size(batch_size)
     resolve_workers(workers)  # checked here, resolved where the job runs
-    if engine == "ray":  # each actor resolves device and precision on its own machine
-        resolve_decode(decode, "cuda")
-        if precision != "auto":
-            resolve_precision(precision, "cpu")
-        run_device, run_precision = device, precision
-    else:
-        run_device = resolve_device(device)
-        run_precision = resolve_precision(precision, run_device)
-        resolve_decode(decode, run_device)
+    run_device, run_precision = resolve_placement(device, precision, decode, engine)
     sources = resolve_sources(ds, captions)
     ref = parse_model_ref(model, pretrained=pretrained)
     shard_ids = ds.shard_ids()
