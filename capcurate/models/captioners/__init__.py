@@ -1,4 +1,5 @@
-"""Captioners: one interface (``Captioner``), a transformers backend and an open_clip CoCa backend.
+"""Captioners: one interface (``Captioner``); transformers backends for pixel captioners (BLIP, BLIP-2, GIT)
+and chat-template VLMs, and an open_clip CoCa backend.
 
 ``load_captioner("hf:Salesforce/blip-image-captioning-large")`` or
 ``load_captioner("openclip:coca_ViT-L-14", pretrained=...)`` resolves the reference with
@@ -7,7 +8,16 @@
 
 from __future__ import annotations
 
-from .base import DECODINGS, DTYPES, Captioner, DecodingConfig, clean_caption
+from .base import (
+    DECODINGS,
+    DEFAULT_INSTRUCTIONS,
+    DTYPES,
+    STYLES,
+    Captioner,
+    DecodingConfig,
+    clean_caption,
+    image_seed,
+)
 
 
 def load_captioner(reference: str, *, pretrained: str | None = None, device: str = "cpu", dtype: str = "fp32",
@@ -20,12 +30,22 @@ def load_captioner(reference: str, *, pretrained: str | None = None, device: str
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ref = parse_model_ref(reference, pretrained)
     if ref.kind == "hf":
-        from .hf import HFCaptioner
+        from .hf import PIXEL_CAPTIONERS, HFCaptioner, load_hf_parts
 
-        return HFCaptioner(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code, compile=compile)
+        parts = load_hf_parts(ref.name, dtype=dtype, trust_remote_code=trust_remote_code)
+        if getattr(parts[0], "model_type", "") in PIXEL_CAPTIONERS:
+            return HFCaptioner(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                               compile=compile, parts=parts)
+        if compile:
+            raise InputError("--compile compiles fixed-shape image towers (BLIP, BLIP-2, GIT, CoCa); "
+                             f"{reference} is a dynamic-input VLM")
+        from .vlm import VLMCaptioner
+
+        return VLMCaptioner(ref, parts, device=device)
     from .coca import CocaCaptioner
 
     return CocaCaptioner(ref, device=device, dtype=dtype, compile=compile)
 
 
-__all__ = ["DECODINGS", "DTYPES", "Captioner", "DecodingConfig", "clean_caption", "load_captioner"]
+__all__ = ["DECODINGS", "DEFAULT_INSTRUCTIONS", "DTYPES", "STYLES", "Captioner", "DecodingConfig",
+           "clean_caption", "image_seed", "load_captioner"]

@@ -1,8 +1,18 @@
 """The ``Captioner`` interface every backend implements, and the decoding settings they share.
 
-A captioner is built once per worker (``load_captioner``), hands its per-image preprocessing to the
-DataLoader workers (``preprocess``: PIL image -> tensor, must pickle), and turns a batch of
-preprocessed images into ``num_captions`` clean strings per image (``caption``).
+A captioner is built once per worker (``load_captioner``) and turns a batch of images plus a request
+(``DecodingConfig``: the prompt, decoding and length settings) into ``num_captions`` clean strings per
+image (``caption``). What a batch holds depends on ``input_kind``:
+
+- ``"pixels"`` (BLIP, BLIP-2, GIT, CoCa): a normalised float tensor ``[n, 3, h, w]`` made by the input
+  stream, from the captioner's ``image_spec`` (fast tensor path) or its ``preprocess`` (PIL -> tensor, in
+  the DataLoader workers, must pickle);
+- ``"images"`` (chat-template VLMs): a list of decoded uint8 ``[3, h, w]`` tensors at their native size;
+  the captioner's own processor builds the model inputs per batch, because the number of image tokens in
+  the text depends on each image's size.
+
+A new backend (an offline serving engine such as vLLM) is one more ``Captioner`` of kind ``"images"``:
+the stage never looks inside it.
 """
 
 from __future__ import annotations
@@ -34,6 +44,10 @@ class DecodingConfig:
     length_penalty: float = 1.0
     prompt: str | None = None
     seed: int = 0
+    system: str | None = None       # chat-template VLMs: the system turn
+    style: str | None = None        # chat-template VLMs: which default instruction (STYLES) when no prompt
+    max_pixels: int | None = None   # VLMs with dynamic resolution: the processor's pixel budget per image
+    min_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.decoding not in DECODINGS:
@@ -64,6 +78,16 @@ class DecodingConfig:
                 f"{self.min_new_tokens} and {self.max_new_tokens}"
             )
 
+        if self.style is not None and self.style not in STYLES:
+            raise InputError(f"--style must be one of {', '.join(STYLES)}, got {self.style!r}")
+        if self.style is not None and self.prompt:
+            raise InputError("--style picks a default instruction; it cannot be combined with --prompt")
+        for opt, v in (("--max-pixels", self.max_pixels), ("--min-pixels", self.min_pixels)):
+            if v is not None and v < 1:
+                raise InputError(f"{opt} must be a positive number of pixels, got {v}")
+        if self.max_pixels and self.min_pixels and self.min_pixels > self.max_pixels:
+            raise InputError(f"--min-pixels {self.min_pixels} is larger than --max-pixels {self.max_pixels}")
+
     @property
     def sampling(self) -> bool:
         return self.decoding in ("nucleus", "topk")
@@ -81,7 +105,31 @@ class DecodingConfig:
         if not self.sampling:
             d.pop("temperature")
             d.pop("seed")
+        for k in ("system", "style", "max_pixels", "min_pixels"):  # absent unless used: older runs resume
+            if d[k] is None:
+                d.pop(k)
         return d
+
+
+# --style: what a chat-template VLM is asked when no --prompt is given. CLIP trains on short alt-text
+# (DataComp/LAION captions are ~10 words), while dense captions help long-text retrieval and distillation
+# (DCI, DreamLIP, Recap-DataComp's long captions); families without a chat template have their own words.
+STYLES = ("short", "dense")
+DEFAULT_INSTRUCTIONS = {
+    "short": "Write a short caption for this image, like good alt-text: one sentence naming the main "
+             "subject, its key attributes and the setting. Answer with the caption only.",
+    "dense": "Describe this image in detail in one paragraph: every main subject with its colour, size "
+             "and position, the background, and any visible text. Answer with the description only.",
+}
+
+
+def image_seed(seed: int, uid: str) -> int:
+    """The sampling seed of one image: a hash of (--seed, uid), so its captions do not depend on the batch
+    size, the order images arrive in, or which other images share its batch."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}:{uid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 class Captioner(ABC):
@@ -91,10 +139,12 @@ class Captioner(ABC):
     device: Any
     dtype: Any
 
+    input_kind: str = "pixels"   # "pixels" (preprocessed tensors) or "images" (decoded uint8, native size)
+
     @property
-    @abstractmethod
     def preprocess(self) -> Any:
-        """PIL image -> tensor; runs in DataLoader workers, so it must be picklable."""
+        """PIL image -> tensor; runs in DataLoader workers, so it must be picklable (kind "pixels")."""
+        return None
 
     @property
     def image_spec(self) -> Any:
@@ -103,8 +153,28 @@ class Captioner(ABC):
         return None
 
     @abstractmethod
-    def caption(self, pixels: Any, config: DecodingConfig) -> list[list[str]]:
-        """``num_captions`` clean captions for each image of a preprocessed batch."""
+    def caption(self, batch: Any, config: DecodingConfig, seeds: list[int] | None = None) -> list[list[str]]:
+        """``num_captions`` clean captions for each image of ``batch`` (see the module docstring).
+
+        ``seeds`` (one per image, see ``image_seed``) make sampled captions a function of the image alone;
+        without them sampling draws from torch's global generator.
+        """
+
+    def prepare(self, config: DecodingConfig) -> DecodingConfig:
+        """The request this model will run: checks options it cannot honour, fills default prompts.
+
+        Captioners without an instruction-following chat template take none of the VLM options.
+        """
+        for opt, v in (("--style", config.style), ("--system", config.system),
+                       ("--max-pixels", config.max_pixels), ("--min-pixels", config.min_pixels)):
+            if v is not None:
+                raise InputError(f"{opt} needs a chat-template VLM (Qwen2-VL, LLaVA, SmolVLM...); this "
+                                 f"{type(self).__name__} captions from pixels (use --prompt to start its text)")
+        return config
+
+    def describe_request(self, config: DecodingConfig) -> dict[str, Any]:
+        """What lineage records about one request beyond its parameters (e.g. the exact template text)."""
+        return {}
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:

@@ -86,13 +86,21 @@ class CocaCaptioner(Captioner):
         return coca_generate(self.model, pixels, config, self.special, prompt_ids=self.prompt_ids(config.prompt),
                              generator=generator, use_cache=self.use_cache)
 
-    def caption(self, pixels: torch.Tensor, config: DecodingConfig) -> list[list[str]]:
-        generator = None
-        if config.sampling:
-            # the stage seeds torch's global RNG per batch; draw the decoder's generator from it
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        ids = self.generate_ids(pixels, config, generator)
+    def caption(self, pixels: torch.Tensor, config: DecodingConfig,
+                seeds: list[int] | None = None) -> list[list[str]]:
+        if config.sampling and seeds is not None:
+            # one generator per image: its captions do not depend on the batch it came in (greedy and beam
+            # stay batched; sampling pays one decoder pass per image)
+            ids = []
+            for i, seed in enumerate(seeds):
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+                ids.extend(self.generate_ids(pixels[i:i + 1], config, generator))
+        else:
+            generator = None
+            if config.sampling:  # no seeds: draw the decoder's generator from torch's global one
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+            ids = self.generate_ids(pixels, config, generator)
         return [[clean_caption(self.decode(seq), config.prompt) for seq in per_image] for per_image in ids]
 
     def describe(self) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""transformers captioners: BLIP, BLIP-2 and any ``AutoModelForImageTextToText`` model with its processor.
+"""transformers captioners from pixels: BLIP, BLIP-2 and GIT (``AutoModelForImageTextToText``).
 
 transformers' own ``generate`` does the decoding (KV cache, beam search, sampling); this module maps
-capcurate's ``DecodingConfig`` onto it, builds the prompt inputs once, and cleans the output text.
+capcurate's ``DecodingConfig`` onto it (``generation.py``), builds the prompt tokens once (the prompt of
+these models is text the caption starts from, with a fixed number of image tokens), and cleans the output
+text. Chat-template VLMs, whose inputs depend on each image, are ``vlm.VLMCaptioner``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ...errors import ModelLoadError
 from ..openclip_loader import input_dtype
 from ..ref import ModelRef
 from .base import Captioner, DecodingConfig, clean_caption
+from .generation import generate_kwargs, recordable
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,6 +35,11 @@ class HFImageTransform:
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return s.splitlines()[0] if s else type(e).__name__
+
+
+# model types that caption from pixels with a fixed prompt layout; every other image-text-to-text model
+# is a VLM whose processor builds its inputs per batch (vlm.py)
+PIXEL_CAPTIONERS = ("blip", "blip-2", "git")
 
 
 def load_hf_parts(name: str, *, dtype: str, trust_remote_code: bool) -> tuple[Any, Any, Any]:
@@ -76,13 +84,13 @@ class HFCaptioner(Captioner):
     backend = "transformers"
 
     def __init__(self, ref: ModelRef, *, device: str = "cpu", dtype: str = "fp32",
-                 trust_remote_code: bool = False, compile: bool = False):
+                 trust_remote_code: bool = False, compile: bool = False, parts: tuple[Any, Any, Any] | None = None):
         from ..attention import use_sdpa
         from ..compiling import compile_image_tower
 
         self.ref = ref
-        self.config, model, self.processor = load_hf_parts(ref.name, dtype=dtype,
-                                                           trust_remote_code=trust_remote_code)
+        self.config, model, self.processor = parts or load_hf_parts(ref.name, dtype=dtype,
+                                                                    trust_remote_code=trust_remote_code)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.dtype = input_dtype(self.model)  # the patch embedding's (fp32-kept modules can come first)
@@ -125,32 +133,18 @@ class HFCaptioner(Captioner):
             self._prompt_cache[prompt] = enc
         return self._prompt_cache[prompt]
 
-    def generate_kwargs(self, config: DecodingConfig) -> dict[str, Any]:
-        kw: dict[str, Any] = {
-            "max_new_tokens": config.max_new_tokens,
-            "min_new_tokens": config.min_new_tokens,
-            "repetition_penalty": config.repetition_penalty,
-            "num_return_sequences": config.num_captions,
-            "use_cache": True,
-        }
-        if config.decoding == "greedy":
-            kw.update(do_sample=False, num_beams=1)
-        elif config.decoding == "beam":
-            kw.update(do_sample=False, num_beams=config.num_beams, length_penalty=config.length_penalty)
-        elif config.decoding == "nucleus":
-            kw.update(do_sample=True, num_beams=1, top_p=config.top_p, top_k=0, temperature=config.temperature)
-        else:
-            kw.update(do_sample=True, num_beams=1, top_k=config.top_k, top_p=1.0, temperature=config.temperature)
-        return kw
+    def generate_kwargs(self, config: DecodingConfig, seeds: list[int] | None = None) -> dict[str, Any]:
+        return generate_kwargs(config, seeds)
 
     @torch.no_grad()
-    def generate_ids(self, pixels: torch.Tensor, config: DecodingConfig) -> tuple[torch.Tensor, int]:
+    def generate_ids(self, pixels: torch.Tensor, config: DecodingConfig,
+                     seeds: list[int] | None = None) -> tuple[torch.Tensor, int]:
         """Raw ``generate`` output and how many leading prompt tokens it echoes."""
         n = pixels.shape[0]
         inputs: dict[str, Any] = {"pixel_values": pixels.to(self.device, self.dtype, non_blocking=True)}
         for k, v in self.prompt_inputs(config.prompt).items():
             inputs[k] = v.to(self.device).repeat(n, 1)
-        out = self.model.generate(**inputs, **self.generate_kwargs(config))
+        out = self.model.generate(**inputs, **self.generate_kwargs(config, seeds))
         echoed = 0
         ids = inputs.get("input_ids")
         if ids is not None and out.shape[1] >= ids.shape[1]:
@@ -159,12 +153,16 @@ class HFCaptioner(Captioner):
                 echoed = ids.shape[1]
         return out, echoed
 
-    def caption(self, pixels: torch.Tensor, config: DecodingConfig) -> list[list[str]]:
-        out, echoed = self.generate_ids(pixels, config)
+    def caption(self, pixels: torch.Tensor, config: DecodingConfig,
+                seeds: list[int] | None = None) -> list[list[str]]:
+        out, echoed = self.generate_ids(pixels, config, seeds)
         texts = self.tokenizer.batch_decode(out[:, echoed:], skip_special_tokens=True)
         texts = [clean_caption(t, config.prompt) for t in texts]
         k = config.num_captions
         return [texts[i * k:(i + 1) * k] for i in range(pixels.shape[0])]
+
+    def describe_request(self, config: DecodingConfig) -> dict[str, Any]:
+        return {"generate_kwargs": recordable(self.generate_kwargs(config, [0] if config.sampling else None))}
 
     def describe(self) -> dict[str, Any]:
         local = Path(self.ref.name)
