@@ -5,7 +5,9 @@
 
 Images come from ``capcurate.inputs.ImageStream``: one loader across all shards, JPEGs decoded in
 batches on the GPU (nvJPEG) or in CPU workers, the model's preprocessing replayed on tensors; the model
-only sees ready batches. Each shard file is written atomically,
+only sees ready batches. Chat-template VLMs get decoded images at native size instead, and their own
+processor builds each batch's inputs (``Captioner.input_kind``). Sampling is seeded per image from
+(--seed, uid), so captions do not depend on batch size, order or ``--part``. Each shard file is written atomically,
 so a killed run resumes by skipping finished shards; ``--part i/N`` and ``--engine ray`` come from
 ``capcurate.engines``. Lineage records the model, its resolved weights and the decoding parameters.
 """
@@ -13,7 +15,6 @@ so a killed run resumes by skipping finished shards; ``--part i/N`` and ``--engi
 from __future__ import annotations
 
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,6 @@ def captions_schema():
     ])
 
 
-def batch_seed(seed: int, shard_id: str, first_row: int) -> int:
-    """A seed per batch from (seed, shard and row of its first image): sampling is reproducible whatever
-    order or part shards run in, for a given batch size."""
-    return (seed * 1_000_003 + zlib.crc32(shard_id.encode()) * 7919 + first_row) % (2**63)
-
-
 def _is_oom(e: BaseException) -> bool:
     import torch
 
@@ -57,14 +52,19 @@ def _free_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def caption_with_backoff(captioner: Any, pixels: Any, config: Any, state: dict[str, int]) -> list[list[str]]:
-    """Caption a batch in chunks of ``state['chunk']``; on out-of-memory halve the chunk and go on."""
+def caption_with_backoff(captioner: Any, batch: Any, config: Any, state: dict[str, int],
+                         seeds: list[int] | None = None) -> list[list[str]]:
+    """Caption a batch (pixel tensor or list of images) in chunks of ``state['chunk']``; on out-of-memory
+    halve the chunk and go on. With per-image ``seeds`` the chunking cannot change a caption."""
     out: list[list[str]] = []
     i = 0
-    while i < pixels.shape[0]:
+    while i < len(batch):
         chunk = state["chunk"]
         try:
-            out.extend(captioner.caption(pixels[i:i + chunk], config))
+            if seeds is None:
+                out.extend(captioner.caption(batch[i:i + chunk], config))
+            else:
+                out.extend(captioner.caption(batch[i:i + chunk], config, seeds[i:i + chunk]))
             i += chunk
         except RuntimeError as e:
             if not _is_oom(e) or chunk == 1:
@@ -118,6 +118,18 @@ def _probe_batch_size(captioner: Any, config: Any, limit: int) -> int:
     import torch
 
     spec = captioner.image_spec
+    probe = type(config)(**{**config.__dict__, "min_new_tokens": config.max_new_tokens})
+    if captioner.input_kind == "images":
+        # a VLM's cost grows with image size: probe with the largest image its pixel budget allows
+        budget = config.max_pixels or 1024 * 1024
+        side = max(28, int(budget ** 0.5))
+        grey = torch.full((3, side, side), 127, dtype=torch.uint8)
+
+        def try_images(n: int) -> None:
+            captioner.caption([grey] * n, probe)
+            torch.cuda.synchronize()
+
+        return find_batch_size(try_images, limit=limit)
     if spec is not None:
         h, w = spec.output_size
         one = spec.normalize(torch.full((1, 3, h, w), 127, dtype=torch.uint8), torch.float32)[0]
@@ -125,7 +137,6 @@ def _probe_batch_size(captioner: Any, config: Any, limit: int) -> int:
         from PIL import Image
 
         one = captioner.preprocess(Image.new("RGB", (256, 256), (127, 127, 127)))
-    probe = type(config)(**{**config.__dict__, "min_new_tokens": config.max_new_tokens})
 
     def try_batch(n: int) -> None:
         captioner.caption(one.unsqueeze(0).expand(n, *one.shape).contiguous(), probe)
@@ -191,6 +202,8 @@ class RecaptionJob:
         self._captioner = load_captioner(self.model, pretrained=self.pretrained, device=self.device,
                                          dtype=self.precision, trust_remote_code=self.trust_remote_code,
                                          compile=self.compile)
+        # the request this model runs: default instruction for --style, options it cannot honour refused
+        self.decoding = self._captioner.prepare(self.decoding)
         self._batch, self.batch_note = self._resolve_batch_size()
         self._state = {"chunk": self._batch}
 
@@ -219,7 +232,9 @@ class RecaptionJob:
         from ..inputs import ImageStream, Preprocess
 
         cap = self._captioner
-        return ImageStream(works, Preprocess(cap.image_spec, cap.preprocess), batch_size=self._batch,
+        # VLMs get decoded images at native size: their processor builds the inputs per batch
+        pre = Preprocess(native=True) if cap.input_kind == "images" else Preprocess(cap.image_spec, cap.preprocess)
+        return ImageStream(works, pre, batch_size=self._batch,
                            workers=self.workers, device=self.device, dtype=cap.dtype,
                            decode=resolve_decode(self.decode, self.device))
 
@@ -254,8 +269,9 @@ class RecaptionJob:
             yield from self._caption_works(works, rows_of)
 
     def _caption_works(self, works: list[Any], rows_of: list[list[dict[str, Any]]]):
-        import torch
+        from ..models.captioners import image_seed
 
+        cfg = self.decoding
         results: dict[int, dict[int, tuple[list[str] | None, str | None]]] = {p: {} for p in range(len(works))}
         broken: dict[int, BaseException] = {}
         for batch in self._stream(works):
@@ -263,11 +279,11 @@ class RecaptionJob:
                 results[pos][int(rid)] = (None, reason)
             if batch.items:
                 try:
-                    if self.decoding.sampling:
-                        first_pos, first_rid = batch.items[0]
-                        torch.manual_seed(batch_seed(self.decoding.seed, works[first_pos].shard_id,
-                                                     int(first_rid)))
-                    caps = caption_with_backoff(self._captioner, batch.pixels, self.decoding, self._state)
+                    # one seed per image (hash of --seed and uid): captions do not depend on the batch
+                    seeds = [image_seed(cfg.seed, rows_of[pos][int(rid)]["uid"]) for pos, rid in batch.items] \
+                        if cfg.sampling else None
+                    inputs = batch.images if batch.images is not None else batch.pixels
+                    caps = caption_with_backoff(self._captioner, inputs, cfg, self._state, seeds)
                 except Exception as e:  # the shards of this batch fail; the others go on
                     for pos, _ in batch.items:
                         broken.setdefault(pos, e)
@@ -327,6 +343,10 @@ def recaption(
     num_captions: int = 1,
     length_penalty: float = 1.0,
     prompt: str | None = None,
+    system: str | None = None,
+    style: str | None = None,
+    max_pixels: int | None = None,
+    min_pixels: int | None = None,
     seed: int = 0,
     batch_size: int | str = "auto",
     workers: int | str = "auto",
@@ -342,7 +362,7 @@ def recaption(
     max_retries: int = 2,
 ) -> Summary:
     """Caption every image of ``dataset`` with ``model`` into ``captions/<name>/``; returns a Summary."""
-    from ..devices import parse_batch_size, resolve_decode, resolve_device, resolve_precision, resolve_workers
+    from ..devices import parse_batch_size, resolve_placement, resolve_workers
     from ..engines import check_max_retries, parse_part, run_job, select_part
 
     check_max_retries(max_retries)
@@ -353,21 +373,13 @@ def recaption(
     check_name(name, "captions name")
     batch_size = parse_batch_size(batch_size)
     resolve_workers(workers)  # checked here, resolved where the job runs (a Ray actor counts its own cores)
-    if engine == "ray":
-        # each actor resolves device and precision on its own machine; only check the words here
-        resolve_decode(decode, "cuda")
-        if precision != "auto":
-            resolve_precision(precision, "cpu")
-        run_device, run_precision = device, precision
-    else:
-        run_device = resolve_device(device)
-        run_precision = resolve_precision(precision, run_device)
-        resolve_decode(decode, run_device)
+    run_device, run_precision = resolve_placement(device, precision, decode, engine)
     parse_part(part)
     cfg = DecodingConfig(decoding=decoding, num_beams=num_beams, top_p=top_p, top_k=top_k,
                          temperature=temperature, repetition_penalty=repetition_penalty,
                          min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens,
-                         num_captions=num_captions, length_penalty=length_penalty, prompt=prompt, seed=seed)
+                         num_captions=num_captions, length_penalty=length_penalty, prompt=prompt, seed=seed,
+                         system=system, style=style, max_pixels=max_pixels, min_pixels=min_pixels)
     ref = parse_model_ref(model, pretrained)
     ds = Dataset(dataset)
     shard_ids = ds.shard_ids()
@@ -391,6 +403,8 @@ def recaption(
     if engine == "local" and any(not job.is_done(s) for s in todo):
         job.setup()  # load before the lineage entry so an unloadable model leaves no trace in the card
         model_info.update(job.captioner.describe())
+        # the exact text the model sees (template applied) and the generate() arguments
+        model_info.update(job.captioner.describe_request(job.decoding))
     entry = ds.card.start_entry(stage="recaption", family=FAMILY, name=name, params=params, model=model_info,
                                 replace=mode == "overwrite")
     result = run_job(job, shard_ids, engine=engine, part=part, description=f"recaption {name}",
