@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tarfile
 
 import pyarrow as pa
@@ -12,6 +14,7 @@ import pytest
 from http_fixtures import add_bad_cases, add_good_images, serve
 from typer.testing import CliRunner
 
+from capcurate.atomic import host_name
 from capcurate.cli import app
 from capcurate.dataset import Dataset
 from capcurate.shards import index_tar
@@ -83,7 +86,9 @@ def test_download_cli_resumes_after_kill_without_duplicates(tmp_path, server):
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
     (ds.shards_dir / "00001_stats.json").unlink()
     ds.samples_path("00001").unlink()
-    (ds.samples_dir / ".00001.parquet.999.deadbeef.tmp").write_bytes(b"partial")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    # a temp file names its writer (host~pid): this one's process is gone, so it is removed
+    (ds.samples_dir / f".00001.parquet~{host_name()}~{int(dead.stdout)}~deadbeef.tmp").write_bytes(b"partial")
     (ds.shards_dir / "_tmp").mkdir()
 
     second = runner.invoke(app, args)

@@ -32,7 +32,7 @@ from ..errors import InputError
 from ..images import DEFAULT_MAX_PIXELS
 from ..shards import IMAGE_EXTS, TarShardWriter, index_tar
 from ..summary import Summary
-from ..uid import make_uid
+from ..uid import keep_first, make_uid
 from .download.header import inspect_header
 from .download.manifest import build_samples, finished_shards
 
@@ -87,6 +87,8 @@ class IngestJob:
     link: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     _schema: Any = field(default=None, repr=False)
+    _input_uids: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _seen: set[str] = field(default_factory=set, repr=False)  # uids already in the dataset for this shard
 
     def output_path(self, shard_id: str) -> Path:
         return self.ds.samples_path(shard_id)
@@ -97,11 +99,49 @@ class IngestJob:
         self._schema = samples_schema({k: getattr(pa, v)() for k, v in EXTRA.items()})
 
     def process(self, shard_id: str) -> dict[str, int]:
+        self._seen = self.uids_before(shard_id)
         if self.kind == "img2dataset":
             return self._adopt_img2dataset(shard_id)
         if self.kind == "webdataset":
             return self._rewrite_tar(shard_id, Path(self.inputs[shard_id]))
         return self._pack_images(shard_id, self.inputs[shard_id])
+
+    # -- repeated uids: the first occurrence in (shard, row) order is kept -------------------------
+    def uids_before(self, shard_id: str) -> set[str]:
+        """uids of every input row of the shards before ``shard_id``, read from the inputs (not from the
+        dataset: another --part may be writing those shards now), so any part decides alike."""
+        if self.kind == "images":  # uid = hash(relative path, caption): never repeated
+            return set()
+        out: set[str] = set()
+        for sid in sorted(self.inputs):
+            if sid >= shard_id:
+                break
+            if sid not in self._input_uids:
+                self._input_uids[sid] = self._read_input_uids(sid)
+            out.update(self._input_uids[sid])
+        return out
+
+    def _read_input_uids(self, sid: str) -> list[str]:
+        if self.kind == "img2dataset":
+            return build_samples(self.root / f"{sid}.parquet", sid, uid_col=self.uid_col).column("uid").to_pylist()
+        src = Path(self.inputs[sid])
+        rel = src.name if src == self.root else str(src.relative_to(self.root))
+        uids = []
+        with open(src, "rb") as fh:
+            def read(ref) -> bytes:
+                fh.seek(ref.offset)
+                return fh.read(ref.size)
+
+            for key, members in group_by_last_dot(index_tar(src).samples).items():
+                if any(e in members for e in IMAGE_EXTS):
+                    meta, caption = _meta_and_caption(members, read, Counter())
+                    uids.append(self._uid(meta, caption, f"{rel}/{key}"))
+        return uids
+
+    def _uid(self, meta: dict[str, Any], caption: str | None, source: str) -> str:
+        url = meta.get("url") if isinstance(meta.get("url"), str) else None
+        given = meta.get(self.uid_col)
+        return str(given) if given not in (None, "") else make_uid(url or source, caption)
 
     # -- the three kinds ---------------------------------------------------------------------------
     def _adopt_img2dataset(self, sid: str) -> dict[str, int]:
@@ -115,16 +155,22 @@ class IngestJob:
             except OSError:  # other filesystem, or no --link: copy
                 shutil.copyfile(src_tar, tmp)
         table = build_samples(self.root / f"{sid}.parquet", sid, uid_col=self.uid_col)
+        n = table.num_rows
+        table = table.filter(keep_first(table.column("uid").to_pylist(), self._seen))
         atomic.write_parquet(self.ds.samples_path(sid), table)
         ok = sum(1 for s in table.column("status").to_pylist() if s == "success")
-        return {"samples": table.num_rows, "ok": ok, "failed": table.num_rows - ok}
+        return {"samples": table.num_rows, "ok": ok, "failed": table.num_rows - ok,
+                "duplicate_uids": n - table.num_rows}
 
     def _add(self, writer: TarShardWriter, rows: list, counts: Counter, sid: str, source_key: str,
              source: str, data: bytes, ext: str, caption: str | None, meta: dict[str, Any]) -> None:
         key = f"{sid}{len(rows):06d}"  # digits only: no dots, no path parts, unique in the dataset
         url = meta.get("url") if isinstance(meta.get("url"), str) else None
-        given = meta.get(self.uid_col)
-        uid = str(given) if given not in (None, "") else make_uid(url or source, caption)
+        uid = self._uid(meta, caption, source)
+        if uid in self._seen:  # a repeated input row: counted, kept once (its first occurrence)
+            counts["duplicate_uids"] += 1
+            return
+        self._seen.add(uid)
         problem, _fmt, w, h = inspect_header(data, self.max_pixels)
         if problem:
             counts["bad_images"] += 1
@@ -163,18 +209,7 @@ class IngestJob:
                 if ext is None:
                     counts["samples_without_image"] += 1
                     continue
-                meta: dict[str, Any] = {}
-                if "json" in members:
-                    try:
-                        loaded = json.loads(read(members["json"]))
-                        meta = loaded if isinstance(loaded, dict) else {}
-                    except ValueError:
-                        counts["bad_json_members"] += 1
-                caption = None
-                if "txt" in members:
-                    caption = read(members["txt"]).decode("utf-8", errors="replace").strip()
-                elif isinstance(meta.get("caption"), str):
-                    caption = meta["caption"]
+                meta, caption = _meta_and_caption(members, read, counts)
                 self._add(writer, rows, counts, sid, key, f"{rel}/{key}", read(members[ext]), ext,
                           caption, meta)
         return self._finish(sid, rows, counts)
@@ -198,6 +233,23 @@ class IngestJob:
                 self._add(writer, rows, counts, sid, rel, rel, data, path.suffix.lower().lstrip("."),
                           caption, {"url": rel})
         return self._finish(sid, rows, counts)
+
+
+def _meta_and_caption(members: dict[str, Any], read: Any, counts: Counter) -> tuple[dict[str, Any], str | None]:
+    """A webdataset sample's json metadata (a dict) and caption (its .txt, else the json's 'caption')."""
+    meta: dict[str, Any] = {}
+    if "json" in members:
+        try:
+            loaded = json.loads(read(members["json"]))
+            meta = loaded if isinstance(loaded, dict) else {}
+        except ValueError:
+            counts["bad_json_members"] += 1
+    caption = None
+    if "txt" in members:
+        caption = read(members["txt"]).decode("utf-8", errors="replace").strip()
+    elif isinstance(meta.get("caption"), str):
+        caption = meta["caption"]
+    return meta, caption
 
 
 def group_by_last_dot(samples: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -280,6 +332,9 @@ def ingest(
     details = {"dataset": str(ds.root), "dataset_samples": total, "dataset_images": ok}
     if result.failed:
         details["failed_shards"] = result.failed
+    message = f"ingested {kind} from {path}: the dataset now has {ok:,} images"
+    if counts.get("duplicate_uids"):
+        message += (f"; {counts['duplicate_uids']:,} repeated input row(s) (a uid seen before) were "
+                    "kept once")
     return Summary(stage="ingest", ok=not result.failed, counts=counts, details=details,
-                   seconds=time.perf_counter() - t0,
-                   message=f"ingested {kind} from {path}: the dataset now has {ok:,} images")
+                   seconds=time.perf_counter() - t0, message=message)

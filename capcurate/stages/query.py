@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from .. import atomic
+from .. import atomic, lineage
 from ..dataset import Dataset
 from ..errors import InputError
 from ..summary import Summary
@@ -208,6 +208,15 @@ def stats(dataset: str | Path | Dataset) -> Summary:
         details["selections"] = selections
     finally:
         con.close()
+    # which caption and score columns were made from inputs that changed since (capcurate.lineage)
+    stale = {}
+    for col, fresh in lineage.staleness(ds).items():
+        target = captions.get(col) if col.startswith("cap_") else scores.get(col)
+        if target is not None:
+            target.update(fresh)
+        if fresh["stale_shards"]:
+            stale[col] = len(fresh["stale_shards"])
+    details["stale_columns"] = stale
     card = ds.card.read()
     details["sources"] = card.get("sources", [])
     details["stages_run"] = [
@@ -221,5 +230,9 @@ def stats(dataset: str | Path | Dataset) -> Summary:
         "with_caption": with_caption,
         "duplicate_uids": n - uids,
     }
+    message = f"{ds.root}: {n:,} samples, {ok:,} images"
+    if stale:
+        message += "; stale (made from inputs that changed since; re-run their stage): " + ", ".join(
+            f"{c} ({k} shard{'s' if k != 1 else ''})" for c, k in stale.items())
     return Summary(stage="stats", counts=counts, details=details, seconds=time.perf_counter() - t0,
-                   message=f"{ds.root}: {n:,} samples, {ok:,} images")
+                   message=message)

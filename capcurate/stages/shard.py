@@ -120,7 +120,8 @@ def shard(
     atomic.clean_stale_temps(out)
 
     _remove_dead_plans(out)
-    work = Path(tempfile.mkdtemp(prefix=f".plan-{os.getpid()}-", dir=out))
+    # the plan folder names its owner (host~pid) so that only a provably dead run's plan is removed
+    work = Path(tempfile.mkdtemp(prefix=f".plan{atomic.SEP}{atomic.owner_tag()}{atomic.SEP}", dir=out))
     try:
         plan = build_plan(ds, selection, work, samples_per_shard=samples_per_shard,
                           min_shards=min_shards, shuffle=shuffle, seed=seed)
@@ -159,7 +160,9 @@ def shard(
 def _claim_out_dir(out: Path, claim: dict, *, overwrite: bool) -> str:
     """'new', 'resume' (same dataset, selection content and parameters) or 'overwrite'; else refuse."""
     claim_path = out / CLAIM_NAME
-    entries = [p for p in out.iterdir() if not p.name.startswith(".plan-")] if out.is_dir() else []
+    # plans and temp files of other parts running now are not outputs
+    entries = [p for p in out.iterdir() if not p.name.startswith(".plan") and not atomic.is_temp_name(p.name)
+               ] if out.is_dir() else []
     if out.exists() and not out.is_dir():
         raise InputError(f"-o {out} exists and is not a directory")
     mode = "new"
@@ -185,15 +188,12 @@ def _claim_out_dir(out: Path, claim: dict, *, overwrite: bool) -> str:
 
 
 def _remove_dead_plans(out: Path) -> None:
-    """Plans of killed runs (their pid is gone) would otherwise pile up; live ones (other --part runs) stay."""
-    for p in out.glob(".plan-*-*"):
-        try:
-            pid = int(p.name.split("-")[1])
-            os.kill(pid, 0)
-        except ProcessLookupError:
+    """Plans of killed runs would otherwise pile up. Only a plan whose owner is provably gone (this host,
+    its pid no longer exists) is removed: live ones (other --part runs) and other hosts' stay."""
+    for p in out.glob(f".plan{atomic.SEP}*"):
+        owner = atomic.parse_owner(p.name)
+        if owner is not None and atomic.owner_gone(*owner):
             shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, PermissionError):
-            pass
 
 
 def _write_index_files(out: Path, plan: ShardPlan, claim: dict) -> None:
