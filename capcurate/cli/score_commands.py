@@ -97,12 +97,31 @@ def filter_command(
     min_chars: int = typer.Option(6, "--min-chars", help="--basic: at least this many characters."),
     min_side: int = typer.Option(200, "--min-side", help="--basic: smaller image side in pixels, at least."),
     max_aspect_ratio: float = typer.Option(3.0, "--max-aspect-ratio", help="--basic: longer/shorter side, at most."),
+    cluster: str = typer.Option(None, "--cluster", help=(
+        "DataComp image-based clustering on the image embeddings saved by score --name SCORER --save-embeddings: "
+        "English caption of 2+ words and 6+ characters, k-means on the pool, keep images in the clusters "
+        "nearest to the --targets (or --target-classes) embeddings.")),
+    targets: str = typer.Option(None, "--targets", help=(
+        "--cluster: target images (a capcurate dataset, a folder of image tars such as an eval set) embedded "
+        "with the scorer's model, or a .npy of target embeddings.")),
+    target_classes: Path = typer.Option(None, "--target-classes", help=(
+        "--cluster: text file of class names, one per line, embedded as 'a photo of a <name>.' by the "
+        "scorer's text tower (instead of --targets).")),
+    clusters: int = typer.Option(None, "--clusters", help=(
+        "--cluster: k-means clusters (DataComp: 100000); default one per 100 caption-filtered images, at "
+        "most 100000. More clusters keep a tighter neighbourhood of the targets.")),
+    sample_ratio: float = typer.Option(1.0, "--sample-ratio", help=(
+        "--cluster: fraction of the caption-filtered images k-means trains on (then capped by --train-size).")),
+    train_size: int = typer.Option(1_000_000, "--train-size", help=(
+        "--cluster: most images k-means trains on (a seeded sample; 1M x 768 float32 = 3 GB); all are then "
+        "assigned in streaming.")),
+    seed: int = typer.Option(0, "--seed", help="--cluster: seed of the k-means sample and initialisation."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing selection of that name."),
     threads: int = typer.Option(None, "--threads", help="DuckDB threads (default: all cores)."),
     memory_limit: str = typer.Option(None, "--memory-limit", help="DuckDB memory limit, e.g. 4GB (spills beyond)."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Select samples with SQL rules (score threshold, top fraction, DataComp basic, --where).
+    """Select samples with SQL rules (score threshold, top fraction, DataComp basic, image clustering, --where).
 
     Prints how many samples pass each rule on its own and how many pass them all, and writes
     selections/<name>.parquet (uid, caption, caption_source, shard, key, and the score used).
@@ -112,9 +131,13 @@ def filter_command(
         from ..stages.basic_filter import BasicFilter
         from ..stages.filter import filter as run
 
+        from ..stages.cluster_filter import ClusterFilter
+
         bounds = BasicFilter(language or None, min_words, min_chars, min_side, max_aspect_ratio) if basic else False
+        clustering = ClusterFilter(cluster, targets, str(target_classes) if target_classes else None, clusters,
+                                   sample_ratio, train_size, seed) if cluster else None
         return run(dataset, name, min_score=min_score, score=score, top_fraction=top_fraction, where=where,
-                   from_selection=from_selection, basic=bounds, overwrite=overwrite, threads=threads,
-                   memory_limit=memory_limit)
+                   from_selection=from_selection, basic=bounds, cluster=clustering, overwrite=overwrite,
+                   threads=threads, memory_limit=memory_limit)
 
     run_command(go, json_out=json)

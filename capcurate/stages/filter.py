@@ -20,6 +20,7 @@ from ..errors import InputError, OutputExistsError
 from ..summary import Summary
 from ..views import ident, sql_string
 from .basic_filter import BasicFilter, register_language_table
+from .cluster_filter import ClusterFilter, target_clusters
 
 POOL = "__capcurate_pool"
 
@@ -68,10 +69,25 @@ def _size_exprs(columns: list[str]) -> tuple[str, str]:
     return pick("original_width", "width"), pick("original_height", "height")
 
 
+def _cluster_rules(ds: Dataset, con: Any, cluster: ClusterFilter, details: dict[str, Any], *,
+                   language_done: bool) -> list[tuple[str, str]]:
+    """DataComp's image-based clustering (``cluster_filter.py``): its caption rules, then the target clusters."""
+    if cluster.language and not language_done:
+        register_language_table(con, f"SELECT train_caption FROM {POOL} WHERE status = 'success'")
+    caption_rules = cluster.caption_rules("train_caption")
+    passing = " AND ".join(f"coalesce(({p}), false)" for _, p in caption_rules)
+    eligible = con.sql(f"SELECT DISTINCT uid FROM {POOL} WHERE status = 'success' AND {passing}").to_arrow_table()
+    kept, info = target_clusters(ds, cluster, eligible.column("uid").combine_chunks())
+    con.register("__capcurate_cluster", kept)
+    details["cluster"] = info
+    return caption_rules + [(f"cluster: image in one of {info['target_clusters']} target clusters of {info['clusters']}",
+                             "uid IN (SELECT uid FROM __capcurate_cluster)")]
+
+
 def filter(dataset: str | Path, name: str, *, min_score: float | None = None, score: str | None = None,
            top_fraction: float | None = None, where: str | None = None, from_selection: str | None = None,
-           basic: bool | BasicFilter = False, overwrite: bool = False, threads: int | None = None,
-           memory_limit: str | None = None) -> Summary:
+           basic: bool | BasicFilter = False, cluster: ClusterFilter | None = None, overwrite: bool = False,
+           threads: int | None = None, memory_limit: str | None = None) -> Summary:
     """Write ``selections/<name>.parquet`` with the rows that pass every rule; count passes per rule."""
     t0 = time.time()
     ds = Dataset(dataset)
@@ -86,6 +102,9 @@ def filter(dataset: str | Path, name: str, *, min_score: float | None = None, sc
         raise InputError(f"--language must be an ISO 639-1 code such as 'en', got {basic.language!r}")
     if from_selection is not None:
         check_name(from_selection, "selection name")
+    if cluster is not None:
+        cluster.check()
+        check_name(cluster.scorer, "scorer name")
 
     con = ds.connect(threads=threads, memory_limit=memory_limit)
     try:
@@ -119,6 +138,8 @@ def filter(dataset: str | Path, name: str, *, min_score: float | None = None, sc
                     con, f"SELECT train_caption FROM {POOL} WHERE status = 'success'")
             rules += basic.rules("train_caption", width, height)
             details["basic"] = basic.to_dict()
+        if cluster is not None:
+            rules += _cluster_rules(ds, con, cluster, details, language_done=bool(basic and basic.language))
         if where:
             rules.append((f"where: {where}", where))
 
@@ -142,7 +163,8 @@ def filter(dataset: str | Path, name: str, *, min_score: float | None = None, sc
     counts["kept"] = kept
     details["rules"] = {label: pred for label, pred in rules}
     params = {"min_score": min_score, "score": score_col, "top_fraction": top_fraction, "where": where,
-              "from_selection": from_selection, "basic": basic.to_dict() if basic else None}
+              "from_selection": from_selection, "basic": basic.to_dict() if basic else None,
+              "cluster": cluster.to_dict() if cluster else None}
     entry = ds.card.start_entry(stage="filter", family="selections", name=name, params=params,
                                 replace=True)
     ds.card.finish_entry(entry, counts, **({"threshold": details["top_fraction_threshold"]}
