@@ -129,9 +129,8 @@ def filter_command(
     """
     def go():
         from ..stages.basic_filter import BasicFilter
-        from ..stages.filter import filter as run
-
         from ..stages.cluster_filter import ClusterFilter
+        from ..stages.filter import filter as run
 
         bounds = BasicFilter(language or None, min_words, min_chars, min_side, max_aspect_ratio) if basic else False
         clustering = ClusterFilter(cluster, targets, str(target_classes) if target_classes else None, clusters,
