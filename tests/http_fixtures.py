@@ -2,7 +2,9 @@
 
 It serves generated JPEG/PNG/WebP images plus the bad cases a web crawl meets: a 404, a text file
 named .jpg, a truncated JPEG, a PNG whose header declares 30000x30000 pixels (a decompression bomb),
-a response slower than the client's timeout, and a redirect to a good image.
+a response slower than the client's timeout, a redirect to a good image, a response that stalls
+forever (a byte every fraction of a second, so no single read times out) and one that fails the first
+time and works on retry.
 """
 
 from __future__ import annotations
@@ -46,18 +48,42 @@ def png_bomb_header(width: int = 30000, height: int = 30000) -> bytes:
 
 class ImageServer:
     """Routes: any path added with ``add``; ``/redirect/<path>`` answers 302 to ``<path>``;
-    ``/slow/<path>`` waits ``slow_seconds`` before answering; everything else is a 404."""
+    ``/slow/<path>`` waits ``slow_seconds`` before answering; ``/stall/<path>`` sends the headers, then
+    one byte every ``trickle_seconds`` until the client gives up or the server stops; ``/flaky/<path>``
+    answers 503 to its first request and serves ``<path>`` afterwards; everything else is a 404."""
 
-    def __init__(self, slow_seconds: float = 3.0):
+    def __init__(self, slow_seconds: float = 3.0, trickle_seconds: float = 0.3):
         self.files: dict[str, tuple[bytes, str]] = {}
         self.slow_seconds = slow_seconds
+        self.trickle_seconds = trickle_seconds
         self.requests = 0
+        self.hits: dict[str, int] = {}
+        self.stopping = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 server.requests += 1
                 path = self.path
+                server.hits[path] = server.hits.get(path, 0) + 1
+                if path.startswith("/flaky/"):
+                    path = path[len("/flaky"):]
+                    if server.hits[self.path] == 1:
+                        self.send_error(503, "Service Unavailable")
+                        return
+                if path.startswith("/stall/"):
+                    body, ctype = server.files.get(path[len("/stall"):], (b"x" * 1000, "image/jpeg"))
+                    try:
+                        self.send_response(200)
+                        self.send_header("Content-Type", ctype)
+                        self.send_header("Content-Length", str(len(body) * 1000))  # never reached
+                        self.end_headers()
+                        while not server.stopping.wait(server.trickle_seconds):
+                            self.wfile.write(b"\0")
+                            self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError, OSError):
+                        pass  # the client gave up: the watchdog did its job
+                    return
                 if path.startswith("/redirect/"):
                     self.send_response(302)
                     self.send_header("Location", path[len("/redirect"):])
@@ -104,13 +130,14 @@ class ImageServer:
         return self
 
     def stop(self) -> None:
+        self.stopping.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
 
 @contextmanager
-def serve(slow_seconds: float = 3.0) -> Iterator[ImageServer]:
-    srv = ImageServer(slow_seconds).start()
+def serve(slow_seconds: float = 3.0, trickle_seconds: float = 0.3) -> Iterator[ImageServer]:
+    srv = ImageServer(slow_seconds, trickle_seconds).start()
     try:
         yield srv
     finally:

@@ -1,4 +1,4 @@
-"""``capcurate download``, ``ingest``, ``query`` and ``stats``: getting data in and asking about it."""
+"""``capcurate download``, ``ingest``, ``query``, ``stats`` and ``doctor``: getting data in and asking about it."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ OVERWRITE_HELP = ("Delete the dataset's shards and manifest and start again when
 
 @app.command()
 def download(
-    urls: Path = typer.Argument(..., help=(
+    urls: Path = typer.Argument(None, help=(
         "URL list: a .parquet, .csv, .tsv, .jsonl or .txt file (one URL per line), optionally .gz, "
-        "or a folder of such files.")),
+        "or a folder of such files. Not needed with --retry-failed.")),
     output: Path = typer.Option(..., "--output", "-o", help="Dataset directory to create (or resume)."),
     url_col: str = typer.Option("url", "--url-col", help="Column holding the image URL."),
     caption_col: str = typer.Option(None, "--caption-col", help=(
@@ -41,6 +41,16 @@ def download(
         "How img2dataset spreads shards: multiprocessing (this machine), pyspark or ray (a cluster).")),
     max_pixels: int = typer.Option(64_000_000, "--max-pixels", help=(
         "Refuse, without decoding, images whose header declares more pixels than this (decompression bombs).")),
+    stall_timeout: float = typer.Option(0, "--stall-timeout", help=(
+        "Seconds a single URL may take in all (--timeout bounds each read only); a slower one is abandoned "
+        "and its row failed with reason 'stalled', so a server that trickles bytes cannot hang the run. "
+        "0: off.")),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help=(
+        "Download the failed rows of -o DATASET again (by uid) into new shards, with the dataset's own "
+        "output options; each uid keeps one row, the latest attempt.")),
+    only: str = typer.Option(None, "--only", help=(
+        "With --retry-failed: only rows failed for these comma-separated reasons, as the summary names "
+        "them (e.g. 'timeout,stalled,HTTP 503').")),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -56,9 +66,29 @@ def download(
                    image_size=image_size, resize_mode=resize_mode, processes=processes, threads=threads,
                    timeout=timeout, retries=retries, distributor=distributor,
                    samples_per_shard=samples_per_shard, encode_format=encode_format, max_pixels=max_pixels,
-                   force=force, overwrite=overwrite)
+                   force=force, overwrite=overwrite, stall_timeout=stall_timeout, retry_failed=retry_failed,
+                   only=only)
 
     run_command(go, json_out=json)
+
+
+@app.command()
+def doctor(
+    dataset: Path = typer.Argument(..., help="Dataset directory to examine."),
+    repair: bool = typer.Option(False, "--repair", help=(
+        "Fix what is safe: remove orphan temps and unfinished files, build missing manifests of whole "
+        "shards, remove damaged shards with their manifests (the same download or ingest fetches them "
+        "again), keep one row per uid (the newest shard's).")),
+    json: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Report what crashes left in a dataset: orphan temp files, unfinished or truncated shards, shards
+    without manifests and manifests without shards, duplicate uids; each with a count.
+
+    Exits 1 when damage is found (or remains after --repair), 0 when the dataset is sound.
+    """
+    from ..stages.doctor import doctor as run
+
+    run_command(lambda: run(dataset, repair=repair), json_out=json)
 
 
 @app.command()

@@ -4,6 +4,9 @@
     runner.py   call img2dataset.download in-process (stdout, SIGINT, resizer guard)
     guard.py    header check before decoding: bombs, non-images, truncated JPEGs
     manifest.py img2dataset's per-shard parquet + stats -> samples/NNNNN.parquet; failure reasons
+    stall.py    --stall-timeout: a deadline on each URL's whole download, in img2dataset's workers
+    integrity.py a finished shard is whole before it enters the manifest; one row per uid
+    retry.py    --retry-failed: the failed rows (by uid) into new shards
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ...dataset import Dataset
 from ...errors import InputError
 from ...images import DEFAULT_MAX_PIXELS
 from ...summary import Summary
+from .integrity import remove_shard_files, shard_problem
 from .manifest import build_samples, clean_unfinished, failure_reason, finished_shards
 from .runner import Img2DatasetOptions, run_img2dataset
 from .urls import plan_columns, read_url_list
@@ -35,6 +39,8 @@ def _check_options(opts: Img2DatasetOptions) -> None:
     one_of("resize-mode", opts.resize_mode, RESIZE_MODES)
     one_of("encode-format", opts.encode_format, ENCODE_FORMATS)
     one_of("distributor", opts.distributor, DISTRIBUTORS)
+    if opts.stall_timeout < 0:
+        raise InputError(f"--stall-timeout must be 0 (off) or more seconds, got {opts.stall_timeout:g}")
     for name, value in (("image-size", opts.image_size), ("processes", opts.processes),
                         ("threads", opts.threads), ("timeout", opts.timeout),
                         ("samples-per-shard", opts.samples_per_shard)):
@@ -47,11 +53,23 @@ def _check_options(opts: Img2DatasetOptions) -> None:
         raise InputError(f"--distributor {opts.distributor} needs the {opts.distributor} package: {extra}")
 
 
-def build_manifests(ds: Dataset, shard_ids: list[str], *, uid_col: str | None) -> int:
-    """Write samples/NNNNN.parquet for finished shards that lack one; returns how many were written."""
+def build_manifests(ds: Dataset, shard_ids: list[str], *, uid_col: str | None,
+                    rejected: dict[str, str] | None = None) -> int:
+    """Write samples/NNNNN.parquet for finished shards that lack one; returns how many were written.
+
+    A shard whose tar is cut off or short of its stats' successes never enters the manifest: its files
+    are removed (so the next run downloads it again) and it is listed in ``rejected`` with the reason.
+    """
     written = 0
+    finished = finished_shards(ds.shards_dir)
     for sid in shard_ids:
         if ds.samples_path(sid).exists():
+            continue
+        problem = shard_problem(ds.shards_dir, sid, finished.get(sid, {}))
+        if problem is not None:
+            remove_shard_files(ds.shards_dir, sid)
+            if rejected is not None:
+                rejected[sid] = problem
             continue
         table = build_samples(ds.shards_dir / f"{sid}.parquet", sid, uid_col=uid_col)
         atomic.write_parquet(ds.samples_path(sid), table)
@@ -77,7 +95,7 @@ def failure_counts(ds: Dataset) -> dict[str, int]:
 
 
 def download(
-    urls: str | Path,
+    urls: str | Path | None,
     output: str | Path,
     *,
     url_col: str = "url",
@@ -95,19 +113,33 @@ def download(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     force: bool = False,
     overwrite: bool = False,
+    stall_timeout: float = 0.0,
+    retry_failed: bool = False,
+    only: str | list[str] | None = None,
 ) -> Summary:
     """Download the images of a URL list into a dataset directory (resumes when run again).
 
     ``caption_col`` defaults to 'caption' or 'text' when the input has one; ``uid_col`` is used when the
     input has that column, else uid = hash(url, caption). Every other input column is kept.
+    ``stall_timeout`` (seconds, 0 = off) abandons a URL whose whole download takes longer (reason
+    ``stalled``). ``retry_failed`` downloads the failed rows of ``output`` again into new shards (only
+    those whose reason is in ``only`` when given); the output options are the dataset's own.
     """
     t0 = time.perf_counter()
     opts = Img2DatasetOptions(
         image_size=image_size, resize_mode=resize_mode, processes=processes, threads=threads,
         timeout=timeout, retries=retries, distributor=distributor, samples_per_shard=samples_per_shard,
-        encode_format=encode_format, max_pixels=max_pixels,
+        encode_format=encode_format, max_pixels=max_pixels, stall_timeout=stall_timeout,
     )
     _check_options(opts)
+    if only and not retry_failed:
+        raise InputError("--only chooses which failed rows --retry-failed downloads again: add --retry-failed")
+    if retry_failed:
+        from .retry import retry_failed_rows
+
+        return retry_failed_rows(output, opts, only=only, t0=t0)
+    if urls is None:
+        raise InputError("download needs a URL list (or --retry-failed to retry the failed rows of -o DATASET)")
     url_list = read_url_list(urls)
     if url_list.num_rows == 0:
         raise InputError(f"{urls} has no rows: nothing to download (nothing was written)")
@@ -123,6 +155,11 @@ def download(
     atomic.clean_stale_temps(ds.samples_dir)
 
     expected = [f"{i:05d}" for i in url_list.expected_shards(opts.samples_per_shard)]
+    redownload: dict[str, str] = {}
+    for sid, stats in finished_shards(ds.shards_dir).items():  # finished, but never entered the manifest
+        if not ds.samples_path(sid).exists() and (why := shard_problem(ds.shards_dir, sid, stats)):
+            remove_shard_files(ds.shards_dir, sid)  # downloaded again by this run
+            redownload[sid] = why
     before = finished_shards(ds.shards_dir)
     todo = [s for s in expected if s not in before]
     t_dl = time.perf_counter()
@@ -136,7 +173,9 @@ def download(
         download_seconds = time.perf_counter() - t_dl
         t_man = time.perf_counter()
         after = finished_shards(ds.shards_dir)
-        build_manifests(ds, [s for s in expected if s in after], uid_col=plan.uid_col)
+        rejected: dict[str, str] = {}
+        build_manifests(ds, [s for s in expected if s in after], uid_col=plan.uid_col, rejected=rejected)
+        after = {s: v for s, v in after.items() if s not in rejected}
         manifest_seconds = time.perf_counter() - t_man
 
     new = [s for s in expected if s in after and s not in before]
@@ -166,6 +205,10 @@ def download(
         details["dropped_columns"] = plan.dropped  # img2dataset reserves these names for itself
     if cleaned:
         details["removed_partial"] = cleaned
+    if redownload:
+        details["redownloaded_damaged"] = redownload
+    if rejected:
+        details["rejected_shards"] = rejected  # finished by img2dataset but not whole: downloaded again next run
     ds.card.finish_entry(entry, counts)
     ok_run = not missing
     message = f"downloaded {ok:,} of {attempted:,} images into {ds.root}"

@@ -128,6 +128,8 @@ def failure_reason(status: str | None, error_message: str | None) -> str:
     m = re.search(r"http error (\d{3})", low)
     if m:
         return f"HTTP {m.group(1)}"
+    if low.startswith("stalled"):
+        return "stalled"
     for needle, reason in (
         ("timed out", "timeout"),
         ("timeout", "timeout"),

@@ -6,6 +6,7 @@
   KeyboardInterrupt (exit 130, "re-run to resume") and restore the previous handler afterwards.
 - its Resizer is preceded by a header check (``guard``) so bombs and broken files are counted with
   a reason instead of being decoded.
+- its Downloader downloads each URL under a deadline (``stall``, ``--stall-timeout``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Img2DatasetOptions:
     encode_format: str = "jpg"
     encode_quality: int | None = None  # None: img2dataset's 95 for jpg/webp, PNG compression 9 for png
     max_pixels: int = 64_000_000
+    stall_timeout: float = 0.0  # seconds a single URL may take in all; 0: no watchdog
 
     def effective_quality(self) -> int:
         if self.encode_quality is not None:
@@ -79,18 +81,24 @@ def import_img2dataset():
 
 
 def run_img2dataset(*, url_list: Path, input_format: str, output_folder: Path, url_col: str,
-                    caption_col: str | None, extra_columns: list[str], opts: Img2DatasetOptions) -> None:
-    """Download every shard of ``url_list`` that ``output_folder`` does not have yet."""
+                    caption_col: str | None, extra_columns: list[str], opts: Img2DatasetOptions,
+                    incremental_mode: str = "incremental") -> None:
+    """Download every shard of ``url_list`` that ``output_folder`` does not have yet (``incremental``), or
+    all of it into new shards numbered after the last finished one (``extend``)."""
     img2dataset = import_img2dataset()
     # the module, not the function: img2dataset/__init__ re-exports a function named ``main``
     i2d_main = importlib.import_module("img2dataset.main")
 
-    from . import guard
+    from . import guard, stall
 
     guard.MAX_PIXELS = opts.max_pixels
+    stall.STALL_TIMEOUT = float(opts.stall_timeout)
     # OpenCV's own pixel limit, inherited by the workers: a second line of defence behind the guard
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(max(opts.max_pixels, 1)))
     original_resizer = getattr(i2d_main, "Resizer", None)
+    original_downloader = getattr(i2d_main, "Downloader", None)
+    if original_downloader is not None:
+        i2d_main.Downloader = stall.GuardedDownloader
     previous_sigint = signal.getsignal(signal.SIGINT)
     if original_resizer is not None:
         i2d_main.Resizer = guard.GuardedResizer
@@ -114,7 +122,7 @@ def run_img2dataset(*, url_list: Path, input_format: str, output_folder: Path, u
                 number_sample_per_shard=opts.samples_per_shard,
                 encode_format=opts.encode_format,
                 encode_quality=opts.effective_quality(),
-                incremental_mode="incremental",
+                incremental_mode=incremental_mode,
                 compute_hash="sha256",
                 extract_exif=False,
                 enable_wandb=False,
@@ -125,5 +133,7 @@ def run_img2dataset(*, url_list: Path, input_format: str, output_folder: Path, u
     finally:
         if original_resizer is not None:
             i2d_main.Resizer = original_resizer
+        if original_downloader is not None:
+            i2d_main.Downloader = original_downloader
         with contextlib.suppress(ValueError):  # not the main thread: img2dataset could not set it either
             signal.signal(signal.SIGINT, previous_sigint)

@@ -1,0 +1,92 @@
+"""What makes a downloaded shard whole, and one row per uid across the manifest.
+
+Used by ``download`` (before a shard enters the manifest, after ``--retry-failed``) and by
+``capcurate doctor`` (which reports and repairs the same conditions on any dataset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ... import atomic
+from .manifest import STATS_SUFFIX
+
+
+def shard_problem(folder: Path, sid: str, stats: dict[str, Any]) -> str | None:
+    """Why a shard img2dataset marked finished must not enter the manifest, or None when it is whole:
+    its tar is missing or cut off, or holds fewer images than its stats count as successes."""
+    from ...shards import index_tar
+
+    tar = folder / f"{sid}.tar"
+    if not tar.is_file():
+        return "tar missing"
+    try:
+        idx = index_tar(tar)
+    except Exception as e:  # unreadable header blocks
+        return f"tar unreadable ({type(e).__name__})"
+    images = sum(1 for k in idx.samples if idx.image_ext(k))
+    if idx.truncated:
+        return f"tar truncated after {images} images"
+    want = int(stats.get("successes", 0))
+    if images < want:
+        return f"tar holds {images} images, its stats count {want} successes"
+    return None
+
+
+def remove_shard_files(folder: Path, sid: str) -> list[str]:
+    """Remove one img2dataset shard (stats first: a half-removed shard reads as unfinished)."""
+    removed = []
+    for name in (f"{sid}{STATS_SUFFIX}", f"{sid}.parquet", f"{sid}.tar"):
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+            removed.append(name)
+    return removed
+
+
+def duplicate_uids(samples_dir: Path) -> tuple[dict[str, int], int]:
+    """(manifest file -> rows to drop, distinct uids that repeat) so each uid keeps one row.
+
+    The row kept is the one in the highest shard id (a ``--retry-failed`` shard supersedes the shard
+    the row first failed in), and the first of repeats within one shard.
+    """
+    plan, repeated = _drop_plan(samples_dir)
+    return {p.name: len(rows) for p, rows in plan.items()}, repeated
+
+
+def drop_duplicate_uids(samples_dir: Path) -> int:
+    """Rewrite (atomically) the manifest files that hold superseded copies of a uid; returns rows dropped."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    plan, _ = _drop_plan(samples_dir)
+    dropped = 0
+    for path, rows in sorted(plan.items()):
+        table = pq.read_table(path)
+        keep = [i for i in range(table.num_rows) if i not in rows]
+        atomic.write_parquet(path, table.take(pa.array(keep, pa.int64())))
+        dropped += len(rows)
+    return dropped
+
+
+def _drop_plan(samples_dir: Path) -> tuple[dict[Path, set[int]], int]:
+    import pyarrow.parquet as pq
+
+    where: dict[str, list[tuple[Path, int]]] = defaultdict(list)
+    for path in sorted(samples_dir.glob("*.parquet")):  # shard ids sort in order: the last copy is the newest
+        for i, uid in enumerate(pq.read_table(path, columns=["uid"]).column("uid").to_pylist()):
+            where[uid].append((path, i))
+    plan: dict[Path, set[int]] = defaultdict(set)
+    repeated = 0
+    for copies in where.values():
+        if len(copies) < 2:
+            continue
+        repeated += 1
+        newest = copies[-1][0]
+        keep = next(c for c in copies if c[0] == newest)  # the first copy within the newest shard
+        for c in copies:
+            if c != keep:
+                plan[c[0]].add(c[1])
+    return dict(plan), repeated
