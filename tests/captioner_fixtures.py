@@ -158,3 +158,181 @@ def build_tiny_coca(root: Path, context_length: int = 16) -> tuple[str, str]:
     weights = d / "tiny_coca.pt"
     torch.save({"state_dict": model.state_dict()}, weights)
     return f"openclip:{cfg_path}", str(weights)
+
+
+# -- chat-template VLMs (and the prompt-only PaliGemma / Florence-2) -----------------------------------
+def _save(model, processor, d: Path) -> str:
+    """Scale the output layer up (random logits are otherwise nearly flat and every input gives the same
+    greedy answer) and save the model with its processor, as a user's local directory holds them."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    model.save_pretrained(str(d))
+    processor.save_pretrained(str(d))
+    return f"hf:{d}"
+
+
+def byte_tokenizer(specials, *, eos, pad, bos=None, chat_template=None, **attrs):
+    """A byte-level BPE with no merges (one token per byte: any prompt tokenizes, and distinct prompts give
+    distinct tokens) plus the special tokens a VLM processor looks for."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=eos, pad_token=pad, bos_token=bos, **attrs)
+    tok.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in (eos, pad, bos)]})
+    if chat_template:
+        tok.chat_template = chat_template
+    return tok
+
+
+QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_qwen2_vl(root: Path) -> str:
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+    d = root / "tiny-qwen2-vl"
+    sp = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = byte_tokenizer(sp, eos="<|im_end|>", pad="<|endoftext|>")
+    ip = Qwen2VLImageProcessor(min_pixels=28*28, max_pixels=56*56)
+    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in sp}
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    torch.manual_seed(0)
+    return _save(Qwen2VLForConditionalGeneration(cfg), proc, d)
+
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}\n"
+    "{% else %}{{ message['role'].upper() }}: {% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _vlm_vit(**kw):
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, **kw)
+
+
+def _llama(vocab, **kw):
+    return dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=False, **kw)
+
+
+def build_tiny_llava(root: Path) -> str:
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    d = root / "tiny-llava"
+    tok = byte_tokenizer(["<s>", "</s>", "<pad>", "<image>"], bos="<s>", eos="</s>", pad="<pad>")
+    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                          chat_template=LLAVA_TEMPLATE, image_token="<image>", num_additional_image_tokens=1)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<s>", "</s>", "<pad>", "<image>"]}
+    cfg = LlavaConfig(vision_config=dict(model_type="clip_vision_model", **_vlm_vit()),
+                      text_config=dict(model_type="llama", **_llama(len(tok), bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])),
+                      image_token_index=ids["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-2,
+                      projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    return _save(LlavaForConditionalGeneration(cfg), proc, d)
+
+
+def build_tiny_paligemma(root: Path) -> str:
+    from transformers import (
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+    )
+    d = root / "tiny-paligemma"
+    tok = byte_tokenizer(["<bos>", "<eos>", "<pad>"], bos="<bos>", eos="<eos>", pad="<pad>")
+    ip = SiglipImageProcessor(size={"height": 32, "width": 32})
+    ip.image_seq_length = 16
+    proc = PaliGemmaProcessor(image_processor=ip, tokenizer=tok)
+    tok = proc.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<bos>", "<eos>", "<pad>", "<image>"]}
+    cfg = PaliGemmaConfig(vision_config=dict(model_type="siglip_vision_model", **_vlm_vit(projection_dim=32)),
+                          text_config=dict(model_type="gemma", head_dim=16, initializer_range=0.2, **_llama(len(tok), bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"])),
+                          image_token_index=ids["<image>"], projection_dim=32, hidden_size=32, tie_word_embeddings=False,
+                          bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], pad_token_id=ids["<pad>"])
+    torch.manual_seed(0)
+    return _save(PaliGemmaForConditionalGeneration(cfg), proc, d)
+
+
+IDEFICS3_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% elif c['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_tiny_idefics3(root: Path) -> str:
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
+    d = root / "tiny-idefics3"
+    sp = ["<|im_start|>", "<end_of_utterance>", "<pad>", "<image>", "<fake_token_around_image>", "<global-img>"]
+    tok = byte_tokenizer(sp, bos="<|im_start|>", eos="<end_of_utterance>", pad="<pad>")
+    ip = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
+    proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
+    tok = proc.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in sp}
+    cfg = Idefics3Config(vision_config=dict(**_vlm_vit()), text_config=dict(model_type="llama", **_llama(len(tok), bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<end_of_utterance>"], pad_token_id=ids["<pad>"])),
+                         image_token_id=ids["<image>"], scale_factor=2, pad_token_id=ids["<pad>"])
+    torch.manual_seed(0)
+    return _save(Idefics3ForConditionalGeneration(cfg), proc, d)
+
+
+def build_tiny_florence2(root: Path) -> str:
+    from transformers import (
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+    )
+    d = root / "tiny-florence2"
+    tok = byte_tokenizer(["<s>", "</s>", "<pad>", "<image>"], bos="<s>", eos="</s>", pad="<pad>",
+                         extra_special_tokens={"image_token": "<image>"})
+    ip = CLIPImageProcessor(size={"height": 64, "width": 64}, crop_size={"height": 64, "width": 64}, do_center_crop=False)
+    ip.image_seq_length = 5
+    proc = Florence2Processor(image_processor=ip, tokenizer=tok)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<s>", "</s>", "<pad>", "<image>"]}
+    text = dict(model_type="bart", vocab_size=len(tok), d_model=32, encoder_layers=2, decoder_layers=2,
+                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                max_position_embeddings=128, tie_word_embeddings=False, init_std=0.2, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+                decoder_start_token_id=ids["</s>"], forced_eos_token_id=None)
+    vision = dict(depths=[1, 1, 1, 1], embed_dim=[8, 16, 32, 32], num_heads=[1, 1, 2, 2], num_groups=[1, 1, 2, 2],
+                  window_size=2, projection_dim=32, drop_path_rate=0.0)
+    cfg = Florence2Config(text_config=text, vision_config=vision, image_token_id=ids["<image>"],
+                          bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+    torch.manual_seed(0)
+    return _save(Florence2ForConditionalGeneration(cfg), proc, d)
+
+
+VLM_BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "llava": build_tiny_llava, "idefics3": build_tiny_idefics3,
+                "paligemma": build_tiny_paligemma, "florence2": build_tiny_florence2}

@@ -24,7 +24,8 @@ def recaption(
     dataset: str = typer.Argument(..., help="Dataset directory (made by download/ingest)."),
     model: str = typer.Option(
         ..., "--model", "-m",
-        help="Captioning model: hf:<hub-id-or-dir> (BLIP, BLIP-2, GIT, any image-text-to-text model), "
+        help="Captioning model: hf:<hub-id-or-dir> (BLIP, BLIP-2, GIT, or a VLM: Qwen2-VL, Qwen2.5-VL, LLaVA, "
+             "Idefics3/SmolVLM, PaliGemma, Florence-2, other image-text-to-text models), "
              "openclip:<coca-arch>/<tag>, openclip:<config.json> with --pretrained (CoCa), or an open_clip model folder."),
     name: str = typer.Option(
         ..., "--name", "-n",
@@ -52,8 +53,24 @@ def recaption(
         1.0, "--length-penalty", help="Beam search: >1 favours longer captions, <1 shorter."),
     prompt: str = typer.Option(
         None, "--prompt",
-        help="Text the caption starts from, e.g. 'a photo of' (stripped from the stored caption)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for sampling; the same seed gives the same captions."),
+        help="Chat-template VLMs: the instruction (the user turn), e.g. 'Describe this image in one "
+             "sentence.'; PaliGemma/Florence-2: their task prompt ('caption en', '<CAPTION>'); BLIP-2/GIT/"
+             "CoCa: text the caption starts from, e.g. 'a photo of'. Only the answer is stored."),
+    system: str = typer.Option(
+        None, "--system", help="Chat-template VLMs: a system turn before the instruction."),
+    style: str = typer.Option(
+        None, "--style",
+        help="VLMs without --prompt: short (one alt-text-like sentence; the default) or dense (a detailed "
+             "paragraph); the exact instruction is in docs/recaption.md and the lineage."),
+    max_pixels: int = typer.Option(
+        None, "--max-pixels",
+        help="Dynamic-resolution VLMs (Qwen2-VL, Qwen2.5-VL): largest image area the processor keeps, in "
+             "pixels (fewer image tokens: faster); refused by processors without a pixel budget."),
+    min_pixels: int = typer.Option(
+        None, "--min-pixels", help="Dynamic-resolution VLMs: smallest image area, in pixels."),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed for sampling: each image draws from a hash of (seed, uid), so the same seed gives "
+                          "the same captions whatever the batch size, order or --part."),
     batch_size: str = typer.Option(
         "auto", "--batch-size",
         help="Images per model call, or 'auto': on a GPU the largest batch up to 512 that fits (searched "
@@ -86,7 +103,8 @@ def recaption(
         dataset, model=model, name=name, pretrained=pretrained, decoding=decoding, num_beams=num_beams,
         top_p=top_p, top_k=top_k, temperature=temperature, repetition_penalty=repetition_penalty,
         min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, num_captions=num_captions,
-        length_penalty=length_penalty, prompt=prompt, seed=seed, batch_size=batch_size,
+        length_penalty=length_penalty, prompt=prompt, system=system, style=style, max_pixels=max_pixels,
+        min_pixels=min_pixels, seed=seed, batch_size=batch_size,
         workers=workers, device=device, precision=precision, decode=decode, trust_remote_code=trust_remote_code,
         engine=engine, part=part, overwrite=overwrite, compile=compile, max_retries=max_retries,
     ), json_out=json)

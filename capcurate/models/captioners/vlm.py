@@ -62,7 +62,7 @@ class VLMCaptioner(Captioner):
             self._set_pixel_budget(config.min_pixels, config.max_pixels)
         if config.prompt:
             return config
-        style = config.style or "short"
+        style = config.style or "short"  # the style is spent on the prompt: the request keeps the words
         if self.chat_template:
             prompt = DEFAULT_INSTRUCTIONS[style]
         elif self.model_type in PLAIN_PROMPTS:
@@ -70,14 +70,15 @@ class VLMCaptioner(Captioner):
         else:
             raise InputError(f"{self.ref.text} ({self.model_type}) has no chat template and no known default "
                              "prompt: pass --prompt")
-        return replace(config, prompt=prompt)
+        return replace(config, prompt=prompt, style=None)
 
     def _set_pixel_budget(self, min_pixels: int | None, max_pixels: int | None) -> None:
         """Qwen2-VL-style processors resize each image to a pixel count within [min, max] (in their
         ``size`` as shortest_edge/longest_edge); other processors have no such budget."""
         ip = self.processor.image_processor
         size = getattr(ip, "size", None)
-        keys = dict(size.items()) if hasattr(size, "items") else {}
+        keys = dict(size) if isinstance(size, dict) else {k: v for k, v in vars(size or object()).items()
+                                                           if v is not None}
         if not (hasattr(ip, "merge_size") and keys.get("longest_edge") and keys.get("shortest_edge")):
             raise InputError(f"--max-pixels/--min-pixels: {type(ip).__name__} of {self.ref.text} has no pixel "
                              "budget (only dynamic-resolution processors such as Qwen2-VL's take one)")
