@@ -72,6 +72,17 @@ def test_recaption_sampling_is_reproducible_under_seed(tiny_dataset, blip_ref):
     assert all(len(r["captions"]) == 2 for r in a.values() if r["error"] is None)
 
 
+def test_recaption_sampling_does_not_depend_on_batch_size(tiny_dataset, blip_ref):
+    """Each image samples from a hash of (seed, uid): batch size, chunking and order cannot change it."""
+    kw = dict(model=blip_ref, decoding="topk", top_k=20, temperature=1.5, num_captions=2, max_new_tokens=6,
+              workers=0)
+    recaption(tiny_dataset, name="b3", batch_size=3, **kw)
+    recaption(tiny_dataset, name="b8", batch_size=8, **kw)
+    b3, b8 = _captions(tiny_dataset, "b3"), _captions(tiny_dataset, "b8")
+    assert b3 == b8
+    assert len({c for r in b3.values() if r["captions"] for c in r["captions"]}) > 5
+
+
 def test_recaption_resumes_after_kill(tiny_dataset, blip_ref, monkeypatch):
     real = stage.RecaptionJob._write
 

@@ -62,13 +62,18 @@ def test_hf_greedy_equals_transformers_generate(models, kind, tiny_dataset):
 
 
 @pytest.mark.parametrize("kind", ["blip", "blip2", "git"])
-def test_hf_prompt_is_stripped_and_beams_give_distinct_captions(models, kind):
+def test_hf_prompt_conditions_is_stripped_and_beams_give_distinct_captions(models, kind):
     cap = load_captioner(models[kind])
     pixels = torch.stack([cap.preprocess(im) for im in _images(2)])
     cfg = DecodingConfig(decoding="beam", num_beams=3, num_captions=2, max_new_tokens=6, prompt="a photo of")
     out = cap.caption(pixels, cfg)
     assert len(out) == 2 and all(len(c) == 2 for c in out)
     assert all(not c.startswith("a photo of") and c == c.strip() for per in out for c in per)
+    ids, _ = cap.generate_ids(pixels, cfg)
+    assert all(not torch.equal(ids[2 * i], ids[2 * i + 1]) for i in range(2))  # the two beams differ
+    greedy = {p: cap.caption(pixels, DecodingConfig(decoding="greedy", max_new_tokens=6, prompt=p))
+              for p in ("a photo of", "dog")}
+    assert greedy["a photo of"] != greedy["dog"]  # the prompt reaches the model
 
 
 def _plain_greedy(model, images, sot, eot, steps):
