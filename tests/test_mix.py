@@ -159,3 +159,26 @@ def test_mix_cli_prints_counts_per_caption_source(scored):
     assert out["details"]["by_source"] == {"blip": 4, "raw": 3}
     r = CliRunner().invoke(app, ["mix", str(scored), "--strategy", "nonsense"])
     assert r.exit_code == 2 and "raw-top+synthetic" in r.output
+
+
+def test_mix_sample_keeps_every_image_once_and_records_the_caption_recipe(scored):
+    s = mix(scored, "sample", synthetic="blip", caption_probs="0.2,0.8", name="t_sample")
+    # the most probable source is the row's caption: blip, raw where blip failed (u08), blip where raw is empty
+    assert pairs(scored, "t_sample") == [(u, "raw 8", "raw") if i == 8 else (u, f"blip {i}", "blip")
+                                          for i, u in enumerate(UIDS)]
+    assert s.details["by_source"] == {"blip": 9, "raw": 1}
+    (entry,) = Dataset(scored).card.lineage("selections", "t_sample")
+    assert entry["parameters"]["caption_keys"] == ["raw", "blip"]
+    assert entry["parameters"]["caption_probs"] == [0.2, 0.8]
+    with pytest.raises(InputError, match="3 values for 2 sources"):
+        mix(scored, "sample", synthetic="blip", caption_probs="0.2,0.3,0.5", name="t_bad")
+    with pytest.raises(InputError, match="sum to 1"):
+        mix(scored, "sample", synthetic="blip", caption_probs="0.5,0.6", name="t_bad")
+    r = CliRunner().invoke(app, ["mix", str(scored), "--strategy", "random", "--synthetic", "blip",
+                                 "--caption-probs", "0.5,0.5", "--name", "t_bad"])
+    assert r.exit_code == 2 and "--caption-probs belongs to --strategy sample" in r.output
+    r = CliRunner().invoke(app, ["mix", str(scored), "--strategy", "sample", "--synthetic", "blip,syn",
+                                 "--caption-probs", "0.2,0.5,0.3", "--name", "t_sample3", "--json"])
+    assert r.exit_code == 0, r.output
+    (entry,) = Dataset(scored).card.lineage("selections", "t_sample3")
+    assert entry["parameters"]["caption_probs"] == [0.2, 0.5, 0.3]

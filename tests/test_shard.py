@@ -154,20 +154,23 @@ def test_shard_min_shards_splits_finer_for_many_workers(mixed, tmp_path):
 
 
 def test_shards_read_with_webdataset(mixed, tmp_path):
+    """Also with several captions in each .json (shard --captions): a plain reader still gets its .txt."""
     import webdataset as wds
 
-    shard(mixed, "both", tmp_path / "out", samples_per_shard=5, shuffle=True)
+    shard(mixed, "both", tmp_path / "out", samples_per_shard=5, shuffle=True, captions="raw,blip,syn")
     ds = wds.WebDataset(str(tmp_path / "out" / "{00000..00003}.tar"), shardshuffle=False) \
         .decode("pil").to_tuple("jpg", "txt", "json")
     got = list(ds)
     assert len(got) == 18
     img, txt, meta = got[0]
     assert img.size == (32, 32) and txt and meta["uid"] in UIDS
+    assert {"raw", "blip", "syn"} <= set(meta)
 
 
 def test_shards_train_in_open_clip_trainer(mixed, tmp_path):
-    """open_clip's own trainer reads the shards and finds the sample count in sizes.json."""
-    shard(mixed, "both", tmp_path / "out", samples_per_shard=5)
+    """open_clip's own trainer (3.3.0, .txt only) reads the shards, several captions per .json included, and
+    finds the sample count in sizes.json."""
+    shard(mixed, "both", tmp_path / "out", samples_per_shard=5, captions="raw,blip")
     cfg = tmp_path / "capcurate_tiny_clip.json"
     cfg.write_text(json.dumps(TINY_CLIP))
     launcher = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
@@ -194,6 +197,30 @@ def test_shard_cli(mixed, tmp_path):
     assert r.exit_code == 3 and "--overwrite" in r.output
     r = CliRunner().invoke(app, ["shard", str(mixed), "--selection", "nope", "-o", str(out)])
     assert r.exit_code == 2 and "selections present" in r.output
+
+
+def test_shard_captions_writes_every_chosen_caption_and_the_mix_recipe(mixed, tmp_path):
+    mix(mixed, "sample", synthetic="blip,syn", caption_probs="0.2,0.5,0.3", name="smp")
+    s = shard(mixed, "smp", tmp_path / "out", samples_per_shard=4)  # the recipe comes from the selection
+    assert s.counts["samples"] == 10
+    selection = {r["uid"]: r for r in pq.read_table(Dataset(mixed).selection_path("smp")).to_pylist()}
+    for _, members in read_out(tmp_path / "out"):
+        meta = json.loads(members["json"])
+        i = UIDS.index(meta["uid"])
+        assert meta["raw"] == ("" if i == 9 else f"raw {i}")
+        assert meta["blip"] == (None if i == 8 else f"blip {i}") and meta["syn"] == f"syn {i} a"
+        assert members["txt"].decode() == selection[meta["uid"]]["caption"]  # the primary one
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["captions"] == {"keys": ["raw", "blip", "syn"], "probs": [0.2, 0.5, 0.3]}
+    r = CliRunner().invoke(app, ["shard", str(mixed), "--selection", "both", "-o", str(tmp_path / "o2"),
+                                 "--captions", "raw,syn", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o2" / "manifest.json").read_text())["captions"] == \
+        {"keys": ["raw", "syn"], "probs": None}
+    for bad, msg in (("raw,nope", "'nope' is not a caption set"), ("raw,raw", "distinct")):
+        r = CliRunner().invoke(app, ["shard", str(mixed), "--selection", "both", "-o", str(tmp_path / "o3"),
+                                     "--captions", bad])
+        assert r.exit_code == 2 and msg in r.output and len(r.output.strip().splitlines()) == 1, r.output
 
 
 def test_shard_counts_keys_absent_from_a_source_tar(tmp_path):

@@ -12,7 +12,9 @@ STRATEGY_HELP = (
     "How to pair each image with a caption: raw (alt-text only), synthetic (one captioner's caption), "
     "raw-top+synthetic (raw for the --top-fraction best raw pairs by CLIP score, synthetic for the rest), "
     "best (whichever caption the scorer rates highest), both (each image twice, raw and synthetic), "
-    "concat (raw and synthetic in one caption), random (synthetic with probability --p, else raw)."
+    "concat (raw and synthetic in one caption), random (synthetic with probability --p, else raw), "
+    "sample (every image once with all its captions kept: shard writes them into the .json and train draws one "
+    "per step with --caption-probs)."
 )
 
 
@@ -38,6 +40,9 @@ def mix(
     p: float = typer.Option(0.5, "--p", help="random: probability of taking the synthetic caption."),
     seed: int = typer.Option(0, "--seed", help="random: seed of the per-image coin (a hash of seed and uid)."),
     separator: str = typer.Option(" ", "--separator", help="concat: text put between raw and synthetic."),
+    caption_probs: str = typer.Option(None, "--caption-probs", help="sample: probability of each caption at train "
+                                      "time, for raw then each --synthetic name, e.g. 0.2,0.8 (sum 1; default "
+                                      "equal); recorded so shards and train carry the recipe."),
     from_selection: str = typer.Option(None, "--from-selection", help="Only images in this selection "
                                        "(e.g. one made by `capcurate filter`)."),
     where: str = typer.Option(None, "--where", help="Only images matching this DuckDB predicate over the "
@@ -58,6 +63,7 @@ def mix(
     run_command(lambda: mix_fn(
         dataset, strategy, score=score, top_fraction=top_fraction, min_score=min_score,
         synthetic=synthetic, synthetic_min_score=synthetic_min_score, p=p, seed=seed, separator=separator,
+        caption_probs=caption_probs,
         from_selection=from_selection, where=where, name=name, overwrite=overwrite,
     ), json_out=json)
 
@@ -79,6 +85,10 @@ def shard(
                                    "selection or with other parameters (the same ones resume)."),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
     max_retries: int = typer.Option(2, "--max-retries", help=MAX_RETRIES_HELP),
+    captions: str = typer.Option(None, "--captions", help="Also write these captions into each sample's .json, "
+                                 "one key each (raw = the alt-text, else a recaption --name), e.g. raw,blip, for "
+                                 "`train --caption-keys`; the .txt keeps the selection's caption. Default: the "
+                                 "recipe of a `mix --strategy sample` selection, else none."),
     part: str = typer.Option(None, "--part", help=f"{PART_HELP} The last part to finish writes manifest.json."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -93,6 +103,7 @@ def shard(
     run_command(lambda: shard_fn(
         dataset, selection, out, samples_per_shard=samples_per_shard, min_shards=min_shards,
         shuffle=shuffle, seed=seed, overwrite=overwrite, engine=engine, part=part, max_retries=max_retries,
+        captions=captions,
     ), json_out=json)
 
 

@@ -2,7 +2,10 @@
 
 Images are never decoded: each output sample's ``<key>.<ext>`` is the exact byte range of the source
 tar member, read with forward seeks in (source shard, offset) order; ``<key>.txt`` is the selection's
-caption and ``<key>.json`` holds uid, caption source and the sample's scores. Each output shard is one
+caption and ``<key>.json`` holds uid, caption source and the sample's scores. ``--captions raw,blip``
+also writes each of those captions under its own key of the ``.json`` (for train-time choice: ``capcurate
+train --caption-keys``, open_clip's ``--json-text-key``), and manifest.json records the recipe (keys and,
+from ``mix --strategy sample``, their probabilities). Each output shard is one
 unit of work of ``capcurate.engines`` (written atomically, skipped when it exists), so a killed run
 resumes, ``--part i/N`` splits the work and ``--engine ray`` spreads it. ``manifest.json`` and
 open_clip's ``sizes.json`` are written when every shard exists.
@@ -98,6 +101,7 @@ def shard(
     engine: str = "local",
     part: str | None = None,
     max_retries: int = 2,
+    captions: str | list[str] | None = None,
 ) -> Summary:
     """Write ``selection`` of ``dataset`` as training shards ``out/00000.tar ...`` (see module docstring)."""
     t0 = time.time()
@@ -109,6 +113,7 @@ def shard(
                          f"{', '.join(ds.selection_names()) or '(none)'}")
     if samples_per_shard < 1 or min_shards < 1:
         raise InputError("--samples-per-shard and --min-shards must be at least 1")
+    recipe = caption_recipe(ds, selection, captions)
     out = Path(out)
     claim = {
         "dataset": str(ds.root.resolve()), "selection": selection,
@@ -116,6 +121,8 @@ def shard(
         "parameters": {"samples_per_shard": samples_per_shard, "min_shards": min_shards,
                        "shuffle": shuffle, "seed": seed if shuffle else None},
     }
+    if recipe:
+        claim["parameters"]["captions"] = recipe
     mode = _claim_out_dir(out, claim, overwrite=overwrite)
     atomic.clean_stale_temps(out)
 
@@ -124,7 +131,8 @@ def shard(
     work = Path(tempfile.mkdtemp(prefix=f".plan{atomic.SEP}{atomic.owner_tag()}{atomic.SEP}", dir=out))
     try:
         plan = build_plan(ds, selection, work, samples_per_shard=samples_per_shard,
-                          min_shards=min_shards, shuffle=shuffle, seed=seed)
+                          min_shards=min_shards, shuffle=shuffle, seed=seed,
+                          captions=recipe["keys"] if recipe else None)
         ids = [shard_name(i) for i in range(len(plan.shard_sizes))]
         result = run_job(ShardWriteJob(ds.root, out, plan), ids, engine=engine, part=part,
                          description="shards", max_retries=max_retries)
@@ -210,7 +218,37 @@ def _write_index_files(out: Path, plan: ShardPlan, claim: dict) -> None:
         "samples_per_shard": plan.samples_per_shard,
         "missing": plan.missing, "missing_examples": plan.missing_examples,
         "train_data": f"{out}/{{{names[0][:-4]}..{names[-1][:-4]}}}.tar" if names else None,
+        # train-time caption choice: the .json keys of every sample and their probabilities (or None)
+        "captions": claim["parameters"].get("captions"),
     })
+
+
+# keys of every sample's .json that a caption name may not take
+RESERVED_JSON_KEYS = ("uid", "caption_source", "scores", "source")
+
+
+def caption_recipe(ds: Dataset, selection: str, captions: str | list[str] | None) -> dict | None:
+    """{"keys": [...], "probs": [...] | None} for ``--captions``, or the recipe of a ``mix --strategy sample``
+    selection when ``--captions`` is not given; None for a plain selection."""
+    made_by = ds.card.lineage("selections", selection)
+    params = made_by[-1].get("parameters", {}) if made_by else {}
+    mixed = params.get("caption_keys")
+    if captions is None or captions == "" or captions == []:
+        if not mixed:
+            return None
+        return {"keys": list(mixed), "probs": params.get("caption_probs")}
+    keys = [c.strip() for c in captions.split(",")] if isinstance(captions, str) else [str(c) for c in captions]
+    if any(not k for k in keys) or len(set(keys)) != len(keys):
+        raise InputError(f"--captions must be distinct caption names, got {captions!r}")
+    known = ["raw", *ds.names("captions")]
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise InputError(f"--captions {unknown[0]!r} is not a caption set; present: {', '.join(known)}")
+    reserved = [k for k in keys if k in RESERVED_JSON_KEYS]
+    if reserved:
+        raise InputError(f"--captions {reserved[0]!r} would overwrite the .json's own {reserved[0]!r} field")
+    probs = params.get("caption_probs") if mixed and list(mixed) == keys else None
+    return {"keys": keys, "probs": probs}
 
 
 def _file_sha256(path: Path) -> str:

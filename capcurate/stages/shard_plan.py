@@ -45,7 +45,7 @@ class ShardPlan:
 
 
 def build_plan(ds: Dataset, selection: str, work_dir: Path, *, samples_per_shard: int, min_shards: int,
-               shuffle: bool, seed: int) -> ShardPlan:
+               shuffle: bool, seed: int, captions: list[str] | None = None) -> ShardPlan:
     """Write the plan under ``work_dir`` and return its summary (see the module docstring)."""
     con = ds.connect()
     try:
@@ -87,7 +87,11 @@ def build_plan(ds: Dataset, selection: str, work_dir: Path, *, samples_per_shard
         # md5 of (seed, uid, source) is a random rank that does not depend on row order or memory
         order = (f"md5(concat({int(seed)}, ':', l.uid, ':', l.caption_source)), l.sel_row" if shuffle
                  else "l.sel_row")
-        meta = (f"json_object('uid', l.uid, 'caption_source', l.caption_source, 'scores', json_object({scores}), "
+        # shard --captions: every chosen caption under its own key, for train-time choice
+        chosen = "".join(f"{sql_string(c)}, s.{ident('caption' if c == 'raw' else 'cap_' + c)}, "
+                         for c in captions or [])
+        meta = (f"json_object('uid', l.uid, 'caption_source', l.caption_source, {chosen}"
+                f"'scores', json_object({scores}), "
                 "'source', json_object('shard', l.shard, 'key', l.key))")
         con.execute(
             f"COPY (SELECT *, position // {per_shard} AS out_shard FROM ("

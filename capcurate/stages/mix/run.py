@@ -31,6 +31,7 @@ def mix(
     p: float = 0.5,
     seed: int = 0,
     separator: str = " ",
+    caption_probs: str | list[float] | None = None,
     from_selection: str | None = None,
     where: str | None = None,
     name: str | None = None,
@@ -49,8 +50,11 @@ def mix(
     fn, needs_scorer, n_synthetic = STRATEGIES[strategy]
     name = check_name(name or default_name(strategy), "selection name")
     names = [s.strip() for s in synthetic.split(",")] if isinstance(synthetic, str) else list(synthetic or [])
+    if caption_probs is not None and strategy != "sample":
+        raise InputError("--caption-probs belongs to --strategy sample")
     opts = MixOptions(top_fraction=top_fraction, min_score=min_score,
-                      synthetic_min_score=synthetic_min_score, p=p, seed=seed, separator=separator)
+                      synthetic_min_score=synthetic_min_score, p=p, seed=seed, separator=separator,
+                      caption_probs=_probs(caption_probs))
 
     con = ds.connect()
     try:
@@ -79,6 +83,10 @@ def mix(
             params.update(p=p, seed=seed)
         if strategy == "concat":
             params["separator"] = separator
+        if strategy == "sample":  # the recipe shard writes into the training shards
+            sources = ["raw", *cols.synthetic]
+            params.update(caption_keys=sources,
+                          caption_probs=opts.caption_probs or [1.0 / len(sources)] * len(sources))
         out = ds.selection_path(name)
         mode = ds.card.claim_output("selections", name, params, overwrite=overwrite, exists=out.exists())
         entry = ds.card.start_entry(stage="mix", family="selections", name=name, params=params,
@@ -105,6 +113,15 @@ def mix(
         seconds=time.time() - t0,
         message=f"{strategy}: {rows:,} samples from {images:,} of {considered:,} images -> selections/{name}",
     )
+
+
+def _probs(value: str | list[float] | None) -> list[float] | None:
+    if value is None or value == "":
+        return None
+    try:
+        return [float(x) for x in value.split(",")] if isinstance(value, str) else [float(x) for x in value]
+    except ValueError:
+        raise InputError(f"--caption-probs must be comma-separated numbers, got {value!r}") from None
 
 
 def _base_sql(ds: Dataset, from_selection: str | None, where: str | None) -> str:

@@ -27,6 +27,7 @@ class MixOptions:
     p: float = 0.5
     seed: int = 0
     separator: str = " "
+    caption_probs: list[float] | None = None   # sample: one per source (raw, then each --synthetic)
 
     @property
     def synthetic_threshold(self) -> float | None:
@@ -153,6 +154,29 @@ def random(cols: MixColumns, opt: MixOptions) -> str:
     )
 
 
+def sample(cols: MixColumns, opt: MixOptions) -> str:
+    """Every image once, its captions kept for train-time choice (Recap-DataComp, LaCLIP, VeCLIP sample among
+    raw and rewritten captions at each step). The row's caption is its most probable non-empty source; the
+    probabilities (``--caption-probs``, for raw then each ``--synthetic``) go to the lineage, where ``shard``
+    reads them: every source is written into each sample's .json and the recipe into manifest.json.
+    """
+    sources = ["raw", *cols.synthetic]
+    probs = opt.caption_probs or [1.0 / len(sources)] * len(sources)
+    if len(probs) != len(sources):
+        raise InputError(f"--caption-probs has {len(probs)} values for {len(sources)} sources "
+                         f"({', '.join(sources)})")
+    if any(p < 0 for p in probs) or abs(sum(probs) - 1.0) > 1e-6:
+        raise InputError(f"--caption-probs must be non-negative and sum to 1, got {probs}")
+    order = sorted(range(len(sources)), key=lambda i: -probs[i])  # stable: ties keep source order
+    caption = ", ".join(f"CASE WHEN {nonempty(cols.caption(sources[i]))} THEN {cols.caption(sources[i])} END"
+                        for i in order)
+    source = " ".join(f"WHEN {nonempty(cols.caption(sources[i]))} THEN {sql_string(sources[i])}" for i in order)
+    return (
+        f"SELECT uid, caption, caption_source, NULL::FLOAT AS score FROM (SELECT uid, coalesce({caption}) AS "
+        f"caption, CASE {source} END AS caption_source FROM base) WHERE caption IS NOT NULL"
+    )
+
+
 # name -> (function, needs a scorer, how many synthetic sources: 0, 1 or "many")
 STRATEGIES: dict[str, tuple[Callable[[MixColumns, MixOptions], str], bool, object]] = {
     "raw": (raw, False, 0),
@@ -162,4 +186,5 @@ STRATEGIES: dict[str, tuple[Callable[[MixColumns, MixOptions], str], bool, objec
     "both": (both, False, 1),
     "concat": (concat, False, 1),
     "random": (random, False, 1),
+    "sample": (sample, False, "many"),
 }
