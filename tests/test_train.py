@@ -400,3 +400,86 @@ def test_cpu_decode_resumes_bit_exactly_with_workers_and_accumulation(tmp_path):
     drop = ("samples_per_s",)
     assert [{k: v for k, v in x.items() if k not in drop} for x in a] == \
         [{k: v for k, v in x.items() if k not in drop} for x in b]
+
+
+# -- train-time caption choice (--caption-keys / --caption-probs, or the shards' recipe) -------------------
+def _caption_shards(folder: Path, n_shards: int = 2, per_shard: int = 40, recipe: dict | None = None):
+    """Shards whose .json holds a raw and a blip caption per sample (as `shard --captions raw,blip` writes)."""
+    from train_fixtures import colour_image
+
+    from capcurate.shards import TarShardWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(n_shards):
+        path = folder / f"{s:05d}.tar"
+        with TarShardWriter(path) as w:
+            for j in range(per_shard):
+                meta = {"uid": f"u{s}{j}", "raw": f"raw {s} {j}", "blip": f"blip {s} {j}"}
+                w.write(f"{s:05d}{j:04d}", {"jpg": colour_image("red", jitter=j), "txt": b"plain txt",
+                                            "json": json.dumps(meta).encode()})
+        paths.append(path)
+    manifest = {"shards": [{"name": p.name, "samples": per_shard} for p in paths],
+                "total_samples": n_shards * per_shard, "captions": recipe}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return [str(p) for p in paths]
+
+
+def test_caption_choice_frequencies_match_the_probabilities():
+    from capcurate.train.data import caption_uniform, parse_caption_choice
+
+    n = 6000
+    for keys, probs in (("raw,blip", "0.2,0.8"), ("raw,blip,syn", "0.5,0.2,0.3")):
+        choice = parse_caption_choice(keys, probs)
+        meta = {k: f"{k} text" for k in choice.keys}
+        picks = [choice.pick(meta, caption_uniform(0, 0, "caption", "shard.tar", f"k{i}"))[0] for i in range(n)]
+        for k, p in zip(choice.keys, choice.probs, strict=True):
+            assert abs(picks.count(k) / n - p) < 0.025, (k, picks.count(k) / n, p)  # ~4 binomial sd
+    choice = parse_caption_choice("raw,blip", "0.2,0.8")
+    assert choice.pick({"raw": "r", "blip": "  "}, 0.99) == ("raw", "r")  # an empty caption leaves the draw
+    assert choice.pick({"other": "x"}, 0.5) is None
+    assert parse_caption_choice("raw,blip", None).probs == (0.5, 0.5)
+    for keys, probs, msg in (("raw,blip", "0.5", "1 values for 2"), ("raw,blip", "0.5,0.6", "sum to 1"),
+                             ("raw,raw", None, "distinct"), ("raw,blip", "a,b", "numbers"),
+                             (None, "1.0", "needs --caption-keys")):
+        with pytest.raises(InputError, match=msg):
+            parse_caption_choice(keys, probs)
+
+
+def test_train_stream_draws_each_samples_caption_per_epoch_deterministically(tmp_path):
+    import torch
+
+    from capcurate.train.data import TrainStream, parse_caption_choice
+
+    urls = _caption_shards(tmp_path / "shards")
+    choice = parse_caption_choice("raw,blip", "0.2,0.8")
+
+    def texts(epoch, captions=choice):
+        stream = TrainStream(urls, 8, 10, lambda im: torch.zeros(1), lambda t: list(t), seed=5, epoch=epoch,
+                             num_workers=1, shuffle_buffer=0, mode="pil", captions=captions)
+        return [t for _, batch, _ in stream for t in batch]
+
+    e0, e1 = texts(0), texts(1)
+    assert e0 == texts(0) and e0 != e1 and len(e0) == 80  # fixed under the seed, redrawn every epoch
+    blip = sum(t.startswith("blip") for t in e0 + e1) / 160
+    assert all(t.startswith(("raw", "blip")) for t in e0) and 0.65 < blip < 0.93
+    assert set(texts(0, None)) == {"plain txt"}  # without a choice the .txt is read, as before
+
+
+def test_train_cli_caption_keys_and_the_shards_recipe_are_used_and_recorded(tmp_path):
+    _caption_shards(tmp_path / "shards", recipe={"keys": ["raw", "blip"], "probs": [0.2, 0.8]})
+    clip = tiny_clip_config(tmp_path)
+    base = ["train", str(tmp_path / "shards"), "--model-config", str(clip), "--batch-size", "16",
+            "--workers", "0", "--max-steps", "1"]
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "r1"), "--caption-keys", "blip,raw",
+                                 "--caption-probs", "0.7,0.3"])
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "r1" / "run.json").read_text())
+    assert run["captions"] == {"keys": ["blip", "raw"], "probs": [0.7, 0.3]}
+    assert run["config"]["caption_keys"] == "blip,raw"
+    s = train(str(tmp_path / "shards"), str(tmp_path / "r2"), model_config=str(clip), batch_size=16, workers=0,
+              max_steps=1)
+    assert s.ok and json.loads((tmp_path / "r2" / "run.json").read_text())["captions"] == \
+        {"keys": ["raw", "blip"], "probs": [0.2, 0.8]}
+    r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "r3"), "--caption-probs", "1.0"])
+    assert r.exit_code == 2 and "--caption-probs needs --caption-keys" in r.output

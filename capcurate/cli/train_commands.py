@@ -58,7 +58,14 @@ def train(
                                "headers and draw the crop; JPEGs are decoded in batches with nvJPEG, cropped and "
                                "resized on the GPU), cpu (workers decode, crop and resize uint8 tensors), or auto "
                                "(gpu when --device is cuda)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, shard order, shuffle and augmentation."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights, shard order, shuffle, augmentation and "
+                             "caption choice."),
+    caption_keys: str | None = typer.Option(None, "--caption-keys", help="Train on one of several captions per "
+                                            "sample: comma-separated keys of each sample's .json (written by `shard "
+                                            "--captions`), e.g. raw,blip; one is drawn per sample each time it is read. "
+                                            "Default: the recipe in the shards' manifest.json, else the .txt."),
+    caption_probs: str | None = typer.Option(None, "--caption-probs", help="Probabilities of --caption-keys, "
+                                             "e.g. 0.2,0.8 (sum 1; default equal)."),
     shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", help="Samples held in each worker's shuffle "
                                        "buffer (0 or 1 = read in shard order)."),
     shuffle_shards: bool = typer.Option(True, "--shuffle-shards/--no-shuffle-shards", help="Shuffle the shard "
@@ -104,6 +111,7 @@ def train(
         clip_loss_weight=clip_loss_weight, lock_image=lock_image, lock_image_unlocked_groups=lock_image_unlocked_groups,
         save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume, eval_data=eval_data,
         eval_every=eval_every, log_every=log_every, device=device, overwrite=overwrite, max_steps=max_steps,
+        caption_keys=caption_keys, caption_probs=caption_probs,
     )
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         from ..train.distributed import launch_torchrun

@@ -52,6 +52,8 @@ class TrainConfig:
     device: str | None = None          # None/auto: cuda when available
     overwrite: bool = False
     max_steps: int | None = None       # stop early (smoke tests, benchmarks); schedule still spans epochs
+    caption_keys: str | None = None    # e.g. "raw,blip": draw each sample's caption from these .json keys
+    caption_probs: str | None = None   # e.g. "0.2,0.8" (default: equal); None keys: the shards' recipe or .txt
 
     def resolved(self) -> TrainConfig:
         """This config with auto device, precision, workers and decode made concrete for this process

@@ -18,6 +18,12 @@ tensor and crops/resizes it (shipped as uint8), ``"gpu"`` reads the header only 
 bytes with its crop box for nvJPEG in the training process (other formats are decoded as in ``"cpu"``),
 ``"pil"`` runs the model's own PIL transform (shipped as float; for transforms with more than a crop).
 The crop box is the same in all three for the same seed.
+
+Caption choice (``--caption-keys raw,blip --caption-probs 0.2,0.8``, or the recipe ``capcurate shard``
+wrote into manifest.json): each time a sample is read, one caption is drawn from its ``.json`` keys with
+those probabilities, by a hash of (seed, epoch, shard, key): the same draw on any worker or rank, a new
+draw every epoch. Keys a sample lacks (or holds empty) are left out of its draw; a sample with none of
+them falls back to its ``.txt``.
 """
 
 from __future__ import annotations
@@ -66,6 +72,75 @@ class ShardList:
     urls: list[str]
     num_samples: int | None  # from manifest.json / sizes.json, or counted, or None for remote URLs
     source: str              # how the list was found, for the run record
+    caption_recipe: dict[str, Any] | None = None  # manifest.json's {"keys": [...], "probs": [...] | None}
+
+
+@dataclass(frozen=True)
+class CaptionChoice:
+    """Which ``.json`` caption a sample trains on: ``keys`` drawn with probabilities ``probs``."""
+
+    keys: tuple[str, ...]
+    probs: tuple[float, ...]
+
+    def pick(self, meta: dict[str, Any], u: float) -> tuple[str, str] | None:
+        """(key, caption) for a uniform ``u`` in [0, 1), among the keys this sample has; None if none."""
+        have = [(k, p) for k, p in zip(self.keys, self.probs, strict=True)
+                if p > 0 and isinstance(meta.get(k), str) and meta[k].strip()]
+        if not have:
+            return None
+        target = u * sum(p for _, p in have)
+        for k, p in have:
+            target -= p
+            if target < 0:
+                return k, meta[k].strip()
+        k = have[-1][0]
+        return k, meta[k].strip()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"keys": list(self.keys), "probs": list(self.probs)}
+
+
+def parse_caption_choice(keys: str | list[str] | None, probs: str | list[float] | None) -> CaptionChoice | None:
+    """``"raw,blip"`` and ``"0.2,0.8"`` (default: equal) -> CaptionChoice; one-line InputErrors."""
+    if keys is None or keys == "" or keys == []:
+        if probs not in (None, "", []):
+            raise InputError("--caption-probs needs --caption-keys (the .json keys they weigh)")
+        return None
+    names = [k.strip() for k in keys.split(",")] if isinstance(keys, str) else [str(k) for k in keys]
+    if any(not k for k in names) or len(set(names)) != len(names):
+        raise InputError(f"--caption-keys must be distinct non-empty names, got {keys!r}")
+    if probs in (None, "", []):
+        values = [1.0 / len(names)] * len(names)
+    else:
+        try:
+            values = [float(x) for x in probs.split(",")] if isinstance(probs, str) else [float(x) for x in probs]
+        except ValueError:
+            raise InputError(f"--caption-probs must be comma-separated numbers, got {probs!r}") from None
+    if len(values) != len(names):
+        raise InputError(f"--caption-probs has {len(values)} values for {len(names)} --caption-keys")
+    if any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise InputError(f"--caption-probs must be non-negative and sum to 1, got {values}")
+    return CaptionChoice(tuple(names), tuple(values))
+
+
+def caption_choice(cfg: Any, shards: ShardList) -> CaptionChoice | None:
+    """The run's choice: --caption-keys/--caption-probs, else the recipe the shards carry, else None (.txt)."""
+    if cfg.caption_keys:
+        return parse_caption_choice(cfg.caption_keys, cfg.caption_probs)
+    if cfg.caption_probs:
+        raise InputError("--caption-probs needs --caption-keys (the .json keys they weigh)")
+    recipe = shards.caption_recipe
+    if recipe and recipe.get("keys"):
+        return parse_caption_choice(list(recipe["keys"]), recipe.get("probs"))
+    return None
+
+
+def caption_uniform(*parts: Any) -> float:
+    """A uniform number in [0, 1) from the parts alone (64 bits of BLAKE2b)."""
+    import hashlib
+
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
 
 
 def resolve_shards(spec: str) -> ShardList:
@@ -99,8 +174,10 @@ def _from_json(path: Path) -> ShardList:
         obj = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"cannot read {path}: {e}") from None
+    recipe = None
     if isinstance(obj, dict) and "shards" in obj:  # capcurate shard's manifest.json
         names = [(s["name"], int(s["samples"])) for s in obj["shards"]]
+        recipe = obj.get("captions")
     elif isinstance(obj, dict) and all(isinstance(v, int) for v in obj.values()):  # open_clip sizes.json
         names = list(obj.items())
     else:
@@ -109,7 +186,7 @@ def _from_json(path: Path) -> ShardList:
     missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise InputError(f"{path} lists {len(missing)} shards that do not exist (first: {missing[0]})")
-    return ShardList(urls, sum(n for _, n in names), path.name)
+    return ShardList(urls, sum(n for _, n in names), path.name, recipe)
 
 
 def count_samples(urls: list[str]) -> int:
@@ -196,6 +273,7 @@ class TrainStream(torch.utils.data.IterableDataset):
     resume: dict[int, WorkerState] = field(default_factory=dict)
     mode: str = "pil"        # pil | cpu | gpu: what a worker does to an image (module docstring)
     aug: CropAug | None = None  # the transform as a crop spec; needed by cpu and gpu
+    captions: CaptionChoice | None = None  # draw each sample's caption from its .json (module docstring)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -323,7 +401,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         if img_ext is None or txt_ext is None:
             return None
         try:
-            text = sample[txt_ext].decode("utf-8").strip()
+            text = self.caption_of(sample, txt_ext)
             data = sample[img_ext]
             seed = self.sample_seed(sample)
             if self.mode == "pil":
@@ -331,6 +409,16 @@ class TrainStream(torch.utils.data.IterableDataset):
             return (*self._crop(data, seed), text)
         except Exception:  # any undecodable image or text is a counted skip, never a crash
             return None
+
+    def caption_of(self, sample: dict[str, Any], txt_ext: str) -> str:
+        """The sample's .txt, or with ``captions`` a draw among its .json caption keys."""
+        if self.captions is not None and "json" in sample:
+            meta = json.loads(sample["json"])
+            u = caption_uniform(self.seed, self.epoch, "caption", sample.get("__url__"), sample["__key__"])
+            picked = self.captions.pick(meta, u) if isinstance(meta, dict) else None
+            if picked is not None:
+                return picked[1]
+        return sample[txt_ext].decode("utf-8").strip()
 
     def _pil_transform(self, data: bytes, seed: int) -> torch.Tensor:
         from PIL import Image

@@ -32,6 +32,7 @@ from .data import (
     TrainStream,
     WorkerState,
     batches_per_worker,
+    caption_choice,
     check_members,
     count_samples,
     make_loader,
@@ -181,6 +182,7 @@ class _Trainer:
         self._prepare_run_dir()
         shards = resolve_shards(cfg.data)
         check_members(shards.urls[0])
+        captions = caption_choice(cfg, shards)  # --caption-keys, else the shards' recipe, else .txt
         num_samples = cfg.train_num_samples or shards.num_samples
         if num_samples is None:
             if any("://" in u for u in shards.urls):
@@ -231,7 +233,8 @@ class _Trainer:
                     "config": cfg.to_dict(), "model_name": setup.name, "model_cfg": setup.model_cfg,
                     "world_size": dist.world_size, "num_samples": num_samples, "shards": len(shards.urls),
                     "shard_source": shards.source, "steps_per_epoch": steps_per_epoch,
-                    "total_steps": total_steps, "image_path": self.image_path})
+                    "total_steps": total_steps, "image_path": self.image_path,
+                    "captions": captions.to_dict() if captions else None})
 
         core = model
         if dist.distributed:
@@ -261,7 +264,7 @@ class _Trainer:
                     seed=cfg.seed, epoch=epoch, rank=dist.rank, world_size=dist.world_size,
                     num_workers=n_workers, shuffle_shards=cfg.shuffle_shards, shuffle_buffer=cfg.shuffle_buffer,
                     worker_offset=micro_done % n_workers, resume=data_state, mode=self.image_path,
-                    aug=setup.train_aug)
+                    aug=setup.train_aug, captions=captions)
                 loader = make_loader(stream, in_process=cfg.workers == 0, pin_memory=dist.device.type == "cuda")
                 failed_here: dict[int, int] = {}  # images this process could not decode, per worker
                 t_log, seen_log = time.time(), 0
