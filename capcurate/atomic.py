@@ -76,6 +76,25 @@ def is_temp_name(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+# tests/test_chaos.py: "N:before" or "N:after" kills this process (SIGKILL, as kill -9 does) at its N-th
+# file commit, before or after the rename; never set outside tests
+_CHAOS = os.environ.get("CAPCURATE_CHAOS_KILL", "")
+_commits = 0
+
+
+def _chaos_point(phase: str) -> None:
+    global _commits
+    if not _CHAOS:
+        return
+    n, _, when = _CHAOS.partition(":")
+    if phase == "before":
+        _commits += 1
+    if _commits == int(n) and phase == (when or "before"):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path; on success it is fsynced and renamed to ``path``, on error removed.
@@ -91,7 +110,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         try:
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
+            _chaos_point("before")
             os.replace(tmp, final)
+            _chaos_point("after")
         except FileNotFoundError:
             raise StageFailed(
                 f"the temporary file of {final} vanished before it was renamed (removed by another "

@@ -121,6 +121,7 @@ class Card:
     def editing(self) -> Iterator[dict[str, Any]]:
         """Lock, read, let the caller mutate the dict, write atomically, unlock."""
         with self.locked():
+            atomic.clean_stale_temps(self.root)  # a card write killed before its rename left one
             card = self.read()
             yield card
             atomic.write_json(self.path, card)
