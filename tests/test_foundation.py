@@ -116,3 +116,84 @@ def test_tar_writer_is_reproducible(tmp_path):
             w.write("k1", {"jpg": b"123", "txt": b"hi"})
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
     assert tarfile.open(tmp_path / "a.tar").getnames() == ["k1.jpg", "k1.txt"]
+
+
+# -- temp files: removed only when their writer is provably gone ------------------------------------
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+def test_clean_stale_temps_removes_only_temps_of_dead_writers_on_this_host(tmp_path):
+    import os
+
+    host = atomic.host_name()
+    dead = tmp_path / f".00000.parquet~{host}~{_dead_pid()}~aaaaaaaa.tmp"
+    live = tmp_path / f".00001.parquet~{host}~{os.getppid()}~bbbbbbbb.tmp"  # another --part writing now
+    mine = atomic.temp_path_for(tmp_path / "00002.parquet")
+    other_host = tmp_path / f".00003.parquet~{host}-elsewhere~{_dead_pid()}~cccccccc.tmp"
+    legacy = tmp_path / ".00004.parquet.123.deadbeef.tmp"  # no host in the name: cannot be judged
+    for p in (dead, live, mine, other_host, legacy):
+        p.write_bytes(b"partial")
+    assert atomic.clean_stale_temps(tmp_path) == 1
+    assert not dead.exists() and live.exists() and mine.exists() and other_host.exists() and legacy.exists()
+
+
+def test_a_vanished_temp_file_is_an_error_not_a_success(tmp_path):
+    from capcurate.errors import StageFailed
+
+    final = tmp_path / "00000.parquet"
+    with pytest.raises(StageFailed, match="vanished"), atomic.atomic_path(final) as tmp:
+        tmp.write_bytes(b"data")
+        tmp.unlink()  # what a cleaner of another part once did
+    assert not final.exists()
+
+
+def test_claim_and_entry_are_one_locked_step_and_an_empty_run_frees_the_name(tiny_dataset):
+    card = Dataset(tiny_dataset).card
+    mode, entry = card.claim(stage="score", family="scores", name="z", params={"p": 1}, overwrite=False,
+                             exists=False)
+    assert mode == "new" and [e["id"] for e in card.lineage("scores", "z")] == [entry]
+    mode2, _ = card.claim(stage="score", family="scores", name="z", params={"p": 1}, overwrite=False,
+                          exists=False)
+    assert mode2 == "resume"  # a second --part of the same run
+    with pytest.raises(OutputExistsError, match="differs in: p"):  # other parameters, outputs exist
+        card.claim(stage="score", family="scores", name="z", params={"p": 2}, overwrite=False, exists=True)
+    for e in card.lineage("scores", "z"):
+        card.abandon_entry(e["id"])  # the model did not load: nothing was written
+    mode3, _ = card.claim(stage="score", family="scores", name="z", params={"p": 2}, overwrite=False,
+                          exists=False)
+    assert mode3 == "new" and [e["parameters"] for e in card.lineage("scores", "z")] == [{"p": 2}]
+    removed = []
+    mode4, _ = card.claim(stage="score", family="scores", name="z", params={"p": 3}, overwrite=True,
+                          exists=True, remove=lambda: removed.append(True))
+    assert mode4 == "overwrite" and removed and [e["parameters"] for e in card.lineage("scores", "z")] == [{"p": 3}]
+
+
+def test_parts_create_one_dataset_concurrently(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path / "ds"
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: Dataset.create(root, sources=[{"part": i}]), range(4)))
+    assert sorted(s["part"] for s in Dataset(root).card.read()["sources"]) == [0, 1, 2, 3]
+
+
+def test_stale_outputs_are_found_from_the_inputs_they_recorded(tmp_path):
+    from capcurate import lineage
+
+    src = tmp_path / "samples.parquet"
+    atomic.write_parquet(src, pa.table({"uid": ["a"]}))
+    table, fp = lineage.read_parquet(src)
+    out = tmp_path / "captions.parquet"
+    atomic.write_parquet(out, lineage.stamp(pa.table({"uid": ["a"]}), {lineage.SAMPLES: fp}))
+    assert lineage.is_fresh(out, {lineage.SAMPLES: src})
+    atomic.write_parquet(src, pa.table({"uid": ["b"]}))
+    assert not lineage.is_fresh(out, {lineage.SAMPLES: src})
+    legacy = tmp_path / "legacy.parquet"  # written before lineage was recorded: not judged
+    atomic.write_parquet(legacy, pa.table({"uid": ["a"]}))
+    assert lineage.is_fresh(legacy, {lineage.SAMPLES: src}) and lineage.recorded_inputs(legacy) == {}
