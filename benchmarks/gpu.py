@@ -19,6 +19,12 @@ train      ViT-B-32, batch 512, bf16, 12 workers, one epoch over 65,536 256x256 
            train step alone (bf16 autocast, AdamW) on ready tensors.
 input      decode + preprocess a 512x384 JPEG into a 384 px BLIP tensor on one CPU core (PIL + the
            BLIP image processors, capcurate's worker path), and torchvision.io.decode_jpeg on the GPU.
+vlm        (opt-in: ``--only vlm`` or add it to the list; with the four above it would pass the 290 s
+           budget) a random Qwen2-VL-2B-shaped model (ViT 32 x 1280 -> 28-layer 1536-wide decoder, vocab
+           151,936) on 1,024 of the same JPEGs: ``capcurate.recaption`` with its defaults except greedy
+           decoding of exactly 20 new tokens and ``max_pixels=448*448`` (~256 image tokens per image);
+           images/s and generated tokens/s, vs ``model.generate`` on the processor's inputs for one ready
+           batch of the same size.
 
 How the numbers are taken:
 
@@ -98,6 +104,9 @@ class Cfg:
     matmul_n: int = 8192
     input_images: int = 256         # per-core decode + preprocess loop
     gpu_decode_batch: int = 256
+    vlm: str = "qwen2-vl-2b"
+    vlm_images: int = 1024
+    vlm_batch: int = 64
 
 
 def make_cfg(smoke: bool) -> Cfg:
@@ -106,7 +115,8 @@ def make_cfg(smoke: bool) -> Cfg:
     return Cfg(smoke=True, device="cpu", images=192, per_shard=64, blip="tiny", clip_ref="", clip_arch="",
                tower_batch=16, gen_batch=16, train_model="", train_samples=256, train_unique=64,
                train_size=96, train_per_shard=64, train_batch=32, train_workers=2, train_precision="fp32",
-               train_skip_steps=2, matmul_n=512, input_images=32, gpu_decode_batch=16)
+               train_skip_steps=2, matmul_n=512, input_images=32, gpu_decode_batch=16, vlm="tiny",
+               vlm_images=32, vlm_batch=8)
 
 
 # -- small helpers ---------------------------------------------------------------------------------
@@ -307,6 +317,70 @@ def build_blip(root: Path, shape: str, device: str) -> tuple[str, dict]:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return f"hf:{d}", {"vision": spec["vision"], "text": text}
+
+
+QWEN2_VL_2B = {  # Qwen/Qwen2-VL-2B-Instruct's config.json shapes
+    "text": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, max_position_embeddings=32768,
+                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rope_theta=1000000.0),
+    "vision": dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2),
+    "vocab": 151936,
+}
+
+
+def build_vlm(root: Path, shape: str, device: str) -> str:
+    """A random Qwen2-VL of ``shape`` ("qwen2-vl-2b", or "tiny": the test fixture) saved with its processor."""
+    import torch
+
+    if shape == "tiny":
+        from captioner_fixtures import build_tiny_qwen2_vl
+
+        return build_tiny_qwen2_vl(root)
+    from captioner_fixtures import QWEN_TEMPLATE
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    spec = QWEN2_VL_2B
+    d = root / f"vlm-{shape}"
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>", "<unk>"]
+    # the model's full vocabulary, so every id a random model emits decodes (the text is not read)
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(spec["vocab"] - len(specials))])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": specials[1:7]})
+    assert len(tok) == spec["vocab"], f"tokenizer has {len(tok)} tokens, expected {spec['vocab']}"
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
+                            video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    cfg = Qwen2VLConfig(
+        text_config=dict(spec["text"], vocab_size=spec["vocab"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], bos_token_id=None),
+        vision_config=dict(spec["vision"]), image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"])
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the GPU takes seconds, on the CPU minutes
+        model = Qwen2VLForConditionalGeneration(cfg)
+    if device.startswith("cuda"):
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(str(d))
+    proc.save_pretrained(str(d))
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return f"hf:{d}"
 
 
 def register_tiny_clip(root: Path, cfg: dict, name: str) -> Path:
@@ -650,6 +724,77 @@ def stage_recaption(cfg: Cfg, tmp: Path, ds: Path, blip_ref: str, blip_cfg: dict
                            f"{fmt(_g(res['flops_counted']['total']))} GFLOP (vision "
                            f"{fmt(_g(res['flops_counted']['vision']))}); analytic {an['total'] / 1e9:.1f} "
                            f"(vision {an['vision'] / 1e9:.1f}, decoder with KV cache {an['decoder'] / 1e9:.1f})"},
+    }
+    return res
+
+
+# -- stage e: a chat-template VLM ------------------------------------------------------------------
+VLM_MAX_PIXELS = 448 * 448
+
+
+def stage_vlm(cfg: Cfg, tmp: Path, jpegs: list[bytes], limit: float) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from capcurate.models.captioners import DEFAULT_INSTRUCTIONS
+
+    res: dict[str, Any] = {}
+    t = time.time()
+    ref = build_vlm(tmp, cfg.vlm, cfg.device)
+    res["build_s"] = round(time.time() - t, 1)
+    log(f"VLM {cfg.vlm} built and saved in {res['build_s']} s: {ref}")
+    ds = build_inference_dataset(tmp / "ds-vlm", jpegs[:cfg.vlm_images], cfg.per_shard)
+    kwargs = {"model": ref, "name": "bench", "decoding": "greedy", "min_new_tokens": TOKENS,
+              "max_new_tokens": TOKENS, "max_pixels": VLM_MAX_PIXELS}
+    if cfg.smoke:
+        kwargs.update(batch_size=cfg.vlm_batch, workers=1)
+    child = run_capcurate(tmp, "vlm", "recaption", [str(ds)], kwargs, limit, cfg.smoke)
+    res["capcurate"] = child
+    s = child.get("summary") or {}
+    det = s.get("details", {}) if isinstance(s, dict) else {}
+    chosen = det.get("batch_size") if isinstance(det.get("batch_size"), int) else child.get("max_batch")
+    res["capcurate_batch"] = chosen
+    batch = chosen if isinstance(chosen, int) and chosen > 0 else cfg.vlm_batch
+
+    directory = ref[len("hf:"):]
+    dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
+    model = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype).to(cfg.device).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    processor.tokenizer.padding_side = "left"
+    ip = processor.image_processor
+    ip.size = type(ip.size)(**{**{k: v for k, v in vars(ip.size).items() if v is not None},
+                               "longest_edge": VLM_MAX_PIXELS})
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DEFAULT_INSTRUCTIONS["short"]}]}],
+        add_generation_prompt=True, tokenize=False)
+    from PIL import Image
+
+    imgs = [Image.open(io.BytesIO(b)).convert("RGB") for b in jpegs[:batch]]
+    inputs = processor(images=imgs, text=[text] * len(imgs), padding=True, return_tensors="pt").to(cfg.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    res["prompt_tokens"] = int(inputs["input_ids"].shape[1])
+    gen = dict(do_sample=False, num_beams=1, max_new_tokens=TOKENS, min_new_tokens=TOKENS, use_cache=True)
+    with torch.inference_mode():
+        try:
+            alone = rate(lambda: model.generate(**inputs, **gen), len(imgs), cfg.device, warmup=1, min_iters=2,
+                         target_s=4.0, max_iters=6)
+        except torch.OutOfMemoryError as e:
+            alone = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+    res["generate_alone"] = alone
+    model = inputs = None
+    if cfg.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    steady, e2e, alone_rate = child.get("steady_per_s"), child.get("e2e_per_s"), alone.get("per_s")
+    res["row"] = {
+        "stage": "vlm", "what": f"Qwen2-VL ({cfg.vlm}) greedy {TOKENS} tok, <= {VLM_MAX_PIXELS} px",
+        "unit": "images/s", "capcurate_steady": steady, "capcurate_e2e": e2e, "alone": alone_rate,
+        "alone_what": f"generate on processor inputs, batch {len(imgs)}", "ratio_steady": ratio(steady, alone_rate),
+        "pct_bound_capcurate": None, "pct_bound_alone": None, "gflop_per_item": None,
+        "extra": {"capcurate_tokens_per_s_steady": steady * TOKENS if steady else None,
+                  "capcurate_tokens_per_s_e2e": e2e * TOKENS if e2e else None,
+                  "alone_tokens_per_s": alone_rate * TOKENS if alone_rate else None,
+                  "prompt_tokens_per_image": res["prompt_tokens"], "capcurate_batch": chosen,
+                  "capcurate_first_batch_after_s": child.get("first_batch_after_s")},
     }
     return res
 
@@ -1025,7 +1170,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny models, 64 images, CPU: check the script here")
     ap.add_argument("--json-out", default=None, help="write every number (and the card name) here")
-    ap.add_argument("--only", default="recaption,score,train,input", help="comma-separated stages to run")
+    ap.add_argument("--only", default="recaption,score,train,input",
+                    help="comma-separated stages to run (also: vlm, opt-in)")
     ap.add_argument("--budget", type=float, default=290.0, help="seconds for the whole run (stages shrink)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = ap.parse_args()
@@ -1067,7 +1213,7 @@ def main() -> int:
     try:
         # 1. data, before CUDA is used (the JPEG pool forks)
         t = time.time()
-        need_inf = bool(only & {"recaption", "score", "input"})
+        need_inf = bool(only & {"recaption", "score", "input", "vlm"})
         jpegs = make_jpegs(cfg.images, cfg.image_size) if need_inf else []
         ds = build_inference_dataset(tmp / "ds", jpegs, cfg.per_shard) if need_inf else None
         # score gets its own copy: on the recaptioned one its default would also score the new captions
@@ -1123,6 +1269,7 @@ def main() -> int:
             ("train", 200.0, 10.0, lambda lim: stage_train(cfg, tmp, shard_dir, pattern, bound, lim)),
             ("input", 0.0, 0.0, lambda lim: stage_input(cfg, jpegs, blip_ref,
                                                        blip_cfg["vision"]["image_size"] if blip_cfg else 384)),
+            ("vlm", 150.0, 0.0, lambda lim: stage_vlm(cfg, tmp, jpegs, lim)),
         ]
         for name, max_limit, reserve, fn in stages:
             if name not in only:
