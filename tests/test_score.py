@@ -284,3 +284,17 @@ def test_default_decode_within_1e3_of_the_models_own_preprocessing_and_draft_is_
         assert exact[uid]["score_exact_raw"] == pytest.approx(s, abs=1e-3)
     diffs = [abs(fast[u]["score_fast_raw"] - exact[u]["score_exact_raw"]) for u in exact]
     assert max(diffs) > 1e-6 and max(diffs) < 0.05  # drafted decode: close, not identical
+
+
+def test_overwrite_with_a_model_that_cannot_load_keeps_the_old_scores(scored_dataset, tiny_openclip, tmp_path):
+    from capcurate.errors import ModelLoadError
+
+    cfg, weights = tiny_openclip
+    score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(weights), workers=0)
+    before = rows(scored_dataset)
+    with pytest.raises(ModelLoadError):
+        score(scored_dataset, f"openclip:{cfg}", "tiny", pretrained=str(tmp_path / "missing.pt"), workers=0,
+              overwrite=True)
+    assert rows(scored_dataset) == before  # the claim (and the deletion it implies) comes after the load
+    lineage = Dataset(scored_dataset).card.lineage("scores", "tiny")
+    assert len(lineage) == 1 and lineage[0]["parameters"]["pretrained"] == str(weights)

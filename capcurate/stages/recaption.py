@@ -389,24 +389,27 @@ def recaption(
     # precision changes the captions; device, workers, decode and batch size do not
     params = {"model": model, "pretrained": pretrained, "precision": run_precision, **cfg.to_params()}
     out_dir = ds.family_dir(FAMILY, name)
-    exists = out_dir.is_dir() and any(out_dir.glob("*.parquet"))
-    mode = ds.card.claim_output(FAMILY, name, params, overwrite=overwrite, exists=exists)
-    if mode == "overwrite":
-        ds.remove_family_output(FAMILY, name)
-    atomic.clean_stale_temps(out_dir)
 
+    def exists() -> bool:
+        return out_dir.is_dir() and any(out_dir.glob("*.parquet"))
+
+    # a name taken with other parameters is refused before the model loads (seconds to minutes)
+    planned = ds.card.claim_output(FAMILY, name, params, overwrite=overwrite, exists=exists())
     job = RecaptionJob(str(ds.root), name, model, pretrained, cfg, batch_size=batch_size, workers=workers,
                        device=run_device, precision=run_precision, decode=decode,
                        trust_remote_code=trust_remote_code, compile=compile)
     model_info: dict[str, Any] = dict(ref.describe())
     todo = select_part(shard_ids, parse_part(part))
-    if engine == "local" and any(not job.is_done(s) for s in todo):
-        job.setup()  # load before the lineage entry so an unloadable model leaves no trace in the card
+    if engine == "local" and (planned == "overwrite" or any(not job.is_done(s) for s in todo)):
+        job.setup()  # load first: an unloadable model leaves no entry and deletes no old output
         model_info.update(job.captioner.describe())
         # the exact text the model sees (template applied) and the generate() arguments
         model_info.update(job.captioner.describe_request(job.decoding))
-    entry = ds.card.start_entry(stage="recaption", family=FAMILY, name=name, params=params, model=model_info,
-                                replace=mode == "overwrite")
+    # claimed for good, old outputs removed on --overwrite, in one locked step with the lineage entry
+    mode, entry = ds.card.claim(stage="recaption", family=FAMILY, name=name, params=params, overwrite=overwrite,
+                                exists=exists, model=model_info,
+                                remove=lambda: ds.remove_family_output(FAMILY, name))
+    atomic.clean_stale_temps(out_dir)
     result = run_job(job, shard_ids, engine=engine, part=part, description=f"recaption {name}",
                      fail_fast=fail_fast, max_retries=max_retries)
     counts = result.to_dict()

@@ -465,20 +465,25 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
     params = {"model": model, "pretrained": pretrained, "precision": run_precision, "num_captions": num_captions,
               "save_embeddings": save_embeddings, "draft_decode": decode == "draft"}
     out_dir = ds.family_dir("scores", name)
-    exists = out_dir.is_dir() and any(out_dir.glob("*.parquet"))
-    mode = ds.card.claim_output("scores", name, params, overwrite=overwrite, exists=exists)
-    if mode == "overwrite":
+
+    def exists() -> bool:
+        return out_dir.is_dir() and any(out_dir.glob("*.parquet"))
+
+    def remove() -> None:
         ds.remove_family_output("scores", name)
         ds.remove_family_output("embeddings", name)
-    atomic.clean_stale_temps(out_dir)
-    atomic.clean_stale_temps(ds.family_dir("embeddings", name))
 
+    # a name taken with other parameters is refused before the model loads (seconds to minutes)...
+    ds.card.claim_output("scores", name, params, overwrite=overwrite, exists=exists())
     job = ScoreJob(ds.root, name, model, pretrained, sources, num_captions, batch_size, workers,
                    run_device, run_precision, save_embeddings, decode, compile)
     if engine == "local":
-        job.setup()  # a model that cannot load fails here, before a lineage entry is written
-    entry = ds.card.start_entry(stage="score", family="scores", name=name, params=params,
-                                model=ref.describe(), replace=mode == "overwrite")
+        job.setup()  # a model that cannot load fails here: no entry written, no old output deleted
+    # ...and claimed for good, old outputs removed on --overwrite, in one locked step with the entry
+    mode, entry = ds.card.claim(stage="score", family="scores", name=name, params=params, overwrite=overwrite,
+                                exists=exists, model=ref.describe(), remove=remove)
+    atomic.clean_stale_temps(out_dir)
+    atomic.clean_stale_temps(ds.family_dir("embeddings", name))
     from ..engines import run_job
 
     options = {"num_actors": num_actors} if engine == "ray" and num_actors else {}
