@@ -162,3 +162,15 @@ def test_download_txt_url_list_has_no_captions(tmp_path, server):
         exts = sorted({m.name.split(".", 1)[1] for m in tf.getmembers()})
     assert exts == ["jpg", "json"]
     assert Dataset(tmp_path / "ds").connect().execute("SELECT count(caption) FROM samples").fetchone() == (0,)
+
+
+def test_download_keeps_one_row_per_uid_when_the_url_list_repeats_a_row(tmp_path, server):
+    rows = add_good_images(server, 4)
+    rows.append(dict(rows[1]))  # the same (url, caption): the same uid
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), urls)
+    s = download(urls, tmp_path / "ds", timeout=3, threads=4, image_size=32, samples_per_shard=100)
+    assert s.ok and s.counts["attempted"] == 5 and s.counts["duplicate_uids"] == 1
+    ds = Dataset(tmp_path / "ds")
+    got = ds.query("SELECT uid, count(*) AS n FROM samples GROUP BY uid").to_pylist()
+    assert len(got) == 4 and all(r["n"] == 1 for r in got)

@@ -21,7 +21,7 @@ from ...dataset import Dataset
 from ...errors import InputError
 from ...images import DEFAULT_MAX_PIXELS
 from ...summary import Summary
-from .integrity import remove_shard_files, shard_problem
+from .integrity import drop_duplicate_uids, remove_shard_files, shard_problem
 from .manifest import build_samples, clean_unfinished, failure_reason, finished_shards
 from .runner import Img2DatasetOptions, run_img2dataset
 from .urls import plan_columns, read_url_list
@@ -176,6 +176,8 @@ def download(
         rejected: dict[str, str] = {}
         build_manifests(ds, [s for s in expected if s in after], uid_col=plan.uid_col, rejected=rejected)
         after = {s: v for s, v in after.items() if s not in rejected}
+        # a URL list that repeats a row (or a uid) gives each uid one row: the samples view joins on uid
+        duplicate_rows = drop_duplicate_uids(ds.samples_dir)
         manifest_seconds = time.perf_counter() - t_man
 
     new = [s for s in expected if s in after and s not in before]
@@ -194,6 +196,7 @@ def download(
         "shards_resumed_skipped": len(done) - len(new),
         "shards_unfinished": len(missing),
         "images_per_second": round(ips, 2),
+        "duplicate_uids": duplicate_rows,
     }
     details = {
         "failed_by_reason": failure_counts(ds),
