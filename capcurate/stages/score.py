@@ -25,6 +25,7 @@ from .. import atomic, lineage
 from ..dataset import Dataset, check_name
 from ..errors import InputError
 from ..summary import Summary
+from .score_columns import load_image_embeddings, merge_columns, save_embeddings, score_lists, score_source
 
 RAW = "raw"
 # --batch-size auto: a ViT-L/14 in bf16 is past its best throughput at 256 images and far from memory
@@ -50,29 +51,6 @@ def resolve_sources(ds: Dataset, captions: str | list[str] | None) -> list[str]:
             f"unknown caption column(s) {', '.join(unknown)}: this dataset has {', '.join(existing)}"
         )
     return wanted
-
-
-# -- embeddings on disk ----------------------------------------------------------------------------
-def save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic.atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, array)
-
-
-def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str], samples_fp: str | None = None):
-    """Saved (embeddings, errors) of a shard if they exist, follow the manifest's row order and were made
-    from the manifest whose fingerprint is ``samples_fp`` (capcurate.lineage)."""
-    import pyarrow.parquet as pq
-
-    img, order = emb_dir / f"{shard_id}.image.npy", emb_dir / f"{shard_id}.uids.parquet"
-    if not (img.exists() and order.exists()):
-        return None
-    table = pq.read_table(order)
-    if table.column("uid").to_pylist() != uids:
-        return None
-    made_from = lineage.recorded_in(table).get(lineage.SAMPLES)
-    if samples_fp is not None and made_from not in (None, samples_fp):
-        return None  # the same uids with other images (re-ingested): embed again
-    return np.load(img).astype(np.float32), table.column("error").to_pylist()
 
 
 def _ready(outcome: Any) -> bool:
@@ -344,94 +322,24 @@ class ScoreJob:
         raw = state["raw"]
         for source in todo:
             first, lists = self._source_texts(shard_id, source, uids, raw, state["inputs"])
-            col, txt = self._score_source(img_emb, ok, first)
+            col, txt = score_source(img_emb, ok, first, self._embed_texts)
             columns[score_column(self.name, source)] = col
             counts["scores_written"] += len(col) - col.null_count
             counts["scores_null"] += col.null_count
             text_npys[source] = txt
             if lists is not None:
-                scores, best, txt_k = self._score_lists(img_emb, ok, lists)
+                scores, best, txt_k = score_lists(img_emb, ok, lists, self._embed_texts)
                 columns[f"scores_{self.name}_{source}"] = scores
                 columns[f"best_{self.name}_{source}"] = best
                 text_npys[source] = txt_k
 
-        table = self._merge(previous, uids, columns, errors)
+        table = merge_columns(self.name, previous, uids, columns, errors)
         if self.save_embeddings:
-            self._save_embeddings(shard_id, uids, errors, img_emb, text_npys, reused is None,
+            save_embeddings(self.embeddings_dir(), shard_id, uids, errors, img_emb, text_npys, reused is None,
                                   {lineage.SAMPLES: state["inputs"][lineage.SAMPLES]})
         # last: this file marks the shard done; it records the inputs it was made from
         atomic.write_parquet(self.output_path(shard_id), lineage.stamp(table, state["inputs"]))
         return counts
-
-    def _valid(self, text: Any) -> bool:
-        return isinstance(text, str) and bool(text.strip())
-
-    def _score_source(self, img_emb: np.ndarray, ok: np.ndarray, texts: list[Any]):
-        import pyarrow as pa
-
-        rows = [i for i, t in enumerate(texts) if ok[i] and self._valid(t)]
-        table = self._embed_texts([texts[i] for i in rows])
-        txt = np.zeros_like(img_emb)
-        for i in rows:
-            txt[i] = table[texts[i]]
-        sims = np.einsum("nd,nd->n", img_emb, txt).astype(np.float32)
-        mask = np.ones(len(texts), bool)
-        mask[rows] = False
-        return pa.array(sims, pa.float32(), mask=mask), txt
-
-    def _score_lists(self, img_emb: np.ndarray, ok: np.ndarray, lists: list[list[Any]]):
-        import pyarrow as pa
-
-        k = max((len(c) for c in lists), default=0)
-        flat = [t for i, c in enumerate(lists) if ok[i] for t in c if self._valid(t)]
-        table = self._embed_texts(flat)
-        txt = np.zeros((len(lists), k, img_emb.shape[1]), np.float32)
-        scores: list[list[float | None] | None] = []
-        best: list[int | None] = []
-        for i, caps in enumerate(lists):
-            if not ok[i] or not caps:
-                scores.append(None)
-                best.append(None)
-                continue
-            row: list[float | None] = []
-            for j, t in enumerate(caps):
-                if self._valid(t):
-                    txt[i, j] = table[t]
-                    row.append(float(np.dot(img_emb[i], txt[i, j])))
-                else:
-                    row.append(None)
-            scores.append(row)
-            valid = [(s, j) for j, s in enumerate(row) if s is not None]
-            best.append(max(valid)[1] if valid else None)
-        return pa.array(scores, pa.list_(pa.float32())), pa.array(best, pa.int32()), txt
-
-    def _merge(self, previous, uids: list[str], columns: dict[str, Any], errors: list[str | None]):
-        import pyarrow as pa
-
-        error_col = f"error_{self.name}"
-        data: dict[str, Any] = {"uid": pa.array(uids, pa.string())}
-        if previous is not None:
-            for c in previous.column_names:
-                if c not in ("uid", error_col) and c not in columns:
-                    data[c] = previous.column(c)
-        data.update(columns)
-        data[error_col] = pa.array(errors, pa.string())
-        return pa.table(data)
-
-    def _save_embeddings(self, shard_id: str, uids: list[str], errors: list[str | None], img_emb: np.ndarray,
-                         text_npys: dict[str, np.ndarray], write_images: bool,
-                         inputs: dict[str, str] | None = None) -> None:
-        import pyarrow as pa
-
-        d = self.embeddings_dir()
-        for source, arr in text_npys.items():
-            save_npy(d / f"{shard_id}.{source}.npy", arr.astype(np.float16))
-        if write_images:
-            save_npy(d / f"{shard_id}.image.npy", img_emb.astype(np.float16))
-            atomic.write_parquet(d / f"{shard_id}.uids.parquet",
-                                 lineage.stamp(pa.table({"uid": pa.array(uids, pa.string()),
-                                                         "error": pa.array(errors, pa.string())}), inputs or {}))
-
 
 # -- the stage driver ------------------------------------------------------------------------------
 def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None = None,
