@@ -78,17 +78,22 @@ def resolve_decode(decode: str | None, device: str) -> str:
     return decode
 
 
-def parse_batch_size(batch_size: int | str | None) -> int | str:
-    """A positive int or ``"auto"``."""
-    if batch_size in (None, "", "auto"):
+def positive_or_auto(value: int | str | None, option: str) -> int | str:
+    """A positive int or ``"auto"`` (None and "" mean auto); anything else is a one-line error."""
+    if value in (None, "", "auto"):
         return "auto"
     try:
-        n = int(batch_size)
+        n = int(value)
     except (TypeError, ValueError):
-        raise InputError(f"--batch-size must be a positive integer or 'auto', got {batch_size!r}") from None
+        raise InputError(f"{option} must be a positive integer or 'auto', got {value!r}") from None
     if n < 1:
-        raise InputError(f"--batch-size must be a positive integer or 'auto', got {n}")
+        raise InputError(f"{option} must be a positive integer or 'auto', got {n}")
     return n
+
+
+def parse_batch_size(batch_size: int | str | None) -> int | str:
+    """A positive int or ``"auto"``."""
+    return positive_or_auto(batch_size, "--batch-size")
 
 
 @contextlib.contextmanager

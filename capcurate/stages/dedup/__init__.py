@@ -123,15 +123,10 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
 
 
 def _auto_int(value: int | str, option: str) -> int | None:
-    if value in (None, "", "auto"):
-        return None
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{option} must be a positive integer or 'auto', got {value!r}") from None
-    if n < 1:
-        raise InputError(f"{option} must be a positive integer or 'auto', got {n}")
-    return n
+    from ...devices import positive_or_auto
+
+    n = positive_or_auto(value, option)
+    return None if n == "auto" else int(n)
 
 
 def _removed(base: np.ndarray, found: list[Found]) -> np.ndarray:
