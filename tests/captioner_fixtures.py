@@ -336,3 +336,18 @@ def build_tiny_florence2(root: Path) -> str:
 
 VLM_BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "llava": build_tiny_llava, "idefics3": build_tiny_idefics3,
                 "paligemma": build_tiny_paligemma, "florence2": build_tiny_florence2}
+
+
+def build_every_model(root: Path) -> dict[str, tuple[str, str | None]]:
+    """One tiny model of each kind the precision tests run: (reference, pretrained) per backend."""
+    from scorer_fixtures import save_tiny_hf_clip, save_tiny_openclip, save_tiny_openclip_run
+
+    cfg, weights = save_tiny_openclip(root / "openclip")
+    coca, coca_weights = build_tiny_coca(root)
+    return {
+        "openclip": (f"openclip:{cfg}", str(weights)),
+        "hf": (f"hf:{save_tiny_hf_clip(root / 'hf')}", None),
+        "run": (str(save_tiny_openclip_run(root / "run")), None),
+        "coca": (coca, coca_weights),
+        "blip": (build_tiny_blip(root), None),
+    }

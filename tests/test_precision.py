@@ -25,9 +25,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 import torch
-from captioner_fixtures import build_tiny_blip, build_tiny_coca
+from captioner_fixtures import build_every_model
 from conftest import build_dataset, make_image_bytes
-from scorer_fixtures import save_tiny_hf_clip, save_tiny_openclip, save_tiny_openclip_run
 from train_fixtures import write_eval_set
 from typer.testing import CliRunner
 
@@ -44,16 +43,7 @@ SCORE_TOL = {"fp32": 0.0, "bf16": 2e-2, "fp16": 5e-3}
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("precision-models")
-    cfg, weights = save_tiny_openclip(root / "openclip")
-    coca, coca_weights = build_tiny_coca(root)
-    return {
-        "openclip": (f"openclip:{cfg}", str(weights)),
-        "hf": (f"hf:{save_tiny_hf_clip(root / 'hf')}", None),
-        "run": (str(save_tiny_openclip_run(root / "run")), None),
-        "coca": (coca, coca_weights),
-        "blip": (build_tiny_blip(root), None),
-    }
+    return build_every_model(tmp_path_factory.mktemp("precision-models"))
 
 
 @pytest.fixture
