@@ -13,6 +13,13 @@
 #
 # Everything is also written to $OUT/log.txt. Expected wall time: ~15 s install + up to 150 s tests +
 # ~3.5-5 min benchmark; at most ~8 min (every step has a timeout).
+# .whl/ is git-ignored: on a new machine rebuild it first (about 31 MB), from the repo root:
+#   grep -q '^/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
+#   for w in open_clip_torch==3.3.0 duckdb==2.0.1 webdataset==0.2.86 ftfy==6.3.1 wcwidth==0.9.4 \
+#            braceexpand==0.1.7 py3langid==0.4.0 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pytest-timeout==2.4.0; do
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux2014_x86_64 -d .whl "$w"; done
 set -u
 OUT=${OUT:-/tmp/capcurate-device-out}
 mkdir -p "$OUT"
