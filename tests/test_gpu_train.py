@@ -93,7 +93,7 @@ def test_step_stats_reduce_on_a_nccl_group_and_training_under_it(shards):
 
     from capcurate.train import train
     from capcurate.train.distributed import DistInfo, collective_device
-    from capcurate.train.trainer import NO_BAD_STEP, StepStats, reduce_step_stats
+    from capcurate.train.step_stats import NO_BAD_STEP, StepStats, reduce_step_stats
 
     dev = torch.device("cuda", torch.cuda.current_device())
     tdist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)

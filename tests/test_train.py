@@ -207,7 +207,7 @@ def test_ddp_two_processes_match_one_process_with_the_doubled_batch(tmp_path):
 
 
 def test_shard_specs_brace_pattern_and_sizes_json(tmp_path):
-    from capcurate.train.data import resolve_shards
+    from capcurate.train.shard_list import resolve_shards
 
     paths = write_shards(tmp_path / "s", 3, 4)
     assert resolve_shards(str(tmp_path / "s" / "{00000..00002}.tar")).urls == [str(p) for p in paths]
@@ -267,7 +267,7 @@ def test_step_stats_reduce_on_the_process_groups_device(monkeypatch):
     import torch.distributed as tdist
 
     from capcurate.train.distributed import DistInfo, collective_device
-    from capcurate.train.trainer import NO_BAD_STEP, StepStats, reduce_step_stats
+    from capcurate.train.step_stats import NO_BAD_STEP, StepStats, reduce_step_stats
 
     info = DistInfo(device=torch.device("cpu"))
     stats = StepStats(info.device, accum=2)
@@ -426,7 +426,7 @@ def _caption_shards(folder: Path, n_shards: int = 2, per_shard: int = 40, recipe
 
 
 def test_caption_choice_frequencies_match_the_probabilities():
-    from capcurate.train.data import caption_uniform, parse_caption_choice
+    from capcurate.train.caption_choice import caption_uniform, parse_caption_choice
 
     n = 6000
     for keys, probs in (("raw,blip", "0.2,0.8"), ("raw,blip,syn", "0.5,0.2,0.3")):
@@ -449,7 +449,8 @@ def test_caption_choice_frequencies_match_the_probabilities():
 def test_train_stream_draws_each_samples_caption_per_epoch_deterministically(tmp_path):
     import torch
 
-    from capcurate.train.data import TrainStream, parse_caption_choice
+    from capcurate.train.caption_choice import parse_caption_choice
+    from capcurate.train.data import TrainStream
 
     urls = _caption_shards(tmp_path / "shards")
     choice = parse_caption_choice("raw,blip", "0.2,0.8")

@@ -37,16 +37,16 @@ import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import InputError
-from ..shards import IMAGE_EXTS, index_tar
+from ..shards import IMAGE_EXTS
+from .caption_choice import CaptionChoice, caption_uniform
 from .gpu_batches import CropAug, pack_batch
+from .shard_list import TEXT_EXTS
 
-TEXT_EXTS = ("txt", "text", "caption")
 # meta tensor carried with every batch: logical worker, raw position after it, batches done, skipped,
 # shard opens that failed this epoch
 META_FIELDS = ("worker", "raw_pos", "batches", "skipped", "open_errors")
@@ -65,154 +65,6 @@ def one_line_cause(exc: BaseException) -> str:
     last = lines[-1] if lines else type(exc).__name__
     prefix = f"{type(exc).__module__}.{type(exc).__name__}: "
     return last[len(prefix):] if last.startswith(prefix) else last
-
-
-@dataclass
-class ShardList:
-    urls: list[str]
-    num_samples: int | None  # from manifest.json / sizes.json, or counted, or None for remote URLs
-    source: str              # how the list was found, for the run record
-    caption_recipe: dict[str, Any] | None = None  # manifest.json's {"keys": [...], "probs": [...] | None}
-
-
-@dataclass(frozen=True)
-class CaptionChoice:
-    """Which ``.json`` caption a sample trains on: ``keys`` drawn with probabilities ``probs``."""
-
-    keys: tuple[str, ...]
-    probs: tuple[float, ...]
-
-    def pick(self, meta: dict[str, Any], u: float) -> tuple[str, str] | None:
-        """(key, caption) for a uniform ``u`` in [0, 1), among the keys this sample has; None if none."""
-        have = [(k, p) for k, p in zip(self.keys, self.probs, strict=True)
-                if p > 0 and isinstance(meta.get(k), str) and meta[k].strip()]
-        if not have:
-            return None
-        target = u * sum(p for _, p in have)
-        for k, p in have:
-            target -= p
-            if target < 0:
-                return k, meta[k].strip()
-        k = have[-1][0]
-        return k, meta[k].strip()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"keys": list(self.keys), "probs": list(self.probs)}
-
-
-def parse_caption_choice(keys: str | list[str] | None, probs: str | list[float] | None) -> CaptionChoice | None:
-    """``"raw,blip"`` and ``"0.2,0.8"`` (default: equal) -> CaptionChoice; one-line InputErrors."""
-    if keys is None or keys == "" or keys == []:
-        if probs not in (None, "", []):
-            raise InputError("--caption-probs needs --caption-keys (the .json keys they weigh)")
-        return None
-    names = [k.strip() for k in keys.split(",")] if isinstance(keys, str) else [str(k) for k in keys]
-    if any(not k for k in names) or len(set(names)) != len(names):
-        raise InputError(f"--caption-keys must be distinct non-empty names, got {keys!r}")
-    if probs in (None, "", []):
-        values = [1.0 / len(names)] * len(names)
-    else:
-        try:
-            values = [float(x) for x in probs.split(",")] if isinstance(probs, str) else [float(x) for x in probs]
-        except ValueError:
-            raise InputError(f"--caption-probs must be comma-separated numbers, got {probs!r}") from None
-    if len(values) != len(names):
-        raise InputError(f"--caption-probs has {len(values)} values for {len(names)} --caption-keys")
-    if any(v < 0 for v in values) or abs(sum(values) - 1.0) > 1e-6:
-        raise InputError(f"--caption-probs must be non-negative and sum to 1, got {values}")
-    return CaptionChoice(tuple(names), tuple(values))
-
-
-def caption_choice(cfg: Any, shards: ShardList) -> CaptionChoice | None:
-    """The run's choice: --caption-keys/--caption-probs, else the recipe the shards carry, else None (.txt)."""
-    if cfg.caption_keys:
-        return parse_caption_choice(cfg.caption_keys, cfg.caption_probs)
-    if cfg.caption_probs:
-        raise InputError("--caption-probs needs --caption-keys (the .json keys they weigh)")
-    recipe = shards.caption_recipe
-    if recipe and recipe.get("keys"):
-        return parse_caption_choice(list(recipe["keys"]), recipe.get("probs"))
-    return None
-
-
-def caption_uniform(*parts: Any) -> float:
-    """A uniform number in [0, 1) from the parts alone (64 bits of BLAKE2b)."""
-    import hashlib
-
-    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
-
-
-def resolve_shards(spec: str) -> ShardList:
-    """A brace pattern, a directory of .tar files, or a manifest.json / sizes.json from ``capcurate shard``."""
-    import webdataset as wds
-
-    p = Path(spec)
-    if p.is_file() and p.suffix == ".json":
-        return _from_json(p)
-    if p.is_dir():
-        for name in ("manifest.json", "sizes.json"):
-            if (p / name).is_file():
-                return _from_json(p / name)
-        tars = sorted(str(t) for t in p.glob("*.tar"))
-        if not tars:
-            raise InputError(f"{p} holds no .tar shards (and no manifest.json or sizes.json)")
-        return ShardList(tars, None, "directory")
-    urls = wds.shardlists.expand_urls(spec)
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not Path(u).is_file()]
-    if missing:
-        raise InputError(
-            f"training data {spec!r}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); "
-            "expected a shard directory, a manifest.json, or a brace pattern like 'shards/{00000..00009}.tar'"
-        )
-    return ShardList(list(urls), None, "pattern")
-
-
-def _from_json(path: Path) -> ShardList:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from None
-    recipe = None
-    if isinstance(obj, dict) and "shards" in obj:  # capcurate shard's manifest.json
-        names = [(s["name"], int(s["samples"])) for s in obj["shards"]]
-        recipe = obj.get("captions")
-    elif isinstance(obj, dict) and all(isinstance(v, int) for v in obj.values()):  # open_clip sizes.json
-        names = list(obj.items())
-    else:
-        raise InputError(f"{path}: expected capcurate's manifest.json ({{'shards': [...]}}) or sizes.json")
-    urls = [str(path.parent / n) for n, _ in names]
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise InputError(f"{path} lists {len(missing)} shards that do not exist (first: {missing[0]})")
-    return ShardList(urls, sum(n for _, n in names), path.name, recipe)
-
-
-def count_samples(urls: list[str]) -> int:
-    """Samples with an image, counted from tar headers (no decoding); local shards only."""
-    total = 0
-    for u in urls:
-        idx = index_tar(u)
-        total += sum(1 for k in idx.samples if idx.image_ext(k))
-    return total
-
-
-def check_members(url: str, probe: int = 16) -> None:
-    """Fail early, with the members found, when a shard has no image or no text members."""
-    if "://" in url or url.startswith("pipe:"):
-        return
-    idx = index_tar(url)
-    keys = list(idx.samples)[:probe]
-    found = sorted({e for k in keys for e in idx.samples[k]})
-    if not keys:
-        raise InputError(f"shard {url} holds no samples")
-    if not any(e in found for e in IMAGE_EXTS):
-        raise InputError(f"shard {url} has no image members ({'/'.join(IMAGE_EXTS)}); found extensions: "
-                         f"{', '.join(found) or 'none'} (keys e.g. {', '.join(keys[:3])})")
-    if not any(e in found for e in TEXT_EXTS):
-        raise InputError(f"shard {url} has no text members (.txt); found extensions: {', '.join(found)} "
-                         f"(keys e.g. {', '.join(keys[:3])}); training needs a caption per image")
 
 
 # curl's exit statuses as webdataset's pipe reports them when the stream closes
