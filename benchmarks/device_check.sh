@@ -80,7 +80,7 @@ EOF
     echo "== pytest exit code: $rc_tests (124 = timed out; 5 = no gpu tests collected)"
 
     echo "== 4. benchmarks/gpu.py (budget 290 s, killed at 330 s)"
-    timeout -k 10 330 python3 benchmarks/gpu.py --json-out "$OUT/gpu.json"
+    timeout -k 10 330 python3 benchmarks/gpu.py --score-variants --json-out "$OUT/gpu.json"
     rc_bench=$?
     echo "== gpu.py exit code: $rc_bench (0 ok, 1 some stage failed, 124 timed out); $OUT/gpu.json"
     echo "== total $(( $(date +%s) - t0 )) s"

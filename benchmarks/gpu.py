@@ -107,6 +107,7 @@ class Cfg:
     vlm: str = "qwen2-vl-2b"
     vlm_images: int = 1024
     vlm_batch: int = 64
+    score_variants: bool = False    # --score-variants: also decode=cpu and batch 512, same run
 
 
 def make_cfg(smoke: bool) -> Cfg:
@@ -830,6 +831,10 @@ def stage_score(cfg: Cfg, tmp: Path, ds: Path, bound: float | None, limit: float
     if not on_cuda_by_default and torch.cuda.is_available() and not cfg.smoke:
         runs["cuda_bf16"] = run_capcurate(tmp, "score-cuda", "score", [str(ds), ref, "bench_cuda"],
                                           {"device": "cuda", "precision": "bf16"}, limit, cfg.smoke)
+    if cfg.score_variants:  # which input path and batch feed the tower best, measured side by side
+        for tag, kw in (("decode_cpu", {"decode": "cpu"}), ("batch_512", {"batch_size": 512})):
+            runs[tag] = run_capcurate(tmp, f"score-{tag}", "score", [str(ds), ref, f"bench_{tag}"], kw, limit,
+                                      cfg.smoke)
     res["capcurate"] = runs
 
     dev = cfg.device
@@ -865,6 +870,8 @@ def stage_score(cfg: Cfg, tmp: Path, ds: Path, bound: float | None, limit: float
                   "cuda_bf16_e2e": best.get("e2e_per_s") if "cuda_bf16" in runs else None,
                   "cuda_bf16_ratio": ratio(best.get("steady_per_s"), r["per_s"]) if "cuda_bf16" in runs else None,
                   "capcurate_first_batch_after_s": d.get("first_batch_after_s"),
+                  **{f"{tag}_steady": runs[tag].get("steady_per_s") for tag in ("decode_cpu", "batch_512")
+                     if tag in runs},
                   "gpu_util_steady": best.get("gpu_util_pct_steady"),
                   "flops": f"FlopCounterMode on encode_image(1 image): {fmt(_g(res['flops_counted']))} GFLOP; "
                            f"analytic {res['flops_analytic'] / 1e9:.1f} (text tower not counted)"},
@@ -1174,10 +1181,13 @@ def main() -> int:
                     help="comma-separated stages to run (also: vlm, opt-in)")
     ap.add_argument("--budget", type=float, default=290.0, help="seconds for the whole run (stages shrink)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--score-variants", action="store_true",
+                    help="score also with --decode cpu and --batch-size 512 (about 40 s more on a GPU)")
     args = ap.parse_args()
     if args.smoke:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     cfg = make_cfg(args.smoke)
+    cfg.score_variants = args.score_variants
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     t_start = time.time()
     deadline = t_start + args.budget
