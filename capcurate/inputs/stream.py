@@ -7,8 +7,9 @@
         batch.failed                         # (shard position, row id, reason): counted, never a crash
         batch.completed                      # shard positions whose every row has now been delivered
 
-One DataLoader lives for the whole run, so its workers never restart between shards and the next
-shard is read while the last batches of this one are still on the GPU. Workers read each image's bytes
+One DataLoader lives across all the shards it is given (the local engine gives it windows of 16), so
+its workers never restart between them and the next shard is read while the last batches of this one
+are still on the GPU. Workers read each image's bytes
 at its tar offset and either
 
 - ship a complete JPEG's bytes for batched nvJPEG decoding on the GPU (``decode="gpu"``), or
