@@ -78,6 +78,20 @@ def test_exact_dedup_finds_every_planted_copy(world_pool):
     assert out["details"]["sha256_computed_here"] == 0 and out["details"]["peak_memory_mb"] > 0
 
 
+def test_report_shows_duplicate_groups_kept_image_first(world_pool, tmp_path):
+    ds, _ = world_pool
+    cli("dedup", str(ds), "--exact", "--name", "exact_report")
+    groups = pq.read_table(ds / "dedup" / "exact_report.parquet").to_pylist()
+    out = cli("report", str(ds), "--dedup", "exact_report", "--limit", "6", "-o", str(tmp_path / "r.html"))
+    assert out["counts"]["matching_images"] == len(groups) and out["counts"]["shown"] == 6
+    page = (tmp_path / "r.html").read_text()
+    first = groups[0]  # sorted by group, kept first: the page shows the same order
+    assert first["kept"] and f"exact group {first['group']}: kept" in page
+    assert f"exact group {first['group']}: duplicate of {first['uid']}" in page
+    res = runner.invoke(app, ["report", str(ds), "--dedup", "nope", "-o", str(tmp_path / "x.html")])
+    assert res.exit_code == 2 and "no dedup run named 'nope'" in res.output and "exact_report" in res.output
+
+
 def test_near_dedup_finds_resized_and_reencoded_copies(world_pool):
     ds, urls = world_pool
     out = cli("dedup", str(ds), "--exact", "--near", "--hamming", "8", "--workers", "1", "--name", "near")

@@ -119,6 +119,9 @@ def report(
     order_by: str = typer.Option(None, "--order-by", help="SQL ordering of the grid, e.g. "
                                  "\"score_l14_raw DESC\"; default: by uid (a stable pseudo-random order)."),
     thumb_size: int = typer.Option(160, "--thumb-size", help="Longest side of the embedded thumbnails."),
+    dedup: str = typer.Option(None, "--dedup", help="Show the duplicate groups of this dedup run "
+                              "(dedup/NAME.parquet): each group's kept image first, then its duplicates with "
+                              "kind and similarity."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write one self-contained HTML page: thumbnails with raw and synthetic captions and scores side by
@@ -127,5 +130,5 @@ def report(
 
     run_command(lambda: report_fn(
         dataset, out, selection=selection, where=where, limit=limit, order_by=order_by,
-        thumb_size=thumb_size,
+        thumb_size=thumb_size, dedup=dedup,
     ), json_out=json)

@@ -36,6 +36,7 @@ def report(
     limit: int = 200,
     order_by: str | None = None,
     thumb_size: int = 160,
+    dedup: str | None = None,
 ) -> Summary:
     """Write the HTML report of ``dataset`` (restricted to ``selection`` and/or ``where``) to ``out``."""
     t0 = time.time()
@@ -60,6 +61,13 @@ def report(
                         f"FROM images i JOIN {sel} sel USING (uid)")
         if where:
             images_sql += f" AND ({where})"
+        if dedup:  # the groups of a dedup run, each kept image first, then what duplicates it
+            groups = _dedup_groups(ds, dedup)
+            images_sql += f" AND uid IN (SELECT uid FROM {groups})"
+            grid_sql = (f"SELECT g.*, d.\"group\" AS dedup_group, d.kind AS dedup_kind, d.kept AS dedup_kept, "
+                        f"d.duplicate_of AS dedup_of, d.similarity AS dedup_similarity "
+                        f"FROM ({grid_sql}) g JOIN {groups} d USING (uid)")
+            order_by = order_by or "dedup_group, dedup_kept DESC"
         with_images = f"WITH images AS ({images_sql}) "
         matching = con.execute(with_images + "SELECT count(*) FROM images").fetchone()[0]
         order = f"{order_by}, uid" if order_by else "uid"
@@ -78,8 +86,15 @@ def report(
     captioners = ds.names("captions")
     cards = [_card(row, captioners, scorers, columns, thumbs.get((row["shard"], row["key"]), (None, "missing")))
              for row in grid]
+    for card, row in zip(cards, grid, strict=True):
+        if row.get("dedup_group") is not None:
+            card["note"] = (f"{row['dedup_kind']} group {row['dedup_group']}: "
+                            + ("kept" if row["dedup_kept"] else f"duplicate of {row['dedup_of']}"
+                               + (f", similarity {row['dedup_similarity']:.3f}"
+                                  if row.get("dedup_similarity") is not None else "")))
     meta = [f"dataset: {ds.root}", f"{matching:,} matching images"
-            + (f" in selection {selection}" if selection else "") + (f" where {where}" if where else ""),
+            + (f" in selection {selection}" if selection else "") + (f" where {where}" if where else "")
+            + (f" in the duplicate groups of dedup/{dedup}" if dedup else ""),
             f"showing {len(cards):,} ordered by {order}"]
     if by_source:
         meta.append("selection rows per caption source: "
@@ -95,10 +110,21 @@ def report(
         counts={"matching_images": matching, "shown": len(cards), "thumbnails": shown_ok,
                 "bad_images": len(cards) - shown_ok, "histograms": sum(1 for h in histograms if h),
                 "bytes": len(page)},
-        details={"out": str(out), "selection": selection, "where": where},
+        details={"out": str(out), "selection": selection, "where": where, "dedup": dedup},
         seconds=time.time() - t0,
         message=f"report of {len(cards):,} of {matching:,} images -> {out}",
     )
+
+
+def _dedup_groups(ds: Dataset, name: str) -> str:
+    """SQL reading dedup/<name>.parquet, or a one-line error listing the dedup runs present."""
+    from ..views import sql_string
+
+    path = ds.root / "dedup" / f"{check_name(name, 'dedup name')}.parquet"
+    if not path.exists():
+        present = sorted(p.stem for p in (ds.root / "dedup").glob("*.parquet"))
+        raise InputError(f"no dedup run named {name!r}; dedup runs present: {', '.join(present) or '(none)'}")
+    return f"read_parquet({sql_string(path)})"
 
 
 def _histogram(con: Any, with_images: str, scorer: str, cols: list[str]) -> tuple[str, str] | None:

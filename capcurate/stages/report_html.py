@@ -19,6 +19,7 @@ h1 { font-size: 1.4rem; margin-bottom: .2rem; }
 .card img.thumb { display: block; margin: 0 auto .4rem; max-width: 100%; }
 .noimg { color: #a00; font-size: .85rem; text-align: center; padding: 2rem 0; }
 .uid { font-family: monospace; font-size: .75rem; color: #777; word-break: break-all; }
+.note { font-size: .8rem; color: #a35; margin: .2rem 0; }
 table.caps { width: 100%; border-collapse: collapse; font-size: .85rem; }
 table.caps td { border-top: 1px solid #eee; padding: .2rem .3rem; vertical-align: top; }
 td.src { font-weight: 600; white-space: nowrap; }
@@ -80,7 +81,8 @@ def _card(card: dict[str, Any], scorers: list[str]) -> str:
         chosen = (f'<tr class="selected"><td class="src">{escape(card["selected_source"])}'
                   f' <span class="badge">selected</span></td><td class="cap" colspan="{1 + len(scorers)}">'
                   f'{escape(card["selected_caption"] or "")}</td></tr>')
-    return (f'<div class="card">{image}<div class="uid">{escape(card["uid"])}</div>'
+    note = f'<div class="note">{escape(card["note"])}</div>' if card.get("note") else ""
+    return (f'<div class="card">{image}<div class="uid">{escape(card["uid"])}</div>{note}'
             f'<table class="caps">{"".join(rows)}{chosen}</table></div>')
 
 
