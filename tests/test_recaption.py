@@ -15,7 +15,8 @@ from capcurate.cli import app
 from capcurate.dataset import Dataset
 from capcurate.errors import InputError, OutputExistsError
 from capcurate.stages import recaption as stage
-from capcurate.stages.recaption import caption_with_backoff, find_batch_size, recaption
+from capcurate.stages.batch_search import caption_with_backoff, find_batch_size
+from capcurate.stages.recaption import recaption
 
 FAST = dict(max_new_tokens=6, workers=0, batch_size=8)
 
