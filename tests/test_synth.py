@@ -149,6 +149,20 @@ def test_eval_set_is_readable_in_clip_benchmark_webdataset_layout(world: Path) -
     assert len({int(c) for _, c, _ in rows}) == 64  # balanced: every class appears
 
 
+def test_retrieval_view_links_the_eval_tars_for_clip_benchmark_and_capcurate_eval(world: Path) -> None:
+    from capcurate.train.evalset import open_eval_set
+
+    view = world / "eval_retrieval"
+    assert (view / "dataset_type.txt").read_text() == "retrieval\n"  # what clip_benchmark's wds loader reads
+    assert (view / "test" / "nshards.txt").read_text() == (world / "eval" / "test" / "nshards.txt").read_text()
+    for i in range(3):
+        link = view / "test" / f"{i}.tar"
+        assert link.read_bytes() == (world / "eval" / "test" / f"{i}.tar").read_bytes()
+        assert not link.is_symlink() or not Path(link.readlink()).is_absolute()  # the world can move
+    ev = open_eval_set(view)
+    assert not ev.classnames and sum(len(s.texts) for s in ev.samples()) == 70  # retrieval only
+
+
 def test_seed_split_is_written_as_training_shards(world: Path) -> None:
     manifest = json.loads((world / "seed" / "manifest.json").read_text())
     sizes = json.loads((world / "seed" / "sizes.json").read_text())

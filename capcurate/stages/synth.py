@@ -7,6 +7,7 @@ Writes under ``OUT``:
                                duplicate_of, duplicate_kind with --duplicate-rate)
     seed/                      the clean "human-annotated" split with true captions, as training shards
     eval/                      the held-out labelled eval set in clip_benchmark's webdataset layout
+    eval_retrieval/            the same eval tars (linked) as clip_benchmark's retrieval dataset
     tokenizer/                 the world's word-level tokenizer (Hugging Face format)
     models/                    tiny_clip.json and tiny_coca.json open_clip configs using that tokenizer
     synth.json                 the parameters and noise rates that made it
@@ -33,7 +34,7 @@ from ..world.generate import DUPLICATE_KINDS, ItemSpec, make_items
 from ..world.noise import KINDS, resolve_rates
 
 SYNTH_CARD = "synth.json"
-OUTPUTS = ("images", "urls.parquet", "seed", "eval", "tokenizer", "models", SYNTH_CARD)
+OUTPUTS = ("images", "urls.parquet", "seed", "eval", "eval_retrieval", "tokenizer", "models", SYNTH_CARD)
 CHUNK = 100  # items per worker task: big enough to hide process overhead, small enough to balance
 
 
@@ -78,7 +79,7 @@ def synth(
     total = n_images + seed_size + eval_size
 
     from ..world.configs import write_model_configs
-    from ..world.evalset import write_eval_set, write_training_shards
+    from ..world.evalset import write_eval_set, write_retrieval_view, write_training_shards
     from ..world.scene import class_names
     from ..world.tokenizer import ZEROSHOT_TEMPLATES, write_tokenizer
 
@@ -122,6 +123,7 @@ def synth(
              "cls": names.index(it["scene"].class_name)}
             for it in _generate(pool, ItemSpec("eval", seed, image_size, None, len(names)), eval_size, advance)),
             classnames=names, templates=ZEROSHOT_TEMPLATES, shard_size=shard_size)
+        write_retrieval_view(root / "eval", root / "eval_retrieval")
 
     params = {"n_images": n_images, "image_size": image_size, "noise_profile": noise_profile,
               "noise_rates": noise.to_dict(), "seed": seed, "base_url": base, "seed_size": seed_size,
