@@ -55,15 +55,8 @@ def resolve_precision(precision: str | None, device: str) -> str:
 
 def resolve_workers(workers: int | str | None, *, reserve: int = 1) -> int:
     """``auto`` -> one decode process per usable core minus ``reserve`` for the main process."""
-    if workers in (None, "", "auto"):
-        return max(1, available_cpus() - reserve)
-    try:
-        n = int(workers)
-    except (TypeError, ValueError):
-        raise InputError(f"--workers must be a number or 'auto', got {workers!r}") from None
-    if n < 0:
-        raise InputError(f"--workers must be 0 (decode in the main process) or more, got {n}")
-    return n
+    n = int_or_auto(workers, "--workers", minimum=0)
+    return max(1, available_cpus() - reserve) if n == "auto" else n
 
 
 def resolve_decode(decode: str | None, device: str) -> str:
@@ -78,17 +71,22 @@ def resolve_decode(decode: str | None, device: str) -> str:
     return decode
 
 
-def positive_or_auto(value: int | str | None, option: str) -> int | str:
-    """A positive int or ``"auto"`` (None and "" mean auto); anything else is a one-line error."""
+def int_or_auto(value: int | str | None, option: str, *, minimum: int) -> int | str:
+    """An int >= ``minimum`` or ``"auto"`` (None and "" mean auto); anything else is a one-line error."""
     if value in (None, "", "auto"):
         return "auto"
     try:
         n = int(value)
     except (TypeError, ValueError):
-        raise InputError(f"{option} must be a positive integer or 'auto', got {value!r}") from None
-    if n < 1:
-        raise InputError(f"{option} must be a positive integer or 'auto', got {n}")
+        raise InputError(f"{option} must be an integer >= {minimum} or 'auto', got {value!r}") from None
+    if n < minimum:
+        raise InputError(f"{option} must be an integer >= {minimum} or 'auto', got {n}")
     return n
+
+
+def positive_or_auto(value: int | str | None, option: str) -> int | str:
+    """A positive int or ``"auto"``."""
+    return int_or_auto(value, option, minimum=1)
 
 
 def parse_batch_size(batch_size: int | str | None) -> int | str:

@@ -27,6 +27,15 @@ class ShardJob(Protocol):
     # a stage whose finished file can still lack work (score adds columns for a new caption source).
 
 
+def process_via_many(job: Any, shard_id: str) -> dict[str, int]:
+    """``process(shard_id)`` of a job that streams: the one-shard case of its ``process_many``."""
+    for _, outcome in job.process_many([shard_id]):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+    raise RuntimeError(f"shard {shard_id} produced no result")
+
+
 def is_done(job: ShardJob, shard_id: str) -> bool:
     check = getattr(job, "is_done", None)
     return bool(check(shard_id)) if callable(check) else job.output_path(shard_id).exists()

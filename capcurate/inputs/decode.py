@@ -53,7 +53,8 @@ def gpu_decodable(data: bytes, fmt: str, mode: str) -> bool:
     return fmt == "JPEG" and mode in ("RGB", "L") and b"\xff\xd9" in data[-64:]
 
 
-def _as_tensor(data: bytes) -> torch.Tensor:
+def as_tensor(data: bytes) -> torch.Tensor:
+    """Encoded bytes as a writable 1-D uint8 tensor (what torchvision's decoders take)."""
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
@@ -65,7 +66,7 @@ def decode_cpu(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, header: tup
     fmt, mode, _, _ = header or read_header(data, max_pixels)
     if fmt in _TV_FORMATS and mode not in ("CMYK", "P", "PA", "I", "I;16", "F"):
         try:
-            out = tv_decode(_as_tensor(data), mode=ImageReadMode.RGB)
+            out = tv_decode(as_tensor(data), mode=ImageReadMode.RGB)
             if out.ndim == 3 and out.dtype == torch.uint8:
                 return out
         except RuntimeError:

@@ -53,7 +53,7 @@ def prefetched(source: Iterable[Any], prepare: Callable[[Any], Any], device: tor
         except BaseException as e:  # surfaced in the consumer
             q.put(e)
 
-    t = threading.Thread(target=work, name="capcurate-train-batches", daemon=True)
+    t = threading.Thread(target=work, name="capcurate-prefetch", daemon=True)
     t.start()
     try:
         while True:

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from .decode import decode_cpu, decode_jpegs_gpu, gpu_decodable, read_header
+from .decode import as_tensor, decode_cpu, decode_jpegs_gpu, gpu_decodable, read_header
 from .prefetch import prefetched
 from .spec import ImageSpec
 
@@ -48,6 +48,12 @@ class ShardWork:
     shard_id: str
     tar: str | Path
     entries: Sequence[tuple[str, str]]   # (row id echoed back, sample key in the tar)
+
+
+def success_entries(keys: Sequence[str], statuses: Sequence[str | None]) -> list[tuple[str, str]]:
+    """(row number, key) of a manifest's downloaded rows: the row number is the id the stream echoes
+    back, so repeated uids cannot collide."""
+    return [(str(i), k) for i, (k, st) in enumerate(zip(keys, statuses, strict=True)) if st == "success"]
 
 
 @dataclass
@@ -129,7 +135,7 @@ class _Images(Dataset):
             return "ready", pre.fallback(decode_image(data, max_pixels=pre.max_pixels))
         header = read_header(data, pre.max_pixels)
         if self.decode == "gpu" and gpu_decodable(data, header[0], header[1]):
-            return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return "jpeg", as_tensor(data)
         if self.decode == "draft" and header[0] == "JPEG":
             from .decode import pil_to_tensor
 
@@ -202,7 +208,7 @@ class ImageStream:
         spec, dev = self.pre.spec, self.device
         idx: list[int] = []
         parts: list[torch.Tensor] = []
-        failed = [(g, reason) for g, reason in raw["failed"]]
+        failed = list(raw["failed"])
         if raw["jpeg"]:
             gs, buffer, lengths = raw["jpeg"]
             decoded = decode_jpegs_gpu(list(torch.split(buffer, lengths)), dev)

@@ -21,7 +21,8 @@ from typing import Any
 
 from .. import __version__, atomic, lineage
 from ..dataset import Dataset, check_name
-from ..errors import InputError, StageFailed
+from ..engines import process_via_many
+from ..errors import InputError
 from ..summary import Summary
 from .batch_search import caption_with_backoff, probe_batch_size
 
@@ -116,11 +117,7 @@ class RecaptionJob:
         return self._captioner
 
     def process(self, shard_id: str) -> dict[str, int]:
-        for _, outcome in self.process_many([shard_id]):
-            if isinstance(outcome, BaseException):
-                raise outcome
-            return outcome
-        raise StageFailed(f"shard {shard_id} produced no result")
+        return process_via_many(self, shard_id)
 
     def _stream(self, works: list[Any]) -> Any:
         from ..devices import resolve_decode
@@ -135,7 +132,7 @@ class RecaptionJob:
 
     def process_many(self, shard_ids: list[str]):
         """Yield ``(shard_id, counts)`` as each shard's file is written, or ``(shard_id, exception)``."""
-        from ..inputs import ShardWork
+        from ..inputs import ShardWork, success_entries
 
         self.setup()
         root = Path(self.root)
@@ -149,8 +146,7 @@ class RecaptionJob:
                 yield sid, e
                 continue
             rows = manifest.to_pylist()
-            # the row number is the id the stream echoes back: repeated uids cannot collide
-            entries = [(str(i), r["key"]) for i, r in enumerate(rows) if r["status"] == "success"]
+            entries = success_entries([r["key"] for r in rows], [r["status"] for r in rows])
             if not entries:
                 yield sid, self._write(sid, rows, {})
                 continue

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import atomic, lineage
 from ..dataset import Dataset, check_name
+from ..engines import process_via_many
 from ..errors import InputError
 from ..summary import Summary
 from .score_columns import load_image_embeddings, merge_columns, save_embeddings, score_lists, score_source
@@ -51,10 +52,6 @@ def resolve_sources(ds: Dataset, captions: str | list[str] | None) -> list[str]:
             f"unknown caption column(s) {', '.join(unknown)}: this dataset has {', '.join(existing)}"
         )
     return wanted
-
-
-def _ready(outcome: Any) -> bool:
-    return not hasattr(outcome, "done") or outcome.done()
 
 
 # -- the per-shard job -----------------------------------------------------------------------------
@@ -170,11 +167,7 @@ class ScoreJob:
         return first, [(lists.get(u) or [])[: self.num_captions] for u in uids]
 
     def process(self, shard_id: str) -> dict[str, int]:
-        for _, outcome in self.process_many([shard_id]):
-            if isinstance(outcome, BaseException):
-                raise outcome
-            return outcome
-        raise RuntimeError(f"shard {shard_id} produced no result")
+        return process_via_many(self, shard_id)
 
     def process_many(self, shard_ids: list[str]):
         """Yield ``(shard_id, counts)`` as each shard's file is written, or ``(shard_id, exception)``.
@@ -214,6 +207,7 @@ class ScoreJob:
 
     def _stream_shards(self, works: list[Any], states: list[Any], finisher: Any):
         from collections import deque
+        from concurrent.futures import Future
 
         pending: deque = deque()  # (shard id, future) in completion order
         broken: dict[int, BaseException] = {}
@@ -232,29 +226,30 @@ class ScoreJob:
                         rows_of.setdefault(pos, []).append(j)
                         states[pos]["pending_rows"].append(int(rid))
                     for pos, js in rows_of.items():
-                        states[pos]["pending"].append(out[js[0]:js[-1] + 1] if js == list(range(js[0], js[-1] + 1))
-                                                      else out[js])
+                        states[pos]["pending"].append(out[js])
             for pos in batch.completed:
                 st = states[pos]
                 states[pos] = None  # free the shard's embeddings once written
                 if pos in broken:
-                    pending.append((st["sid"], broken.pop(pos)))
+                    failed: Future = Future()
+                    failed.set_result(broken.pop(pos))
+                    pending.append((st["sid"], failed))
                 else:
                     pending.append((st["sid"], finisher.submit(self._collect_and_finish, st)))
             # hand back finished shards in order; hold at most two in flight (their rows stay in memory)
-            while pending and (len(pending) > 2 or _ready(pending[0][1])):
+            while pending and (len(pending) > 2 or pending[0][1].done()):
                 sid, outcome = pending.popleft()
-                yield sid, outcome.result() if hasattr(outcome, "result") else outcome
+                yield sid, outcome.result()
         while pending:
             sid, outcome = pending.popleft()
-            yield sid, outcome.result() if hasattr(outcome, "result") else outcome
+            yield sid, outcome.result()
 
     def _collect_and_finish(self, state: dict[str, Any]) -> dict[str, int] | BaseException:
         try:
             self._collect(state)
+            return self._finish_shard(state)
         except Exception as e:
             return e
-        return self._guarded_finish(state)
 
     @staticmethod
     def _collect(state: dict[str, Any]) -> None:
@@ -272,6 +267,8 @@ class ScoreJob:
     def _open_shard(self, shard_id: str) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
+        from ..inputs import success_entries
+
         manifest, samples_fp = lineage.read_parquet(self.ds.samples_path(shard_id),
                                                     columns=["uid", "key", "status", "caption"])
         uids = manifest.column("uid").to_pylist()
@@ -287,8 +284,7 @@ class ScoreJob:
                   if self.save_embeddings else None)
         keys, status = manifest.column("key").to_pylist(), manifest.column("status").to_pylist()
         errors: list[str | None] = [None if s == "success" else f"not downloaded: {s}" for s in status]
-        # the row number is the id the stream echoes back, so repeated uids cannot collide
-        entries = [(str(i), keys[i]) for i in range(len(keys)) if status[i] == "success"]
+        entries = success_entries(keys, status)
         emb = None  # allocated when the shard's embeddings come back (a window holds many shards)
         if reused is not None:
             emb, errors = reused
