@@ -75,7 +75,6 @@ def main() -> None:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
-    from capcurate.stages.recaption import recaption
 
     tmp = Path(tempfile.mkdtemp(prefix="capcurate-bench-recaption-"))
     try:
@@ -91,13 +90,7 @@ def main() -> None:
         print(f"{args.images} JPEGs {w}x{h}, model {ref}, greedy {args.tokens} tokens, device {args.device}, "
               f"torch threads {torch.get_num_threads()}")
 
-        # capcurate: timed end to end, model load and card writes included (the baselines get theirs free)
-        t0 = time.perf_counter()
-        s = recaption(ds, model=ref, name="bench", decoding="greedy", max_new_tokens=args.tokens,
-                      min_new_tokens=args.tokens, batch_size=args.batch_size, workers=args.workers,
-                      device=args.device)
-        ours = args.images / (time.perf_counter() - t0)
-        assert s.counts["images_captioned"] == args.images, s.counts
+        ours = capcurate_rate(ds, ref, args)
         model = AutoModelForImageTextToText.from_pretrained(directory).to(args.device).eval()
         processor = AutoProcessor.from_pretrained(directory)
 
@@ -130,6 +123,20 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def capcurate_rate(ds: Path, ref: str, args: argparse.Namespace) -> float:
+    """capcurate recaption images/s, timed end to end: model load and card writes included (the
+    baselines get theirs free); greedy, exactly ``--tokens`` new tokens per caption."""
+    from capcurate.stages.recaption import recaption
+
+    t0 = time.perf_counter()
+    s = recaption(ds, model=ref, name="bench", decoding="greedy", max_new_tokens=args.tokens,
+                  min_new_tokens=args.tokens, batch_size=args.batch_size, workers=args.workers,
+                  device=args.device)
+    ours = args.images / (time.perf_counter() - t0)
+    assert s.counts["images_captioned"] == args.images, s.counts
+    return ours
+
+
 def bench_vlm(args: argparse.Namespace, size: tuple[int, int]) -> None:
     import torch
     from captioner_fixtures import VLM_BUILDERS
@@ -137,7 +144,6 @@ def bench_vlm(args: argparse.Namespace, size: tuple[int, int]) -> None:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from capcurate.models.captioners import DEFAULT_INSTRUCTIONS
-    from capcurate.stages.recaption import recaption
 
     tmp = Path(tempfile.mkdtemp(prefix="capcurate-bench-vlm-"))
     try:
@@ -146,12 +152,7 @@ def bench_vlm(args: argparse.Namespace, size: tuple[int, int]) -> None:
         ds = build(tmp, args.images, size, per_shard=max(args.batch_size * 2, 64))
         print(f"{args.images} JPEGs {size[0]}x{size[1]}, tiny random {args.vlm}, greedy {args.tokens} tokens, "
               f"device {args.device}, torch threads {torch.get_num_threads()}")
-        t0 = time.perf_counter()
-        s = recaption(ds, model=ref, name="bench", decoding="greedy", max_new_tokens=args.tokens,
-                      min_new_tokens=args.tokens, batch_size=args.batch_size, workers=args.workers,
-                      device=args.device)
-        ours = args.images / (time.perf_counter() - t0)
-        assert s.counts["images_captioned"] == args.images, s.counts
+        ours = capcurate_rate(ds, ref, args)
 
         model = AutoModelForImageTextToText.from_pretrained(directory).to(args.device).eval()
         processor = AutoProcessor.from_pretrained(directory)
