@@ -8,11 +8,13 @@
 #    into /tmp/site, offline;
 # 2. prints the machine: nvidia-smi, torch / torchvision / transformers / open_clip versions, cores,
 #    /dev/shm, open-file limit;
-# 3. runs the GPU tests (pytest -m gpu), time-limited; their failure does not stop step 4;
-# 4. runs benchmarks/gpu.py (its own budget: 290 s; killed at 330 s) -> $OUT/gpu.json.
+# 3. runs benchmarks/gpu.py --score-variants (budget $BENCH_BUDGET s, default 290; killed 40 s later)
+#    on the stages in $BENCH_ONLY (default: recaption,score,train,input; add vlm) -> $OUT/gpu.json;
+# 4. runs the GPU tests (pytest -m gpu), limited to $TEST_LIMIT s (default 150).
+# The benchmark goes first: the numbers are what a lent machine is for; the tests get what is left.
 #
-# Everything is also written to $OUT/log.txt. Expected wall time: ~15 s install + up to 150 s tests +
-# ~3.5-5 min benchmark; at most ~8 min (every step has a timeout).
+# Everything is also written to $OUT/log.txt. Expected wall time: ~15 s install + the benchmark budget
+# + the test limit; every step has a timeout.
 # .whl/ is git-ignored: on a new machine rebuild it first (about 31 MB), from the repo root:
 #   grep -q '^/.whl/' .git/info/exclude || echo /.whl/ >> .git/info/exclude
 #   for w in open_clip_torch==3.3.0 duckdb==2.0.1 webdataset==0.2.86 ftfy==6.3.1 wcwidth==0.9.4 \
@@ -73,16 +75,18 @@ except Exception as e:
     print("!!", type(e).__name__, e)
 EOF
 
-    echo "== 3. GPU tests (pytest -m gpu, limit 150 s)"
-    timeout -k 10 150 python3 -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-collection-errors \
+    local only=${BENCH_ONLY:-recaption,score,train,input} budget=${BENCH_BUDGET:-290} tests=${TEST_LIMIT:-150}
+    echo "== 3. benchmarks/gpu.py --only $only (budget $budget s, killed $(( budget + 40 )) s)"
+    timeout -k 10 $(( budget + 40 )) python3 benchmarks/gpu.py --only "$only" --budget "$budget" --score-variants \
+        --json-out "$OUT/gpu.json"
+    rc_bench=$?
+    echo "== gpu.py exit code: $rc_bench (0 ok, 1 some stage failed, 124 timed out); $OUT/gpu.json"
+
+    echo "== 4. GPU tests (pytest -m gpu, limit $tests s)"
+    timeout -k 10 "$tests" python3 -m pytest -q -m gpu tests -p no:cacheprovider --continue-on-collection-errors \
         --junitxml="$OUT/pytest-gpu.xml"
     rc_tests=$?
     echo "== pytest exit code: $rc_tests (124 = timed out; 5 = no gpu tests collected)"
-
-    echo "== 4. benchmarks/gpu.py (budget 290 s, killed at 330 s)"
-    timeout -k 10 330 python3 benchmarks/gpu.py --score-variants --json-out "$OUT/gpu.json"
-    rc_bench=$?
-    echo "== gpu.py exit code: $rc_bench (0 ok, 1 some stage failed, 124 timed out); $OUT/gpu.json"
     echo "== total $(( $(date +%s) - t0 )) s"
     return "$rc_bench"
 }

@@ -85,6 +85,7 @@ class Cfg:
     smoke: bool
     device: str
     images: int = 4096
+    score_images: int = 16384       # score runs fast: more images (the JPEGs cycled) for a steadier window
     image_size: tuple[int, int] = (512, 384)
     per_shard: int = 1024
     blip: str = "large"
@@ -114,7 +115,7 @@ def make_cfg(smoke: bool) -> Cfg:
     if not smoke:
         return Cfg(smoke=False, device="cuda")
     return Cfg(smoke=True, device="cpu", images=192, per_shard=64, blip="tiny", clip_ref="", clip_arch="",
-               tower_batch=16, gen_batch=16, train_model="", train_samples=256, train_unique=64,
+               score_images=192, tower_batch=16, gen_batch=16, train_model="", train_samples=256, train_unique=64,
                train_size=96, train_per_shard=64, train_batch=32, train_workers=2, train_precision="fp32",
                train_skip_steps=2, matmul_n=512, input_images=32, gpu_decode_batch=16, vlm="tiny",
                vlm_images=32, vlm_batch=8)
@@ -245,13 +246,20 @@ def build_inference_dataset(root: Path, jpegs: list[bytes], per_shard: int) -> P
     return build_dataset(root, samples, per_shard=per_shard)
 
 
+TRAIN_WORDS = ["red", "blue", "green", "photo", "of", "a", "small", "big", "dog", "cat", "car", "tree", "on",
+               "the", "table", "in", "street", "with", "light", "dark"]
+
+
+def train_caption(i: int) -> str:
+    """Caption of train sample i: 3 to 11 words (what both trainers and the step-alone baseline tokenise)."""
+    return " ".join(TRAIN_WORDS[(i * 7 + k * 3) % len(TRAIN_WORDS)] for k in range(3 + i % 9))
+
+
 def write_train_shards(folder: Path, jpegs: list[bytes], samples: int, per_shard: int) -> tuple[str, int]:
     """webdataset shards (KEY.jpg + KEY.txt) and open_clip's sizes.json; returns (brace pattern, shards)."""
     from capcurate.shards import TarShardWriter
 
     folder.mkdir(parents=True, exist_ok=True)
-    words = ["red", "blue", "green", "photo", "of", "a", "small", "big", "dog", "cat", "car", "tree", "on",
-             "the", "table", "in", "street", "with", "light", "dark"]
     n_shards = (samples + per_shard - 1) // per_shard
     sizes = {}
     for s in range(n_shards):
@@ -260,7 +268,7 @@ def write_train_shards(folder: Path, jpegs: list[bytes], samples: int, per_shard
         with TarShardWriter(folder / name) as w:
             for j in range(count):
                 i = s * per_shard + j
-                cap = " ".join(words[(i * 7 + k * 3) % len(words)] for k in range(3 + i % 9))
+                cap = train_caption(i)
                 w.write(f"{s:05d}{j:05d}", {"jpg": jpegs[i % len(jpegs)], "txt": cap.encode()})
         sizes[name] = count
     (folder / "sizes.json").write_text(json.dumps(sizes))
@@ -955,17 +963,22 @@ def stage_train(cfg: Cfg, tmp: Path, shard_dir: Path, pattern: str, bound: float
         res["open_clip_train"]["error_tail"] = theirs["tail"][-1500:]
     log(f"open_clip_train: {len(oc_times)} steps, steady {fmt(theirs_steady)} samples/s, e2e {fmt(theirs_e2e)}")
 
-    # the train step alone on ready tensors
+    # the train step alone on ready tensors: the same captions, tokenised as open_clip does (padded to the
+    # context length); then the same step with capcurate's trimmed text tower (models/text_trim.py)
+    from capcurate.models.text_trim import enable_text_trim, pad_token_id, trim_tokens
+
     dev = cfg.device
     torch.manual_seed(0)
     model = open_clip.create_model(arch, device=dev)
     model.train()
     loss_fn = open_clip.ClipLoss()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
-    v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    v = model_cfg["vision_cfg"]
     size = v["image_size"]
     images = torch.randn(B, 3, size, size, device=dev)
-    texts = torch.randint(0, t["vocab_size"], (B, t["context_length"]), device=dev)
+    tokenizer = open_clip.get_tokenizer(arch)
+    tokens = tokenizer([train_caption(i) for i in range(B)])
+    texts = tokens.to(dev)
     use_amp = P != "fp32"
     amp_dtype = torch.bfloat16 if P == "bf16" else torch.float16
 
@@ -989,6 +1002,14 @@ def stage_train(cfg: Cfg, tmp: Path, shard_dir: Path, pattern: str, bound: float
     r = rate(step, B, dev, warmup=3, min_iters=5, target_s=4.0, max_iters=60)
     res["step_alone"] = r
     log(f"train step alone ({arch}, batch {B}, {P}): {r['per_s']:.1f} samples/s")
+    r_trim: dict[str, Any] = {}
+    if enable_text_trim(model):
+        short = trim_tokens(tokens, pad_token_id(tokenizer)).to(dev)
+        r_trim = rate(lambda: step(images, short), B, dev, warmup=3, min_iters=5, target_s=4.0, max_iters=60)
+        r_trim["tokens"] = int(short.shape[1])
+        log(f"train step alone, text tower over {short.shape[1]} of {tokens.shape[1]} tokens: "
+            f"{r_trim['per_s']:.1f} samples/s")
+    res["step_alone_trimmed"] = r_trim
     model = opt = images = texts = None
     if dev.startswith("cuda"):
         torch.cuda.empty_cache()
@@ -1003,6 +1024,8 @@ def stage_train(cfg: Cfg, tmp: Path, shard_dir: Path, pattern: str, bound: float
         "pct_bound_capcurate": pct(ours_steady, fl, bound), "pct_bound_alone": pct(r["per_s"], fl, bound),
         "gflop_per_item": fl / 1e9,
         "extra": {"open_clip_train_steady": theirs_steady, "open_clip_train_e2e": theirs_e2e,
+                  "step_alone_trimmed": r_trim.get("per_s"), "trimmed_tokens": r_trim.get("tokens"),
+                  "ratio_steady_vs_trimmed_step": ratio(ours_steady, r_trim.get("per_s")),
                   "capcurate_vs_open_clip_train_steady": ratio(ours_steady, theirs_steady),
                   "capcurate_vs_open_clip_train_e2e": ratio(ours_e2e, theirs_e2e),
                   "capcurate_steps": len(steps), "open_clip_train_steps": len(oc_times),
@@ -1227,7 +1250,8 @@ def main() -> int:
         jpegs = make_jpegs(cfg.images, cfg.image_size) if need_inf else []
         ds = build_inference_dataset(tmp / "ds", jpegs, cfg.per_shard) if need_inf else None
         # score gets its own copy: on the recaptioned one its default would also score the new captions
-        ds_score = build_inference_dataset(tmp / "ds-score", jpegs, cfg.per_shard) if "score" in only else None
+        ds_score = (build_inference_dataset(tmp / "ds-score", [jpegs[i % len(jpegs)] for i in range(cfg.score_images)],
+                                            cfg.per_shard) if "score" in only else None)
         shard_dir, pattern = tmp / "train-shards", ""
         if "train" in only:
             try:

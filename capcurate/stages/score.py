@@ -143,7 +143,8 @@ class ScoreJob:
 
     # -- texts ---------------------------------------------------------------------------------
     def _embed_texts(self, texts: list[str]) -> dict[str, np.ndarray]:
-        unique = list(dict.fromkeys(texts))
+        # similar lengths share a chunk, so a trimmed text tower (models/text_trim.py) runs short chunks
+        unique = sorted(dict.fromkeys(texts), key=len)
         out: dict[str, np.ndarray] = {}
         for i in range(0, len(unique), self.batch_size):
             chunk = unique[i:i + self.batch_size]
@@ -226,7 +227,10 @@ class ScoreJob:
                         rows_of.setdefault(pos, []).append(j)
                         states[pos]["pending_rows"].append(int(rid))
                     for pos, js in rows_of.items():
-                        states[pos]["pending"].append(out[js])
+                        # a shard's rows are one run of the batch: a slice is a view, while a list index
+                        # would copy the index to the GPU, and that blocking copy waits for the GPU
+                        whole = js[-1] - js[0] + 1 == len(js)
+                        states[pos]["pending"].append(out[js[0]:js[-1] + 1] if whole else out[js])
             for pos in batch.completed:
                 st = states[pos]
                 states[pos] = None  # free the shard's embeddings once written
