@@ -40,6 +40,9 @@ def synth(
     duplicate_rate: float = typer.Option(0.0, "--duplicate-rate", help=(
         "Share of pool images (at most 0.5) that copy an earlier one: exact bytes, resized + re-encoded, or the "
         "same scene drawn again; urls.parquet records duplicate_of (uid) and duplicate_kind as ground truth.")),
+    contact_sheet: bool = typer.Option(False, "--contact-sheet", help=(
+        "Also write OUT/contact_sheet.png: the first 48 seed images at the pixels the models see (scaled up "
+        "by whole pixels), each with its true caption, so a person can check every named attribute is visible.")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a world already in OUT."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
@@ -56,4 +59,4 @@ def synth(
     run_command(lambda: run(out, n_images=n_images, image_size=image_size, noise_profile=noise_profile,
                             rates=rates, seed=seed, base_url=base_url, seed_size=seed_size, eval_size=eval_size,
                             shard_size=shard_size, workers=workers, duplicate_rate=duplicate_rate,
-                            overwrite=overwrite), json_out=json)
+                            contact_sheet=contact_sheet, overwrite=overwrite), json_out=json)

@@ -11,6 +11,7 @@ Writes under ``OUT``:
     tokenizer/                 the world's word-level tokenizer (Hugging Face format)
     models/                    tiny_clip.json and tiny_coca.json open_clip configs using that tokenizer
     synth.json                 the parameters and noise rates that made it
+    contact_sheet.png          with --contact-sheet: the first seed images at model size with their true captions
 
 The same arguments give byte-identical files (models/*.json name the tokenizer by absolute path).
 """
@@ -34,7 +35,10 @@ from ..world.generate import DUPLICATE_KINDS, ItemSpec, make_items
 from ..world.noise import KINDS, resolve_rates
 
 SYNTH_CARD = "synth.json"
-OUTPUTS = ("images", "urls.parquet", "seed", "eval", "eval_retrieval", "tokenizer", "models", SYNTH_CARD)
+CONTACT_SHEET = "contact_sheet.png"
+OUTPUTS = ("images", "urls.parquet", "seed", "eval", "eval_retrieval", "tokenizer", "models", SYNTH_CARD,
+           CONTACT_SHEET)
+CONTACT_SHEET_IMAGES = 48
 CHUNK = 100  # items per worker task: big enough to hide process overhead, small enough to balance
 
 
@@ -62,6 +66,7 @@ def synth(
     context_length: int = 32,
     workers: int | None = None,
     duplicate_rate: float = 0.0,
+    contact_sheet: bool = False,
     overwrite: bool = False,
 ) -> Summary:
     """Render a CapWorld pool, seed split and eval set into ``out``; see the module docstring."""
@@ -124,6 +129,12 @@ def synth(
             for it in _generate(pool, ItemSpec("eval", seed, image_size, None, len(names)), eval_size, advance)),
             classnames=names, templates=ZEROSHOT_TEMPLATES, shard_size=shard_size)
         write_retrieval_view(root / "eval", root / "eval_retrieval")
+    if contact_sheet:
+        from ..world.contact_sheet import contact_sheet as write_sheet
+
+        # the first seed-split images: exactly those in seed/ (each item is its own random stream)
+        write_sheet(make_items((ItemSpec("seed", seed, image_size, None), 0, CONTACT_SHEET_IMAGES)),
+                    root / CONTACT_SHEET)
 
     params = {"n_images": n_images, "image_size": image_size, "noise_profile": noise_profile,
               "noise_rates": noise.to_dict(), "seed": seed, "base_url": base, "seed_size": seed_size,
@@ -141,7 +152,8 @@ def synth(
                 **{f"duplicates {k}": dup_kinds[k] for k in DUPLICATE_KINDS if duplicate_rate > 0}},
         details={"out": str(root), "noise rates": noise.to_dict(), "urls": str(root / "urls.parquet"),
                  "tiny_clip": str(root / "models" / "tiny_clip.json"),
-                 "tiny_coca": str(root / "models" / "tiny_coca.json"), "workers": workers},
+                 "tiny_coca": str(root / "models" / "tiny_coca.json"), "workers": workers,
+                 **({"contact_sheet": str(root / CONTACT_SHEET)} if contact_sheet else {})},
         seconds=time.time() - t0,
         message=f"CapWorld: {n_images:,} pool + {seed_size:,} seed + {eval_size:,} eval images in {root}",
     )
