@@ -1,0 +1,47 @@
+"""A chat-template VLM on CUDA: its image processor runs on the GPU (captioners/vlm.py) and builds the same
+inputs as on the CPU; the recaption stage's greedy captions equal the model's own ``generate`` on them.
+Skipped where no GPU is visible (conftest)."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from captioner_fixtures import build_tiny_qwen2_vl
+from conftest import build_dataset, make_image_bytes
+
+from capcurate.inputs.decode import decode_cpu
+from capcurate.models.captioners import load_captioner
+from capcurate.models.captioners.generation import DecodingConfig
+from capcurate.stages.recaption import recaption
+
+pytestmark = pytest.mark.gpu
+
+
+def test_vlm_processor_on_the_gpu_matches_the_cpu_and_the_stage_matches_generate(tmp_path):
+    ref = build_tiny_qwen2_vl(tmp_path / "models")
+    sizes = [(64, 48), (48, 64), (64, 48), (40, 40)]
+    images = [make_image_bytes(size=s, seed=i) for i, s in enumerate(sizes)]
+    decoded = [decode_cpu(b) for b in images]
+    cfg = DecodingConfig(decoding="greedy", max_new_tokens=8)
+
+    cpu = load_captioner(ref, device="cpu")
+    gpu = load_captioner(ref, device="cuda")
+    assert gpu._processor_kwargs == {"device": "cuda"}
+    a = cpu.build_inputs(decoded, cpu.prepare(cfg))
+    b = gpu.build_inputs(decoded, gpu.prepare(cfg))
+    assert b["pixel_values"].is_cuda
+    for k in a:
+        if a[k].is_floating_point():
+            diff = (a[k].float() - b[k].float().cpu()).abs()
+            assert diff.mean() < 1e-2 and diff.max() < 0.1, (k, float(diff.mean()), float(diff.max()))
+        else:
+            assert torch.equal(a[k], b[k].cpu()), k
+
+    ds = build_dataset(tmp_path / "ds", [{"caption": f"c{i}", "image": img} for i, img in enumerate(images)])
+    summary = recaption(str(ds), model=ref, name="vlm", decoding="greedy", max_new_tokens=8, device="cuda",
+                        precision="fp32", batch_size=4, workers=1)
+    assert summary.ok, summary.message
+    got = pq.read_table(ds / "captions" / "vlm" / "00000.parquet").column("caption").to_pylist()
+    want = [c[0] for c in gpu.caption(decoded, gpu.prepare(cfg))]
+    assert got == want
