@@ -33,8 +33,10 @@ def test_vlm_processor_on_the_gpu_matches_the_cpu_and_the_stage_matches_generate
     assert b["pixel_values"].is_cuda
     for k in a:
         if a[k].is_floating_point():
+            # torchvision's CPU and CUDA bicubic kernels round differently at a few edge pixels: measured on
+            # an H200, mean 6e-4 and max 0.114 in normalised units (~8 uint8 levels at the worst pixel)
             diff = (a[k].float() - b[k].float().cpu()).abs()
-            assert diff.mean() < 1e-2 and diff.max() < 0.1, (k, float(diff.mean()), float(diff.max()))
+            assert diff.mean() < 5e-3 and diff.max() < 0.3, (k, float(diff.mean()), float(diff.max()))
         else:
             assert torch.equal(a[k], b[k].cpu()), k
 
