@@ -47,3 +47,16 @@ def test_vlm_processor_on_the_gpu_matches_the_cpu_and_the_stage_matches_generate
     got = pq.read_table(ds / "captions" / "vlm" / "00000.parquet").column("caption").to_pylist()
     want = [c[0] for c in gpu.caption(decoded, gpu.prepare(cfg))]
     assert got == want
+
+
+def test_vlm_compile_on_cuda_compiles_the_decoding_step_with_the_same_captions(tmp_path):
+    """--compile on a GPU: a static KV cache, and transformers compiles the decoding step around it."""
+    ref = build_tiny_qwen2_vl(tmp_path / "models")
+    decoded = [decode_cpu(make_image_bytes(size=(64, 48), seed=i)) for i in range(4)]
+    cfg = DecodingConfig(decoding="greedy", max_new_tokens=8)
+    plain = load_captioner(ref, device="cuda")
+    fast = load_captioner(ref, device="cuda", compile=True)
+    assert fast.static_cache
+    want = plain.caption(decoded, plain.prepare(cfg))
+    assert fast.caption(decoded, fast.prepare(cfg)) == want
+    assert fast.caption(decoded, fast.prepare(cfg)) == want  # the compiled step, reused

@@ -125,3 +125,21 @@ def test_shards_stream_in_windows_with_the_same_results(tiny_dataset, tiny_openc
         assert (x["score_one_raw"] is None) == (y["score_two_raw"] is None) and x["error_one"] == y["error_two"]
         if x["score_one_raw"] is not None:
             assert x["score_one_raw"] == pytest.approx(y["score_two_raw"], abs=1e-6)
+
+
+def test_blip2_compile_adds_a_static_kv_cache_with_the_same_captions(tmp_path):
+    """--compile on BLIP-2: its language model decodes with a static KV cache (a compiled step on a GPU),
+    greedy captions unchanged; BLIP's BERT decoder cannot, so it keeps the dynamic cache."""
+    from captioner_fixtures import build_tiny_blip2
+
+    from capcurate.models.captioners import DecodingConfig, load_captioner
+
+    ref = build_tiny_blip2(tmp_path)
+    plain = load_captioner(ref)
+    static = load_captioner(ref)
+    static.static_cache = True  # what --compile sets, without compiling the image tower on the CPU
+    cfg = DecodingConfig(decoding="greedy", max_new_tokens=5)
+    assert static.generate_kwargs(cfg)["cache_implementation"] == "static"
+    x = torch.rand(3, 3, *static.image_spec.output_size)
+    assert static.caption(x, cfg) == plain.caption(x, cfg)
+    assert load_captioner(build_tiny_blip(tmp_path / "blip")).static_cache is False

@@ -174,5 +174,20 @@ def test_vlm_options_on_pixel_captioners_are_one_line_errors(tmp_path, tiny_data
         r = runner.invoke(app, ["recaption", str(tiny_dataset), "--model", blip, "--name", "b", *extra])
         last = r.output.strip().splitlines()[-1]  # (earlier lines: transformers' loading progress)
         assert r.exit_code == 2 and last.startswith("error:") and msg in last, r.output
-    with pytest.raises(InputError, match="--compile"):
-        load_captioner(vlms["llava"], compile=True)
+    with pytest.raises(InputError, match="--compile: transformers cannot compile the decoding step"):
+        load_captioner(vlms["idefics3"], compile=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "florence2"])
+def test_vlm_compile_is_a_static_kv_cache_with_the_same_captions(vlms, captioners, family):
+    """--compile on a VLM: a static KV cache (transformers compiles the decoding step around it on a GPU;
+    on the CPU it runs eagerly), greedy captions unchanged; beam search keeps the dynamic cache."""
+    fast = load_captioner(vlms[family], compile=True)
+    assert fast.static_cache and fast.describe()["kv_cache"] == "static"
+    images = [_u8(im) for im in _pil_images(3)]
+    cfg = fast.prepare(DecodingConfig(decoding="greedy", max_new_tokens=6))
+    kw = fast.describe_request(cfg)["generate_kwargs"]
+    assert kw["cache_implementation"] == "static"
+    assert fast.caption(images, cfg) == captioners[family].caption(images, captioners[family].prepare(cfg))
+    beam = fast.describe_request(fast.prepare(DecodingConfig(decoding="beam", num_beams=2)))["generate_kwargs"]
+    assert "cache_implementation" not in beam

@@ -44,6 +44,9 @@ DECODE_HELP = ("auto (gpu when the model runs on CUDA, else cpu), gpu (JPEGs dec
                "while decoding: faster, pixels differ slightly from the model's own preprocessing).")
 COMPILE_HELP = ("torch.compile the image tower: faster per image on a GPU after tens of seconds of compiling, so "
                 "it pays on large runs.")
+RECAPTION_COMPILE_HELP = (COMPILE_HELP[:-1] + "; decoders transformers can compile (BLIP-2's language model, "
+                          "Qwen2-VL, LLaVA, Florence-2) also get a static KV cache and a compiled decoding step with "
+                          "greedy or sampled decoding. VLMs compile only their decoding step (their images vary in size).")
 MAX_RETRIES_HELP = ("With --engine ray: times a shard is retried on a fresh actor when its actor dies (killed, out of "
                     "memory, node lost); a shard that raises is not retried.")
 PART_HELP = ("Only shards i, i+N, ... of the sorted list, as i/N with 0 <= i < N (e.g. SLURM array task i "

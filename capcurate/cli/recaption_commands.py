@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from .app import (
-    COMPILE_HELP,
     DECODE_HELP,
     DEVICE_HELP,
     ENGINE_HELP,
@@ -13,6 +12,7 @@ from .app import (
     MAX_RETRIES_HELP,
     PART_HELP,
     PRECISION_HELP,
+    RECAPTION_COMPILE_HELP,
     WORKERS_HELP,
     app,
     run_command,
@@ -79,7 +79,7 @@ def recaption(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     decode: str = typer.Option("auto", "--decode", help=DECODE_HELP),
-    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
+    compile: bool = typer.Option(False, "--compile", help=RECAPTION_COMPILE_HELP),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code",
         help="Allow a transformers model to run code shipped with it (only for models you trust)."),

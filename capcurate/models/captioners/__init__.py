@@ -36,12 +36,9 @@ def load_captioner(reference: str, *, pretrained: str | None = None, device: str
         if getattr(parts[0], "model_type", "") in PIXEL_CAPTIONERS:
             return HFCaptioner(ref, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                                compile=compile, parts=parts)
-        if compile:
-            raise InputError("--compile compiles fixed-shape image towers (BLIP, BLIP-2, GIT, CoCa); "
-                             f"{reference} is a dynamic-input VLM")
         from .vlm import VLMCaptioner
 
-        return VLMCaptioner(ref, parts, device=device)
+        return VLMCaptioner(ref, parts, device=device, compile=compile)
     from .coca import CocaCaptioner
 
     return CocaCaptioner(ref, device=device, dtype=dtype, compile=compile)

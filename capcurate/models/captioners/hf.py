@@ -17,7 +17,7 @@ from ...errors import ModelLoadError
 from ..openclip_loader import input_dtype
 from ..ref import ModelRef
 from .base import Captioner, DecodingConfig, clean_caption
-from .generation import generate_kwargs, recordable
+from .generation import can_use_static_cache, generate_kwargs, recordable
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -99,6 +99,8 @@ class HFCaptioner(Captioner):
         if getattr(self.model.config, "_attn_implementation", None) != "sdpa":
             self.fused_attention = use_sdpa(self.model)
         self.compiled = compile_image_tower(self.model) if compile else None
+        # --compile also gives decoders that support it (BLIP-2's OPT/T5, not BLIP's BERT) a static KV cache
+        self.static_cache = compile and can_use_static_cache(self.model)
         self.model_type = getattr(self.config, "model_type", "")
         self.tokenizer = self.processor.tokenizer
         self._transform = HFImageTransform(self.processor.image_processor)
@@ -134,7 +136,7 @@ class HFCaptioner(Captioner):
         return self._prompt_cache[prompt]
 
     def generate_kwargs(self, config: DecodingConfig, seeds: list[int] | None = None) -> dict[str, Any]:
-        return generate_kwargs(config, seeds)
+        return generate_kwargs(config, seeds, static_cache=self.static_cache)
 
     @torch.no_grad()
     def generate_ids(self, pixels: torch.Tensor, config: DecodingConfig,
@@ -175,4 +177,5 @@ class HFCaptioner(Captioner):
             "attn_implementation": "sdpa (capcurate)" if self.fused_attention
             else getattr(self.model.config, "_attn_implementation", None),
             "compiled": self.compiled,
+            "kv_cache": "static" if self.static_cache else "dynamic",
         }

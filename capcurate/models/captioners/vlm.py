@@ -21,7 +21,7 @@ from ...errors import InputError
 from ..openclip_loader import input_dtype
 from ..ref import ModelRef
 from .base import DEFAULT_INSTRUCTIONS, Captioner, DecodingConfig, clean_caption
-from .generation import generate_kwargs, recordable
+from .generation import can_use_static_cache, generate_kwargs, recordable
 
 # families without a chat template have their own words for the two --style instructions
 PLAIN_PROMPTS = {
@@ -43,7 +43,7 @@ class VLMCaptioner(Captioner):
     backend = "transformers-vlm"
     input_kind = "images"
 
-    def __init__(self, ref: ModelRef, parts: tuple[Any, Any, Any], *, device: str = "cpu"):
+    def __init__(self, ref: ModelRef, parts: tuple[Any, Any, Any], *, device: str = "cpu", compile: bool = False):
         self.ref = ref
         self.config, model, self.processor = parts
         self.device = torch.device(device)
@@ -58,6 +58,11 @@ class VLMCaptioner(Captioner):
         self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
         self._nested = any(n in self.model_type for n in NESTED_IMAGES)
         self._budget: tuple[int | None, int | None] = (None, None)
+        # a VLM's image tower sees a new shape per image size; --compile goes to its decoding step instead
+        if compile and not can_use_static_cache(self.model):
+            raise InputError(f"--compile: transformers cannot compile the decoding step of {type(self.model).__name__} "
+                             f"({ref.text}); run without --compile")
+        self.static_cache = compile
         # torchvision-backed image processors (transformers 5's default) resize, normalise and patchify on
         # the model's device: on a GPU that takes the processor off the CPU, where it cost as much time as
         # the 2B model's generate (Qwen2-VL, 512 images of 512x384: ~108 images/s per core)
@@ -129,7 +134,7 @@ class VLMCaptioner(Captioner):
                      seeds: list[int] | None = None) -> torch.Tensor:
         """The generated answer tokens only, ``[n * num_captions, new]``."""
         inputs = self.build_inputs(images, config)
-        out = self.model.generate(**inputs, **generate_kwargs(config, seeds))
+        out = self.model.generate(**inputs, **generate_kwargs(config, seeds, static_cache=self.static_cache))
         if self.encoder_decoder:
             return out
         return out[:, inputs["input_ids"].shape[1]:]
@@ -151,7 +156,8 @@ class VLMCaptioner(Captioner):
             "chat_template": "model's own" if self.chat_template else None,
             "pixel_budget": dict(zip(("min_pixels", "max_pixels"), self._budget, strict=True))
             if any(self._budget) else None,
-            "generate_kwargs": recordable(generate_kwargs(config, [0] if config.sampling else None)),
+            "generate_kwargs": recordable(generate_kwargs(config, [0] if config.sampling else None,
+                                                          static_cache=self.static_cache)),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -164,4 +170,5 @@ class VLMCaptioner(Captioner):
             "resolved_weights": str(local.resolve()) if local.exists() else self.ref.name,
             "revision": getattr(self.config, "_commit_hash", None),
             "attn_implementation": getattr(self.model.config, "_attn_implementation", None),
+            "kv_cache": "static" if self.static_cache else "dynamic",
         }
