@@ -40,19 +40,30 @@ def test_tiny_quickstart_runs_every_step_and_writes_the_results_table(tmp_path: 
                if not _has_command(c)]
     if missing:
         pytest.skip(f"stage commands not registered yet: {', '.join(missing)}")
-    env = _env(tmp_path, QUICKSTART_SCALE="tiny", QUICKSTART_STRATEGIES="raw_top_synthetic")
+    env = _env(tmp_path, QUICKSTART_SCALE="tiny", QUICKSTART_STRATEGIES="raw_top raw_top_synthetic")
     res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "demo"
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    trained = {r["name"]: r for r in rows if r["zeroshot_top1"] is not None}
-    assert set(trained) == {"raw_top_synthetic"}
+    results = json.loads((out / "results.json").read_text())
+    trained = {r["name"]: r for r in results["rows"] if r["zeroshot_top1"] is not None}
+    assert set(trained) == {"raw_top", "raw_top_synthetic"}
     assert all(r["samples_seen"] == 64 and 0 <= r["i2t_r1"] <= 1 for r in trained.values())
+    assert all(r["eval_images"] == 96 and r["pm_kind"] == "se" for r in trained.values())
+    # the premise is measured every run: raw alt-texts and CoCa captions over the same pool images
+    pool = results["pool_caption_accuracy"]
+    assert 0.1 < pool["raw"]["colour_and_shape"] < 0.6 and 0 <= pool["synthetic"]["colour_and_shape"] <= 1
+    assert [c["mix"] for c in results["key_comparison"]] == ["raw_top_synthetic"]
+    # each step's seconds are printed and kept
+    steps = [line.split("\t") for line in (out / "timings.tsv").read_text().splitlines()[1:]]
+    assert [name for name, _ in steps][:3] == ["1/9 synth", "2/9 download", "3/9 captioner"]
+    assert steps[-1][0] == "total" and all(int(sec) >= 0 for _, sec in steps)
+    assert "seconds per step:" in res.stderr
+    assert (out / "world" / "contact_sheet.png").is_file()
     # all five selections were made, even those not trained
     made = {p.stem for p in (out / "dataset" / "selections").glob("*.parquet")}
     assert made >= {"raw", "raw_top", "synthetic", "raw_top_synthetic", "best_of"}
     md = (out / "results.md").read_text()
-    assert "raw-top + synthetic" in md and "captions naming the object" in md
+    assert "raw-top + synthetic" in md and "captions naming the object" in md and "pool: CoCa captions" in md
     assert (out / "results.png").stat().st_size > 1000
     # every step is echoed as a command a user can copy
     assert "+ capcurate recaption" in res.stderr and "+ capcurate mix" in res.stderr
@@ -83,6 +94,9 @@ def test_quickstart_refuses_an_output_folder_it_did_not_make(tmp_path: Path) -> 
     res = subprocess.run(["bash", str(QUICKSTART)], env=_env(tmp_path, QUICKSTART_SCALE="huge"),
                          capture_output=True, text=True)
     assert res.returncode == 2 and "QUICKSTART_SCALE" in res.stderr
+    res = subprocess.run(["bash", str(QUICKSTART)], env=_env(tmp_path, QUICKSTART_OUT=str(tmp_path / "x"),
+                                                             QUICKSTART_SEEDS="three"), capture_output=True, text=True)
+    assert res.returncode == 2 and "QUICKSTART_SEEDS" in res.stderr
 
 
 def test_pipeline_scripts_parse_and_the_datacomp_recipe_dry_runs() -> None:
@@ -102,3 +116,51 @@ def test_results_table_reports_missing_runs_as_an_error(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, str(ROOT / "pipelines" / "results_table.py"), str(tmp_path)],
                          capture_output=True, text=True)
     assert res.returncode == 1 and "no evals" in res.stderr
+
+
+def _fake_run(run: Path, top1: dict[str, float], n_eval: int = 1000) -> None:
+    """A quickstart run folder holding only eval results (what results_table needs for the metrics)."""
+    (run / "evals").mkdir(parents=True)
+    for name, acc in top1.items():
+        records = [{"task": "zeroshot_classification", "metrics": {"acc1": acc, "acc5": min(1.0, 3 * acc)},
+                    "num_samples": n_eval},
+                   {"task": "zeroshot_retrieval", "metrics": {"text_retrieval_recall@1": acc / 2,
+                                                               "image_retrieval_recall@1": acc / 4}}]
+        (run / "evals" / f"{name}.json").write_text(json.dumps(records))
+
+
+def test_results_table_reports_mean_std_over_seed_runs_and_the_paired_key_difference(tmp_path: Path) -> None:
+    seeds = [{"raw": 0.02, "raw_top": 0.10, "synthetic": 0.20, "raw_top_synthetic": 0.30, "best_of": 0.25},
+             {"raw": 0.04, "raw_top": 0.20, "synthetic": 0.22, "raw_top_synthetic": 0.26, "best_of": 0.15},
+             {"raw": 0.03, "raw_top": 0.15, "synthetic": 0.24, "raw_top_synthetic": 0.34, "best_of": 0.20}]
+    for k, top1 in enumerate(seeds):
+        _fake_run(tmp_path / f"seed_{k}", top1)
+    res = subprocess.run([sys.executable, str(ROOT / "pipelines" / "results_table.py"), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    out = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["name"]: r for r in out["rows"]}
+    assert out["runs"] == 3 and rows["raw_top"]["zeroshot_top1"] == pytest.approx(0.15)
+    assert rows["raw_top"]["zeroshot_top1_pm"] == pytest.approx(0.05) and rows["raw_top"]["pm_kind"] == "std"
+    key = {c["mix"]: c for c in out["key_comparison"]}
+    # paired per seed: +0.20, +0.06, +0.19 -> mean 0.15, std of the differences (not of either strategy)
+    assert key["raw_top_synthetic"]["diffs"] == pytest.approx([0.20, 0.06, 0.19])
+    assert key["raw_top_synthetic"]["diff"] == pytest.approx(0.15)
+    assert key["raw_top_synthetic"]["pm"] == pytest.approx(0.0781, abs=1e-4)
+    assert key["best_of"]["wins"] == 2 and key["best_of"]["runs"] == 3
+    md = (tmp_path / "results.md").read_text()
+    assert "15.0 ± 5.0" in md and "+15.0 ± 7.8 (std; 3 of 3 runs above" in md
+
+
+def test_results_table_gives_one_run_the_eval_sets_standard_error(tmp_path: Path) -> None:
+    _fake_run(tmp_path, {"raw_top": 0.2, "best_of": 0.3, "raw_top_synthetic": 0.1}, n_eval=400)
+    res = subprocess.run([sys.executable, str(ROOT / "pipelines" / "results_table.py"), str(tmp_path)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    out = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["name"]: r for r in out["rows"]}
+    assert set(rows) == {"raw_top", "raw_top_synthetic", "best_of"}
+    assert rows["raw_top"]["zeroshot_top1_pm"] == pytest.approx((0.2 * 0.8 / 400) ** 0.5)
+    best = {c["mix"]: c for c in out["key_comparison"]}["best_of"]
+    assert best["diff"] == pytest.approx(0.1) and best["pm_kind"] == "se"
+    assert best["pm"] == pytest.approx((0.3 * 0.7 / 400 + 0.2 * 0.8 / 400) ** 0.5)

@@ -11,7 +11,9 @@ import pytest
 
 from capcurate.stages.synth import synth
 from capcurate.world.noise import KINDS, alt_text, resolve_rates
-from capcurate.world.scene import SHAPES, sample_scene
+from capcurate.world.scene import COLOURS, SHAPES, sample_scene
+
+N_CLASSES = len(COLOURS) * len(SHAPES)
 
 SMALL = dict(n_images=60, image_size=32, seed_size=30, eval_size=70, shard_size=32)
 
@@ -128,6 +130,11 @@ def test_tiny_configs_load_in_open_clip_offline_and_coca_loss_runs(world: Path) 
     losses = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)(**out, output_dict=True)
     assert torch.isfinite(sum(losses.values()))
     assert out["logits"].shape[-1] == coca.model_cfg["multimodal_cfg"]["vocab_size"]
+    # the GPU scale's bigger models load and run the same way
+    for name, dim in (("small_clip", 256), ("small_coca", 256)):
+        m = load_openclip(parse_model_ref(f"openclip:{world}/models/{name}.json"))
+        with torch.no_grad():
+            assert m.model.encode_image(images).shape == (4, dim)
 
 
 def test_eval_set_is_readable_in_clip_benchmark_webdataset_layout(world: Path) -> None:
@@ -137,7 +144,7 @@ def test_eval_set_is_readable_in_clip_benchmark_webdataset_layout(world: Path) -
     n = int((ev / "test" / "nshards.txt").read_text())
     assert n == 3  # 70 samples, 32 per shard
     classes = (ev / "classnames.txt").read_text().splitlines()
-    assert len(classes) == 64 and "red circle" in classes
+    assert len(classes) == N_CLASSES == 48 and "red circle" in classes
     assert all("{c}" in t for t in (ev / "zeroshot_classification_templates.txt").read_text().splitlines())
     urls = [str(ev / "test" / f"{i}.tar") for i in range(n)]
     rows = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "cls", "txt"))
@@ -146,7 +153,7 @@ def test_eval_set_is_readable_in_clip_benchmark_webdataset_layout(world: Path) -
         assert img.size == (32, 32)
         colour, shape = classes[int(cls)].split(" ")
         assert colour in txt and shape in txt  # the retrieval caption names the class
-    assert len({int(c) for _, c, _ in rows}) == 64  # balanced: every class appears
+    assert len({int(c) for _, c, _ in rows}) == N_CLASSES  # balanced: every class appears
 
 
 def test_retrieval_view_links_the_eval_tars_for_clip_benchmark_and_capcurate_eval(world: Path) -> None:
@@ -195,7 +202,7 @@ def test_synth_cli_writes_a_world_and_refuses_to_overwrite_it(tmp_path: Path) ->
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
-    assert summary["counts"]["alt-text correct"] == 20 and summary["counts"]["eval classes"] == 64
+    assert summary["counts"]["alt-text correct"] == 20 and summary["counts"]["eval classes"] == N_CLASSES
     res = runner.invoke(app, args)
     assert res.exit_code == 3 and "--overwrite" in res.output
     res = runner.invoke(app, [*args, "--overwrite", "--rate-boilerplate", "0.5"])
@@ -204,3 +211,56 @@ def test_synth_cli_writes_a_world_and_refuses_to_overwrite_it(tmp_path: Path) ->
     assert json.loads(res.stdout)["details"]["noise rates"]["boilerplate"] == 0.5
     res = runner.invoke(app, [*args, "--overwrite", "--rate-correct", "0.9", "--rate-partial", "0.9"])
     assert res.exit_code == 2 and "more than 1" in res.output
+
+
+def test_objects_stay_inside_the_image_apart_from_each_other_and_on_their_positions_line() -> None:
+    import math
+
+    from capcurate.world.render import ANCHORS, JITTER, RADIUS, _centres
+
+    rng = random.Random(5)
+    for _ in range(3000):
+        scene = sample_scene(rng)
+        centres = _centres(scene, rng)
+        r = RADIUS[scene.size]
+        assert len(centres) == scene.count
+        assert all(r - 0.02 <= c <= 1 - r + 0.02 for xy in centres for c in xy), (scene, centres)
+        if scene.count == 2:
+            assert math.dist(*centres) > 2 * r, (scene, centres)  # two objects never overlap
+        axis, other = ANCHORS[scene.position]
+        across = [y if axis == "x" else x for x, y in centres]
+        assert all(abs(a - other) <= JITTER for a in across), (scene, centres)
+    # the lines of different positions are further apart than two jitters: no image is ambiguous
+    lines = {(axis, other) for axis, other in ANCHORS.values()}
+    assert len(lines) == len(ANCHORS)
+    for axis in ("x", "y"):
+        others = sorted(o for a, o in lines if a == axis)
+        assert all(b - a > 2 * JITTER for a, b in zip(others, others[1:], strict=False))
+
+
+def test_contact_sheet_shows_the_seed_images_at_model_pixels_with_their_captions(tmp_path: Path) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from capcurate.cli import app
+    from capcurate.world.generate import ItemSpec, make_items
+
+    res = CliRunner().invoke(app, ["synth", "-o", str(tmp_path / "w"), "--n-images", "4", "--seed-size", "4",
+                                   "--eval-size", "0", "--image-size", "48", "--contact-sheet", "--json"])
+    assert res.exit_code == 0, res.output
+    sheet_path = Path(json.loads(res.stdout)["details"]["contact_sheet"])
+    sheet = np.asarray(Image.open(sheet_path).convert("RGB"))
+    assert sheet.shape[1] == 8 * (192 + 8) + 8 and sheet.shape[0] == 6 * (192 + 4 * 12 + 6 + 8) + 8  # 48 cells
+    # cell 0 is seed image 0 scaled by 4 with nearest neighbour: every 4x4 block is one model pixel
+    first = make_items((ItemSpec("seed", 0, 48, None), 0, 1))[0]
+    pixels = np.asarray(Image.open(io.BytesIO(first["image"])).convert("RGB"))
+    assert (sheet[8:8 + 192, 8:8 + 192] == np.kron(pixels, np.ones((4, 4, 1), dtype=np.uint8))).all()
+    # the caption under it is drawn (dark text on the white band)
+    assert (sheet[8 + 192:8 + 192 + 48, 8:8 + 192] < 100).any()
+    from capcurate.world.contact_sheet import contact_sheet
+
+    with pytest.raises(ValueError, match="at least one image"):
+        contact_sheet([], tmp_path / "empty.png")

@@ -9,7 +9,7 @@ Writes under ``OUT``:
     eval/                      the held-out labelled eval set in clip_benchmark's webdataset layout
     eval_retrieval/            the same eval tars (linked) as clip_benchmark's retrieval dataset
     tokenizer/                 the world's word-level tokenizer (Hugging Face format)
-    models/                    tiny_clip.json and tiny_coca.json open_clip configs using that tokenizer
+    models/                    {tiny,small}_{clip,coca}.json open_clip configs using that tokenizer
     synth.json                 the parameters and noise rates that made it
     contact_sheet.png          with --contact-sheet: the first seed images at model size with their true captions
 
@@ -73,8 +73,8 @@ def synth(
     t0 = time.time()
     if n_images < 1 or seed_size < 0 or eval_size < 0:
         raise InputError(f"--n-images must be >= 1 and split sizes >= 0, got {n_images}, {seed_size}, {eval_size}")
-    if not 16 <= image_size <= 1024:
-        raise InputError(f"--image-size must be between 16 and 1024 pixels, got {image_size}")
+    if not 32 <= image_size <= 1024:  # the CLIP configs' ResNet downsamples 32x
+        raise InputError(f"--image-size must be between 32 and 1024 pixels, got {image_size}")
     if not 0 <= duplicate_rate <= 0.5:
         raise InputError(f"--duplicate-rate must be between 0 and 0.5, got {duplicate_rate}")
     noise = resolve_rates(noise_profile, rates)

@@ -23,7 +23,7 @@ ANCHORS = {  # position -> (axis the objects line up along, the other coordinate
     "left": ("y", 0.25), "right": ("y", 0.75), "top": ("x", 0.25), "bottom": ("x", 0.75), "center": ("x", 0.5),
 }
 RADIUS = {"small": 0.12, "large": 0.2}  # object radius as a fraction of the image side
-PAIR_OFFSET = {"small": 0.19, "large": 0.23}  # distance of each of two objects from the line's middle
+PAIR_OFFSET = {"small": 0.19, "large": 0.24}  # distance of each of two objects from the line's middle
 JITTER = 0.03  # random shift of every centre, both ways: small enough that regions never meet
 # shapes that turn into another shape when rotated far get only a small tilt
 MAX_TILT = {"square": 12, "cross": 12, "circle": 0, "ring": 0}
