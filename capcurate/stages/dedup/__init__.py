@@ -27,7 +27,7 @@ from ...dataset import Dataset, check_name
 from ...errors import InputError, OutputExistsError
 from ...summary import Summary
 from .embeddings import EmbeddingStore, peak_memory_mb
-from .groups import Found, components, keep_largest, label_strings
+from .groups import Found, keep_largest, keep_largest_stars, label_strings
 from .pool import Pool, load_pool, sha256_column
 from .semantic import KEEPS, concat
 
@@ -138,7 +138,7 @@ def _removed(base: np.ndarray, found: list[Found]) -> np.ndarray:
 
 def _near(ds: Dataset, pool: Pool, removed: np.ndarray, threshold: int, workers: int, advance: Any,
           counts: dict[str, Any]) -> Found:
-    from .phash import LONG_BYTES, hamming, hash_shards, near_pairs
+    from .phash import LONG_BYTES, ROW_BYTES, hamming, hash_shards, near_pairs, split
 
     keys, shards = pool.table.column("key").to_pylist(), pool.table.column("shard").to_pylist()
     todo: dict[str, list[int]] = {}
@@ -147,17 +147,16 @@ def _near(ds: Dataset, pool: Pool, removed: np.ndarray, threshold: int, workers:
     sids = sorted(todo)
     results = hash_shards([(str(ds.shard_path(s)), [keys[i] for i in todo[s]]) for s in sids], workers, advance)
     rows = np.concatenate([np.array(todo[s], np.int64) for s in sids]) if sids else np.zeros(0, np.int64)
-    hashes = np.concatenate([h for h, _ in results]) if results else np.zeros((0, 8 + LONG_BYTES), np.uint8)
+    hashes = np.concatenate([h for h, _ in results]) if results else np.zeros((0, ROW_BYTES), np.uint8)
     ok = np.concatenate([o for _, o in results]) if results else np.zeros(0, bool)
     counts["near: images not hashed"] = int((~ok).sum())
     rows, hashes = rows[ok], hashes[ok]
     a, b, _ = near_pairs(hashes, threshold)
-    labels = components(len(rows), a, b)
-    f = keep_largest("near", rows, labels, pool.pixels)
+    f = keep_largest_stars("near", rows, a, b, pool.pixels)
     # similarity: 1 - (differing bits of the 256-bit pHash of the kept member) / 256
     where = np.full(len(pool), -1, np.int64)
     where[rows] = np.arange(len(rows))
-    long = hashes[:, 8:]
+    long = split(hashes)[1]
     f.similarity = (1 - hamming(long[where[f.rows]], long[where[f.of]]) / (8 * LONG_BYTES)).astype(np.float32)
     return f
 
