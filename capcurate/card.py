@@ -136,7 +136,7 @@ class Card:
     def claim(
         self, *, stage: str, family: str, name: str, params: dict[str, Any], overwrite: bool,
         exists: bool | Callable[[], bool], model: dict[str, Any] | None = None,
-        remove: Callable[[], None] | None = None,
+        remove: Callable[[], None] | None = None, exclusive: bool = False,
     ) -> tuple[str, str]:
         """Claim ``family/name`` and start its lineage entry in one locked step; returns (mode, entry id).
 
@@ -146,10 +146,18 @@ class Card:
         while deleting leaves the old lineage in place and nobody resumes into half-deleted outputs.
         Entries of runs that wrote nothing and are over are dropped: they do not hold the name.
         A run that then writes nothing at all (its model did not load) calls ``abandon_entry``.
+
+        ``exclusive``: outputs written whole in one go (a selection file) rather than shard by shard, so
+        two runs cannot share the work: refused while another run of that name may still be writing.
         """
         params = normalise_params(params)
         with self.editing() as card:
             previous = _select(card.get("lineage", []), family, name)
+            busy = [e for e in previous if may_be_running(e)] if exclusive else []
+            if busy:
+                raise OutputExistsError(f"{family}/{name} is being written by another run right now "
+                                        f"({busy[-1].get('command') or busy[-1]['id']}); wait for it to finish "
+                                        "or choose another --name")
             mode, void = _decide(family, name, params, previous,
                                  overwrite=overwrite, exists=exists() if callable(exists) else exists)
             if mode == "overwrite":

@@ -216,8 +216,9 @@ def test_failed_run_leaves_the_name_free_for_other_parameters(models, small_data
     assert s.details["mode"] == "resume" and s.counts["shards_skipped"] == 2
 
 
-def _entry(card: Card, *, finished, pid: int, host: str | None = None, params=None) -> dict:
-    eid = card.start_entry(stage="score", family="scores", name="x", params=params or {"precision": "bf16"})
+def _entry(card: Card, *, finished, pid: int, host: str | None = None, params=None, family: str = "scores",
+           name: str = "x") -> dict:
+    eid = card.start_entry(stage="score", family=family, name=name, params=params or {"precision": "bf16"})
     with card.editing() as c:
         e = next(e for e in c["lineage"] if e["id"] == eid)
         head, _, tail = eid.rsplit("-", 2)
@@ -261,3 +262,29 @@ def test_claim_and_start_are_one_step_against_a_concurrent_claim(small_dataset):
     b.start_entry(stage="score", family="scores", name="y", params={"precision": "fp32"})
     c.start_entry(stage="score", family="scores", name="y", params={"precision": "fp32"})
     assert len(a.lineage("scores", "y")) == 3
+
+
+def test_whole_file_outputs_have_one_writer_at_a_time(small_dataset):
+    """mix, filter and dedup write a selection in one go: while another run of that name may still be
+    writing, each refuses in one line, whatever the parameters; once that run is over, the name is free."""
+    import capcurate
+
+    card = Dataset(small_dataset).card
+    _entry(card, finished=False, pid=os.getppid(), family="selections", name="sel", params={"strategy": "raw"})
+    runs = {"mix": lambda: capcurate.mix(small_dataset, strategy="raw", name="sel"),
+            "filter": lambda: capcurate.filter(small_dataset, "sel", where="true"),
+            "dedup": lambda: capcurate.dedup(small_dataset, "sel", exact=True, workers=0)}
+    for stage, run in runs.items():
+        with pytest.raises(OutputExistsError, match="selections/sel is being written by another run"):
+            run()
+        assert not Dataset(small_dataset).selection_path("sel").exists(), stage
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    with card.editing() as c:  # the other run died without finishing
+        for e in c["lineage"]:
+            if e.get("name") == "sel":
+                head, _, tail = e["id"].rsplit("-", 2)
+                e["id"] = f"{head}-{int(dead.stdout)}-{tail}"
+    s = capcurate.mix(small_dataset, strategy="raw", name="sel")
+    assert s.ok and Dataset(small_dataset).selection_path("sel").exists()
+    assert card.lineage("selections", "sel")[-1]["finished"] is not None

@@ -150,11 +150,22 @@ def filter(dataset: str | Path, name: str, *, min_score: float | None = None, sc
         ).fetchall()[0]
         total, per_rule, kept = row[0], row[1:-1], row[-1]
 
-        with atomic.atomic_path(out) as tmp:
-            con.execute(
-                f"COPY (SELECT {', '.join(keep_cols)} FROM {POOL} WHERE {combined} "
-                f"ORDER BY uid, caption_source) TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd)"
-            )
+        # claimed under the card's lock just before writing: a second run of this name is refused while
+        # this one writes, and the lineage entry always describes the file on disk
+        params = {"min_score": min_score, "score": score_col, "top_fraction": top_fraction, "where": where,
+                  "from_selection": from_selection, "basic": basic.to_dict() if basic else None,
+                  "cluster": cluster.to_dict() if cluster else None}
+        _mode, entry = ds.card.claim(stage="filter", family="selections", name=name, params=params,
+                                     overwrite=overwrite, exists=out.exists, exclusive=True)
+        try:
+            with atomic.atomic_path(out) as tmp:
+                con.execute(
+                    f"COPY (SELECT {', '.join(keep_cols)} FROM {POOL} WHERE {combined} "
+                    f"ORDER BY uid, caption_source) TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd)"
+                )
+        except BaseException:
+            ds.card.abandon_entry(entry)
+            raise
     finally:
         con.close()
 
@@ -162,11 +173,6 @@ def filter(dataset: str | Path, name: str, *, min_score: float | None = None, sc
     counts.update({f"passes {label}": n for (label, _), n in zip(rules, per_rule, strict=True)})
     counts["kept"] = kept
     details["rules"] = {label: pred for label, pred in rules}
-    params = {"min_score": min_score, "score": score_col, "top_fraction": top_fraction, "where": where,
-              "from_selection": from_selection, "basic": basic.to_dict() if basic else None,
-              "cluster": cluster.to_dict() if cluster else None}
-    entry = ds.card.start_entry(stage="filter", family="selections", name=name, params=params,
-                                replace=True)
     ds.card.finish_entry(entry, counts, **({"threshold": details["top_fraction_threshold"]}
                                             if "top_fraction_threshold" in details else {}))
     pct = f" ({kept / total:.1%})" if total else ""

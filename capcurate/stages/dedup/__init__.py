@@ -105,15 +105,21 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
         counts[f"{f.kind} duplicates"] = len(f.rows)
         details[f"{f.kind} groups"] = f.groups
     counts["kept"] = int((~removed).sum())
-    _write_outputs(pool, removed, found, sel_out, groups_out)
-
-    details["seconds_by_kind"] = {k: round(v, 2) for k, v in timings.items()}
-    details["peak_memory_mb"] = round(peak_memory_mb(), 1)
     params = {"exact": exact, "near": near, "captions": captions, "semantic": semantic,
               "hamming": hamming if near else None, "eps": eps if semantic else None,
               "keep": keep if semantic else None, "clusters": clusters if semantic else None,
               "train_size": train_size if semantic else None, "seed": seed if semantic else None}
-    entry = ds.card.start_entry(stage="dedup", family="selections", name=name, params=params, replace=True)
+    # claimed under the card's lock just before writing (see filter): one writer per name at a time
+    _mode, entry = ds.card.claim(stage="dedup", family="selections", name=name, params=params, overwrite=overwrite,
+                                 exists=lambda: sel_out.exists() or groups_out.exists(), exclusive=True)
+    try:
+        _write_outputs(pool, removed, found, sel_out, groups_out)
+    except BaseException:
+        ds.card.abandon_entry(entry)
+        raise
+
+    details["seconds_by_kind"] = {k: round(v, 2) for k, v in timings.items()}
+    details["peak_memory_mb"] = round(peak_memory_mb(), 1)
     ds.card.finish_entry(entry, counts, dedup_groups=str(groups_out.relative_to(ds.root)))
     n, kept = len(pool), counts["kept"]
     pct = f" ({kept / n:.1%})" if n else ""

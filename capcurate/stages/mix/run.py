@@ -88,12 +88,15 @@ def mix(
             params.update(caption_keys=sources,
                           caption_probs=opts.caption_probs or [1.0 / len(sources)] * len(sources))
         out = ds.selection_path(name)
-        mode = ds.card.claim_output("selections", name, params, overwrite=overwrite, exists=out.exists())
-        entry = ds.card.start_entry(stage="mix", family="selections", name=name, params=params,
-                                    replace=mode != "new")
-        with atomic.atomic_path(out) as tmp:
-            # DuckDB streams the result into Parquet: memory stays bounded however large the pool
-            con.execute(f"COPY ({query}) TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd)")
+        mode, entry = ds.card.claim(stage="mix", family="selections", name=name, params=params,
+                                    overwrite=overwrite, exists=out.exists, exclusive=True)
+        try:
+            with atomic.atomic_path(out) as tmp:
+                # DuckDB streams the result into Parquet: memory stays bounded however large the pool
+                con.execute(f"COPY ({query}) TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd)")
+        except BaseException:
+            ds.card.abandon_entry(entry)  # nothing was written: the name is free again
+            raise
         by_source = dict(con.execute(
             f"SELECT caption_source, count(*) FROM read_parquet({sql_string(out)}) GROUP BY 1 ORDER BY 1"
         ).fetchall())
