@@ -13,7 +13,7 @@ from .app import JSON_HELP, app, run_command
 def synth(
     out: Path = typer.Option(..., "-o", "--output", help="Folder to write the world into (created if missing)."),
     n_images: int = typer.Option(20000, "--n-images", help="Images in the web-like pool (urls.parquet + images/)."),
-    image_size: int = typer.Option(64, "--image-size", help="Side of every rendered image in pixels."),
+    image_size: int = typer.Option(64, "--image-size", help="Side of every rendered image in pixels (32-1024)."),
     noise_profile: str = typer.Option(
         "web", "--noise-profile",
         help="Preset alt-text noise rates: web (most alt-texts do not describe the image), noisy, mild, clean "
@@ -48,7 +48,7 @@ def synth(
 ) -> None:
     """Render CapWorld: a compositional world of shapes with true captions and noisy web alt-texts.
 
-    Writes OUT/images/ and OUT/urls.parquet (the pool to serve over HTTP and download), OUT/seed/ (a clean split with true captions, as training shards), OUT/eval/ (clip_benchmark's webdataset layout: zero-shot classes '<colour> <shape>' with templates, retrieval captions), OUT/tokenizer/ (the world's word-level tokenizer) and OUT/models/tiny_clip.json, tiny_coca.json (open_clip configs: use them as openclip:OUT/models/tiny_clip.json).
+    Writes OUT/images/ and OUT/urls.parquet (the pool to serve over HTTP and download), OUT/seed/ (a clean split with true captions, as training shards), OUT/eval/ (clip_benchmark's webdataset layout: zero-shot classes '<colour> <shape>' with templates, retrieval captions), OUT/eval_retrieval/ (the same tars as a retrieval dataset), OUT/tokenizer/ (the world's word-level tokenizer) and OUT/models/{tiny,small}_{clip,coca}.json (open_clip configs: use them as openclip:OUT/models/tiny_clip.json; tiny for a CPU, small for a GPU). --contact-sheet adds OUT/contact_sheet.png.
 
     Example: capcurate synth -o world --n-images 20000 --noise-profile web --seed 0
     """
