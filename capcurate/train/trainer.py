@@ -11,7 +11,6 @@ default ``--log-every 1``): never after a checkpoint was written past it.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -39,6 +38,7 @@ from .distributed import (
 )
 from .gpu_batches import assemble_batch
 from .losses import LOSSES, build_loss, compute_loss
+from .metrics_log import MetricsLog
 from .model_setup import ModelSetup, build_model, build_optimizer
 from .progress import TrainProgress
 from .schedule import make_scheduler
@@ -94,7 +94,7 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.output)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
 
     # -- set-up ------------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
@@ -162,7 +162,7 @@ class _Trainer:
             if micro_done >= micro_per_epoch:
                 epoch, micro_done, data_state = epoch + 1, 0, {}
         if dist.is_main:
-            self._truncate_metrics(step)
+            self.metrics.truncate_after(step)
             if not (self.run_dir / "run.json").is_file():
                 from .. import atomic
 
@@ -235,7 +235,7 @@ class _Trainer:
                         if log_now:
                             rate = seen_log / max(time.time() - t_log, 1e-9)
                             if dist.is_main:
-                                self._log({"step": step, "epoch": epoch, **last, "lr": lr, "samples_per_s": rate,
+                                self.metrics.append({"step": step, "epoch": epoch, **last, "lr": lr, "samples_per_s": rate,
                                            "logit_scale": logit_scale, "skipped": skipped})
                             t_log, seen_log = time.time(), 0
                     bar.update(step, rate, last["loss"])
@@ -342,26 +342,6 @@ class _Trainer:
             self.core.logit_scale.clamp_(0, math.log(100))
 
     # -- outputs -----------------------------------------------------------------------------------
-    def _log(self, row: dict[str, Any]) -> None:
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def _truncate_metrics(self, step: int) -> None:
-        """After a resume, drop the lines a killed run logged past its last checkpoint."""
-        if not self.metrics_path.is_file():
-            return
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        keep = []
-        for line in lines:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut off by the kill
-        from .. import atomic
-
-        atomic.write_bytes(self.metrics_path, ("\n".join(keep) + "\n" if keep else "").encode())
-
     def _save(self, step: int, epoch: int, micro: int, data_state: dict[int, WorkerState], num_samples: int) -> None:
         dist = self.dist
         rngs = all_gather_object(dist, ckpt_mod.rng_state())
@@ -403,7 +383,7 @@ class _Trainer:
 
             results = evaluate_encoders(eval_set, setup.preprocess_val, enc_img, enc_txt, model_name=setup.name)
             core.train()
-            self._log({"step": step, "eval": {r["task"]: r["metrics"] for r in results}})
+            self.metrics.append({"step": step, "eval": {r["task"]: r["metrics"] for r in results}})
         barrier(self.dist)
 
 
