@@ -26,9 +26,16 @@ from ..dataset import Dataset, check_name
 from ..engines import process_via_many
 from ..errors import InputError
 from ..summary import Summary
-from .score_columns import load_image_embeddings, merge_columns, save_embeddings, score_lists, score_source
+from .score_columns import (
+    RAW,
+    load_image_embeddings,
+    merge_columns,
+    resolve_sources,
+    save_embeddings,
+    score_lists,
+    score_source,
+)
 
-RAW = "raw"
 # --batch-size auto: a ViT-L/14 in bf16 is past its best throughput at 256 images and far from memory
 # limits on any current GPU; on the CPU larger batches only add latency
 GPU_BATCH_SIZE = 256
@@ -37,21 +44,6 @@ CPU_BATCH_SIZE = 64
 
 def score_column(name: str, source: str) -> str:
     return f"score_{name}_{source}"
-
-
-def resolve_sources(ds: Dataset, captions: str | list[str] | None) -> list[str]:
-    """``raw`` plus the requested (default: every) captions names; unknown names list the existing ones."""
-    existing = [RAW, *ds.names("captions")]
-    if captions is None or captions == "" or captions == []:
-        return existing
-    wanted = [c.strip() for c in captions.split(",")] if isinstance(captions, str) else list(captions)
-    wanted = [c for c in dict.fromkeys(wanted) if c]
-    unknown = [c for c in wanted if c not in existing]
-    if unknown:
-        raise InputError(
-            f"unknown caption column(s) {', '.join(unknown)}: this dataset has {', '.join(existing)}"
-        )
-    return wanted
 
 
 # -- the per-shard job -----------------------------------------------------------------------------

@@ -15,6 +15,26 @@ from typing import Any
 import numpy as np
 
 from .. import atomic, lineage
+from ..dataset import Dataset
+from ..errors import InputError
+
+RAW = "raw"  # the manifest's own caption, as a caption source
+
+
+def resolve_sources(ds: Dataset, captions: str | list[str] | None) -> list[str]:
+    """``raw`` plus the requested (default: every) captions names; unknown names list the existing ones."""
+    existing = [RAW, *ds.names("captions")]
+    if captions is None or captions == "" or captions == []:
+        return existing
+    wanted = [c.strip() for c in captions.split(",")] if isinstance(captions, str) else list(captions)
+    wanted = [c for c in dict.fromkeys(wanted) if c]
+    unknown = [c for c in wanted if c not in existing]
+    if unknown:
+        raise InputError(
+            f"unknown caption column(s) {', '.join(unknown)}: this dataset has {', '.join(existing)}"
+        )
+    return wanted
+
 
 EmbedTexts = Callable[[list[str]], dict[str, np.ndarray]]
 
