@@ -10,6 +10,7 @@
 #    /dev/shm, open-file limit;
 # 3. runs benchmarks/gpu.py --score-variants (budget $BENCH_BUDGET s, default 290; killed 40 s later)
 #    on the stages in $BENCH_ONLY (default: recaption,score,train,input; add vlm) -> $OUT/gpu.json;
+#    ($BENCH_ARGS: more gpu.py flags, e.g. --vlm-compile);
 # 4. runs the GPU tests (pytest -m gpu), limited to $TEST_LIMIT s (default 150).
 # The benchmark goes first: the numbers are what a lent machine is for; the tests get what is left.
 #
@@ -77,8 +78,9 @@ EOF
 
     local only=${BENCH_ONLY:-recaption,score,train,input} budget=${BENCH_BUDGET:-290} tests=${TEST_LIMIT:-150}
     echo "== 3. benchmarks/gpu.py --only $only (budget $budget s, killed $(( budget + 40 )) s)"
+    # shellcheck disable=SC2086  # BENCH_ARGS: extra flags, e.g. --vlm-compile
     timeout -k 10 $(( budget + 40 )) python3 benchmarks/gpu.py --only "$only" --budget "$budget" --score-variants \
-        --json-out "$OUT/gpu.json"
+        ${BENCH_ARGS:-} --json-out "$OUT/gpu.json"
     rc_bench=$?
     echo "== gpu.py exit code: $rc_bench (0 ok, 1 some stage failed, 124 timed out); $OUT/gpu.json"
 
