@@ -143,3 +143,20 @@ def test_blip2_compile_adds_a_static_kv_cache_with_the_same_captions(tmp_path):
     x = torch.rand(3, 3, *static.image_spec.output_size)
     assert static.caption(x, cfg) == plain.caption(x, cfg)
     assert load_captioner(build_tiny_blip(tmp_path / "blip")).static_cache is False
+
+
+def test_batch_probing_runs_uncompiled_then_compile_is_back(blip_ref):
+    """--batch-size auto with --compile: every probed size would compile the tower (and the decoding step)
+    again, so probing runs the eager tower and a dynamic cache; the compiled ones are back afterwards."""
+    from capcurate.models.captioners import load_captioner
+    from capcurate.stages.batch_search import uncompiled
+
+    cap = load_captioner(blip_ref, compile=True)  # torch.compile is lazy: nothing compiles until a call
+    compiled = cap.model.vision_model
+    assert hasattr(compiled, "_orig_mod")
+    cap.static_cache = True  # as for a decoder transformers can compile
+    seen = {}
+    with uncompiled(cap):
+        seen["tower"], seen["static"] = cap.model.vision_model, cap.static_cache
+    assert seen["tower"] is compiled._orig_mod and seen["static"] is False
+    assert cap.model.vision_model is compiled and cap.static_cache is True

@@ -7,6 +7,9 @@ shorter last batch). Compilation costs tens of seconds up front, so it pays on l
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 # where each family keeps its image tower: open_clip, transformers BLIP/CLIP/SigLIP, BLIP-2/LLaVA-style
@@ -23,3 +26,22 @@ def compile_image_tower(model: torch.nn.Module) -> str | None:
                 setattr(owner, name, torch.compile(tower, dynamic=False))
                 return name
     return None
+
+
+@contextmanager
+def eager(model: torch.nn.Module | None) -> Iterator[None]:
+    """The compiled image tower swapped for its original module for a while: a batch-size search tries a
+    dozen sizes, and each would compile again (past torch's recompile limit the real batch runs eager)."""
+    swapped = []
+    for owner in (model, getattr(model, "model", None)):
+        for name in _TOWERS:
+            tower = getattr(owner, name, None) if owner is not None else None
+            original = getattr(tower, "_orig_mod", None)
+            if isinstance(original, torch.nn.Module):
+                setattr(owner, name, original)
+                swapped.append((owner, name, tower))
+    try:
+        yield
+    finally:
+        for owner, name, tower in swapped:
+            setattr(owner, name, tower)

@@ -3,6 +3,8 @@ back-off that keeps a run going when a batch still does not fit (longer captions
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..errors import StageFailed
@@ -82,8 +84,30 @@ def find_batch_size(try_batch: Any, *, start: int = 8, limit: int = 1024) -> int
     return lo
 
 
+@contextmanager
+def uncompiled(captioner: Any) -> Iterator[None]:
+    """``--compile`` off while probing: the eager tower and a dynamic KV cache (no larger than the compiled
+    graphs' memory) instead of one compilation per probed batch size."""
+    from ..models.compiling import eager
+
+    static = getattr(captioner, "static_cache", False)
+    if static:
+        captioner.static_cache = False
+    try:
+        with eager(getattr(captioner, "model", None)):
+            yield
+    finally:
+        if static:
+            captioner.static_cache = static
+
+
 def probe_batch_size(captioner: Any, config: Any, limit: int) -> int:
     """Search the largest batch that fits on the GPU with a worst-case (max_new_tokens) generation."""
+    with uncompiled(captioner):
+        return _probe(captioner, config, limit)
+
+
+def _probe(captioner: Any, config: Any, limit: int) -> int:
     import torch
 
     spec = captioner.image_spec
