@@ -484,3 +484,17 @@ def test_train_cli_caption_keys_and_the_shards_recipe_are_used_and_recorded(tmp_
         {"keys": ["raw", "blip"], "probs": [0.2, 0.8]}
     r = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "r3"), "--caption-probs", "1.0"])
     assert r.exit_code == 2 and "--caption-probs needs --caption-keys" in r.output
+
+
+def test_compile_trains_the_same_losses_as_eager(tiny):
+    """--compile: torch.compile of the whole model (text batches of varying trimmed lengths included)
+    gives the eager run's losses, and the run records it."""
+    runs = {}
+    for compile_ in (False, True):
+        run = tiny["root"] / f"run-compile-{compile_}"
+        s = train(str(tiny["shards"]), str(run), model_config=str(tiny["clip"]), batch_size=16, epochs=1,
+                  lr=2e-3, workers=0, compile=compile_)
+        assert s.ok and s.counts["steps"] == 4
+        runs[compile_] = losses(run)
+    assert runs[True] == pytest.approx(runs[False], rel=1e-3, abs=1e-4)
+    assert json.loads((tiny["root"] / "run-compile-True" / "run.json").read_text())["config"]["compile"] is True
