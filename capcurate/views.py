@@ -77,7 +77,14 @@ def connect(ds: Dataset, *, database: str = ":memory:", threads: int | None = No
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     if memory_limit:
-        con.execute(f"SET memory_limit = {sql_string(memory_limit)}")
+        try:
+            con.execute(f"SET memory_limit = {sql_string(memory_limit)}")
+        except duckdb.Error as e:
+            from .errors import InputError
+
+            con.close()
+            msg = str(e).split(":", 1)[-1].strip()
+            raise InputError(f"--memory-limit {memory_limit!r}: {msg}") from None
     if any(ds.samples_dir.glob("*.parquet")):
         con.execute(f"CREATE VIEW manifest AS SELECT * FROM {parquet_source(ds.samples_dir / '*.parquet')}")
     else:

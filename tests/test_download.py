@@ -174,3 +174,31 @@ def test_download_keeps_one_row_per_uid_when_the_url_list_repeats_a_row(tmp_path
     ds = Dataset(tmp_path / "ds")
     got = ds.query("SELECT uid, count(*) AS n FROM samples GROUP BY uid").to_pylist()
     assert len(got) == 4 and all(r["n"] == 1 for r in got)
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_encode_format_stores_images_in_that_format(tmp_path, server, fmt):
+    from PIL import Image
+
+    rows = add_good_images(server, 3)
+    urls = write_csv(tmp_path / "u.csv", rows)
+    r = runner.invoke(app, ["download", urls, "-o", str(tmp_path / "ds"), "--encode-format", fmt,
+                            "--image-size", "32", "--distributor", "multiprocessing", "--timeout", "3"])
+    assert r.exit_code == 0, r.output
+    ds = Dataset(tmp_path / "ds")
+    idx = index_tar(ds.shard_path("00000"))
+    assert {idx.image_ext(k) for k in idx.samples} == {fmt}
+    with tarfile.open(ds.shard_path("00000")) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(f".{fmt}"))
+        assert Image.open(tar.extractfile(member)).format == {"png": "PNG", "webp": "WEBP"}[fmt]
+
+
+def test_a_distributor_whose_package_is_missing_is_a_one_line_error(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("pyspark") is not None:
+        pytest.skip("pyspark is installed here")
+    urls = write_csv(tmp_path / "u.csv", [{"url": "http://127.0.0.1:9/x.jpg"}])
+    r = runner.invoke(app, ["download", urls, "-o", str(tmp_path / "ds"), "--distributor", "pyspark"])
+    assert r.exit_code == 2 and "--distributor pyspark needs the pyspark package" in r.output
+    assert not (tmp_path / "ds").exists()

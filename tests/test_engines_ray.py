@@ -136,3 +136,22 @@ def test_max_retries_must_not_be_negative(tmp_path, command):
             "shard": ["shard", str(tmp_path), "--selection", "s", "-o", str(tmp_path / "out")]}[command]
     r = CliRunner().invoke(app, [*args, "--engine", "ray", "--max-retries", "-1"])
     assert r.exit_code == 2 and "--max-retries must be 0 or more, got -1" in r.output, r.output
+
+
+def test_download_with_the_ray_distributor(tmp_path, ray_cluster):
+    """img2dataset's ray distributor (``download --distributor ray``) fetches every shard on the cluster."""
+    import pyarrow as pa
+    from http_fixtures import add_good_images, serve
+
+    from capcurate.dataset import Dataset
+    from capcurate.stages.download import download
+
+    with serve() as srv:
+        rows = add_good_images(srv, 6)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "u.parquet")
+        s = download(tmp_path / "u.parquet", tmp_path / "ds", timeout=3, threads=4, image_size=32,
+                     samples_per_shard=3, distributor="ray")
+    assert s.ok and (s.counts["ok"], s.counts["shards"]) == (6, 2)
+    got = Dataset(tmp_path / "ds").query("SELECT url, status FROM manifest").to_pylist()
+    assert sorted(r["url"] for r in got) == sorted(r["url"] for r in rows)
+    assert {r["status"] for r in got} == {"success"}

@@ -211,3 +211,27 @@ def test_basic_word_count_follows_python_str_split(text):
     got = duckdb.connect().execute(f"SELECT {rule} FROM (SELECT ? AS t)", [text]).fetchone()[0]
     assert got == (len(text.split()) >= 3)
     assert len("red\xa0circle\xa0left".split()) == 3
+
+
+def test_threads_and_memory_limit_reach_duckdb_and_change_nothing_else(pool, monkeypatch):
+    root, _ = pool
+    from capcurate import views
+
+    seen = []
+    original = views.connect
+
+    def spy(*a, **kw):
+        con = original(*a, **kw)
+        seen.append(con.execute("SELECT current_setting('threads'), current_setting('memory_limit')").fetchall()[0])
+        return con
+
+    monkeypatch.setattr(views, "connect", spy)
+    runner = CliRunner()
+    args = ["filter", str(root), "--min-score", "0.28", "--score", "b32:raw"]
+    assert runner.invoke(app, [*args, "--name", "plain"]).exit_code == 0
+    res = runner.invoke(app, [*args, "--name", "bounded", "--threads", "1", "--memory-limit", "64MB"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1][0] == 1 and seen[-1][1].startswith("61.0 MiB")  # 64 MB as DuckDB reports it
+    assert selected(root, "bounded") == selected(root, "plain")
+    res = runner.invoke(app, [*args, "--name", "bad", "--memory-limit", "lots"])
+    assert res.exit_code == 2 and "--memory-limit 'lots'" in res.output and len(res.output.strip().splitlines()) == 1

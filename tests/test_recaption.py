@@ -179,3 +179,24 @@ def test_auto_batch_size_finds_largest_that_fits():
     assert find_batch_size(lambda n: None, limit=64) == 64
     with pytest.raises(RuntimeError, match="not OOM"):
         find_batch_size(lambda n: (_ for _ in ()).throw(RuntimeError("not OOM")))
+
+
+def test_length_penalty_reaches_beam_search_and_lineage(tiny_dataset, blip_ref, monkeypatch):
+    from transformers import BlipForConditionalGeneration
+
+    seen = []
+    original = BlipForConditionalGeneration.generate
+
+    def spy(self, *a, **kw):
+        seen.append((kw.get("num_beams"), kw.get("length_penalty")))
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(BlipForConditionalGeneration, "generate", spy)
+    r = CliRunner().invoke(app, ["recaption", str(tiny_dataset), "--model", blip_ref, "--name", "lp",
+                                 "--decoding", "beam", "--num-beams", "3", "--length-penalty", "2.5",
+                                 "--max-new-tokens", "5", "--workers", "0", "--batch-size", "8"])
+    assert r.exit_code == 0, r.output
+    assert seen and set(seen) == {(3, 2.5)}
+    (entry,) = Dataset(tiny_dataset).card.lineage("captions", "lp")
+    assert entry["parameters"]["length_penalty"] == 2.5
+    assert entry["model"]["generate_kwargs"]["length_penalty"] == 2.5

@@ -91,3 +91,23 @@ def test_report_cli(mixed, tmp_path):
     r = CliRunner().invoke(app, ["report", str(mixed), "--where", "no_such_column > 1", "-o",
                                  str(tmp_path / "bad.html")])
     assert r.exit_code == 2 and "no_such_column" in r.output
+
+
+def test_report_thumb_size_bounds_the_embedded_thumbnails(mixed, tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    def sides(page: str) -> set[tuple[int, int]]:
+        found = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
+        return {Image.open(io.BytesIO(base64.b64decode(b))).size for b in found}
+
+    r = CliRunner().invoke(app, ["report", str(mixed), "-o", str(tmp_path / "t.html"), "--thumb-size", "16"])
+    assert r.exit_code == 0, r.output
+    small = sides((tmp_path / "t.html").read_text())
+    assert small and all(max(s) == 16 for s in small)  # 48x40 images, longest side to 16
+    report(mixed, tmp_path / "d.html")
+    assert all(max(s) == 48 for s in sides((tmp_path / "d.html").read_text()))  # never enlarged past 160
+    r = CliRunner().invoke(app, ["report", str(mixed), "-o", str(tmp_path / "x.html"), "--thumb-size", "4"])
+    assert r.exit_code == 2 and "--thumb-size >= 8" in r.output

@@ -498,3 +498,32 @@ def test_compile_trains_the_same_losses_as_eager(tiny):
         runs[compile_] = losses(run)
     assert runs[True] == pytest.approx(runs[False], rel=1e-3, abs=1e-4)
     assert json.loads((tiny["root"] / "run-compile-True" / "run.json").read_text())["config"]["compile"] is True
+
+
+@pytest.mark.parametrize("unlocked", [0, 1])
+def test_lock_image_and_adamw_betas_through_the_cli(tiny, unlocked):
+    """--lock-image (LiT) keeps the image tower at its initial weights (--lock-image-unlocked-groups N: all
+    but its last N groups) while the text tower learns; --beta1/--beta2 reach AdamW and the checkpoint."""
+    import torch
+    from safetensors.torch import load_file
+
+    from capcurate.train.checkpoint import latest_checkpoint
+    from capcurate.train.model_setup import build_model
+
+    run = tiny["root"] / f"lit-{unlocked}"
+    r = CliRunner().invoke(app, ["train", str(tiny["shards"]), "-o", str(run), "--model-config", str(tiny["clip"]),
+                                 "--batch-size", "16", "--epochs", "1", "--lr", "1e-2", "--workers", "0",
+                                 "--beta1", "0.5", "--beta2", "0.9", "--lock-image",
+                                 "--lock-image-unlocked-groups", str(unlocked)])
+    assert r.exit_code == 0, r.output
+    ckpt = latest_checkpoint(run)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert {tuple(g["betas"]) for g in state["optimizer"]["param_groups"]} == {(0.5, 0.9)}
+    trained = load_file(str(ckpt / "model.safetensors"))
+    cfg = TrainConfig.from_dict(json.loads((run / "run.json").read_text())["config"])
+    initial = build_model(cfg, torch.device("cpu")).model.state_dict()  # same seed: the same initial weights
+    changed = {k for k, v in initial.items() if v.is_floating_point() and not torch.equal(v, trained[k])}
+    assert any(k.startswith("transformer.") for k in changed)  # the text tower learned
+    assert "visual.conv1.weight" not in changed and "visual.transformer.resblocks.0.attn.in_proj_weight" not in changed
+    # unlocked groups: open_clip's last group of a ViT is ln_post + proj
+    assert ("visual.proj" in changed) == (unlocked > 0)
