@@ -133,7 +133,7 @@ run capcurate train "$WORLD/seed" -o "$RUNS/scorer" --model-config "$WORLD/model
   --train-num-samples "$SCORER_SAMPLES" "${CLIP_OPTS[@]}"
 run capcurate score "$DS" --model "$RUNS/scorer" --name clip --captions raw,coca
 
-step "6/9 filter and mix: five ways to choose the training captions"
+step "6/9 filter + mix: five ways to choose the training captions"
 run capcurate mix "$DS" --strategy raw --name raw
 run capcurate filter "$DS" --name raw_top --score clip:raw --top-fraction "$TOP"
 run capcurate mix "$DS" --strategy synthetic --synthetic coca --name synthetic
@@ -141,12 +141,12 @@ run capcurate mix "$DS" --strategy raw-top+synthetic --synthetic coca --score cl
 run capcurate mix "$DS" --strategy best --synthetic coca --score clip --name best_of
 read -r -a STRATEGIES <<< "${QUICKSTART_STRATEGIES:-raw raw_top synthetic raw_top_synthetic best_of}"
 
-step "7/9 shard each selection"
+step "7/9 shard: each selection"
 for s in "${STRATEGIES[@]}"; do
   run capcurate shard "$DS" --selection "$s" -o "$SHARDS/$s" --samples-per-shard 1000 --min-shards 2 --shuffle --seed "$SEED"
 done
 
-step "8/9 train one CLIP per strategy on the same compute ($TRAIN_SAMPLES samples seen each) and evaluate it"
+step "8/9 train + eval: one CLIP per strategy on the same compute ($TRAIN_SAMPLES samples seen each), evaluated"
 for s in "${STRATEGIES[@]}"; do
   run capcurate train "$SHARDS/$s" -o "$RUNS/$s" --model-config "$WORLD/models/$CLIP_MODEL.json" \
     --train-num-samples "$TRAIN_SAMPLES" "${CLIP_OPTS[@]}"
