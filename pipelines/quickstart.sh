@@ -29,7 +29,7 @@ set -euo pipefail
 
 SCALE=${QUICKSTART_SCALE:-demo}
 case "$SCALE" in
-  demo) pool=3000 seed_split=8000 n_eval=4800 img=64 cap_samples=32000 scorer_samples=8000 train_samples=6000
+  demo) pool=3000 seed_split=8000 n_eval=4800 img=64 cap_samples=28000 scorer_samples=6000 train_samples=5000
         bs=32 cap_bs=32 cap_lr=1e-3 clip=tiny_clip coca=tiny_coca workers=1 ;;
   tiny) pool=96 seed_split=64 n_eval=96 img=32 cap_samples=64 scorer_samples=64 train_samples=64
         bs=32 cap_bs=32 cap_lr=1e-3 clip=tiny_clip coca=tiny_coca workers=1 ;;

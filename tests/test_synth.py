@@ -264,3 +264,37 @@ def test_contact_sheet_shows_the_seed_images_at_model_pixels_with_their_captions
 
     with pytest.raises(ValueError, match="at least one image"):
         contact_sheet([], tmp_path / "empty.png")
+
+
+def test_rate_options_reach_the_world_through_the_cli(tmp_path) -> None:
+    """--rate-wrong-attribute, --rate-wrong-object and --rate-decorate: the drawn kinds follow them, a
+    decorated alt-text carries a file name or shop text, and synth.json records the rates."""
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from capcurate.cli import app
+
+    def run(out: str, *rates: str) -> list[dict]:
+        res = CliRunner().invoke(app, ["synth", "-o", str(tmp_path / out), "--n-images", "300", "--seed-size", "0",
+                                       "--eval-size", "0", "--image-size", "32", "--noise-profile", "clean",
+                                       "--base-url", "http://127.0.0.1:9/", "--json", *rates])
+        assert res.exit_code == 0, res.output
+        return pq.read_table(tmp_path / out / "urls.parquet").to_pylist()
+
+    rows = run("w", "--rate-wrong-attribute", "0.5", "--rate-wrong-object", "0.5", "--rate-decorate", "0")
+    kinds = Counter(r["noise_kind"] for r in rows)
+    assert set(kinds) == {"wrong_attribute", "wrong_object"} and 100 < kinds["wrong_object"] < 200
+    wrong = [r for r in rows if r["noise_kind"] == "wrong_object"]
+    assert all(r["true_shape"] not in r["caption"] for r in wrong)  # another shape named instead
+    assert all(r["caption"] != r["true_caption"] for r in rows)
+    from capcurate.world.noise import FILE_EXTS, SHOP_SUFFIXES
+
+    def extra(caption: str) -> bool:  # a file name or shop text added to the description
+        return any(s in caption for s in SHOP_SUFFIXES) or any(f".{e}" in caption for e in FILE_EXTS)
+
+    plain = run("p", "--rate-decorate", "0")
+    decorated = run("d", "--rate-decorate", "1")
+    assert not any(extra(r["caption"]) for r in plain) and all(extra(r["caption"]) for r in decorated)
+    assert {r["noise_kind"] for r in plain + decorated} == {"correct"}  # clean profile: decoration only
+    params = json.loads((tmp_path / "d" / "synth.json").read_text())["parameters"]
+    assert "'decorate': 1.0" in str(params) or '"decorate": 1.0' in json.dumps(params)
