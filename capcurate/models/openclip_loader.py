@@ -100,11 +100,33 @@ def open_clip_preprocess_cfg(model: torch.nn.Module) -> dict[str, Any]:
     return dict(open_clip.get_model_preprocess_cfg(model))
 
 
-def _register_config_file(path: Path) -> str:
+# configs registered here with their capcurate keys (models/conv_stem.py), which open_clip never sees
+_FULL_CONFIGS: dict[str, dict[str, Any]] = {}
+
+
+def register_config(name: str, cfg: dict[str, Any]) -> str:
+    """Register ``cfg`` with open_clip under ``name``, minus capcurate's own keys (kept for ``model_config``)."""
+    import tempfile
+
     import open_clip
 
-    open_clip.add_model_config(path)
-    return path.stem
+    from .conv_stem import split_config
+
+    plain, _ = split_config(cfg)
+    folder = Path(tempfile.mkdtemp(prefix="capcurate-config-"))
+    (folder / f"{name}.json").write_text(json.dumps(plain))
+    open_clip.add_model_config(folder / f"{name}.json")
+    _FULL_CONFIGS[name] = json.loads(json.dumps(cfg))
+    return name
+
+
+def register_config_file(path: Path) -> str:
+    """Register a model config .json with open_clip; returns the name it is known by (the file's stem)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read model config {path}: {e}") from None
+    return register_config(Path(path).stem, cfg)
 
 
 def model_config(model_name: str) -> dict[str, Any]:
@@ -113,6 +135,8 @@ def model_config(model_name: str) -> dict[str, Any]:
     if model_name.startswith("local-dir:"):
         cfg = json.loads((Path(model_name[len("local-dir:"):]) / OPENCLIP_CONFIG).read_text())
         return cfg["model_cfg"]
+    if model_name in _FULL_CONFIGS:
+        return _FULL_CONFIGS[model_name]
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
         raise ModelLoadError(
@@ -129,9 +153,13 @@ def load_openclip(ref: ModelRef, *, device: str | torch.device = "cpu", precisio
         raise ModelLoadError(f"{ref.text} is not an open_clip reference")
     name = ref.name
     if name.endswith(".json"):
-        name = _register_config_file(Path(name))
+        name = register_config_file(Path(name))
     cfg = model_config(name)
     pretrained = ref.pretrained
+    from .conv_stem import wants_conv_stem
+
+    if wants_conv_stem(cfg):
+        return _load_with_conv_stem(ref, name, cfg, device, precision)
     try:
         model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, precision=precision,
@@ -149,6 +177,49 @@ def load_openclip(ref: ModelRef, *, device: str | torch.device = "cpu", precisio
         align_low_precision(model)
     model.eval()
     return OpenClipBundle(model, preprocess, preprocess_train, tokenizer, name, cfg)
+
+
+def _load_with_conv_stem(ref: ModelRef, name: str, cfg: dict[str, Any], device: str | torch.device,
+                         precision: str) -> OpenClipBundle:
+    """open_clip cannot build a conv-stem model from its config: build the plain one, swap the stem in,
+    then load the weights and convert the precision as open_clip's ``create_model`` would."""
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    from .conv_stem import apply_conv_stem
+
+    weights: str | None = ref.pretrained
+    preprocess_cfg: dict[str, Any] = {}
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):])
+        meta = json.loads((folder / OPENCLIP_CONFIG).read_text())
+        preprocess_cfg = meta.get("preprocess_cfg") or {}
+        cfg = json.loads(json.dumps(cfg))
+        if (folder / "tokenizer.json").is_file():  # the folder's own tokenizer, wherever the run moved
+            cfg.setdefault("text_cfg", {})["hf_tokenizer_name"] = str(folder.resolve())
+        name = register_config(f"capcurate-local-{abs(hash(str(folder.resolve()))):x}", cfg)
+        weights = str(folder / "open_clip_model.safetensors")
+    if weights is not None and not Path(weights).is_file():
+        raise ModelLoadError(f"cannot load {ref.text}: a conv-stem model loads from a weights file, not {weights!r}")
+    try:
+        model = open_clip.create_model(name, pretrained=None, precision="fp32", device="cpu")
+        apply_conv_stem(model)
+        if weights is not None:
+            open_clip.load_checkpoint(model, weights)
+        tokenizer = open_clip.get_tokenizer(name)
+    except (RuntimeError, OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot load {ref.text}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if precision in ("bf16", "fp16"):
+        open_clip.model.convert_weights_to_lp(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+        align_low_precision(model)
+    elif precision in ("pure_bf16", "pure_fp16"):
+        model.to(torch.bfloat16 if precision == "pure_bf16" else torch.float16)
+    model.to(device).eval()
+    if preprocess_cfg:
+        open_clip.set_model_preprocess_cfg(model, {**open_clip.get_model_preprocess_cfg(model), **preprocess_cfg})
+    pp = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
+    return OpenClipBundle(model, image_transform_v2(pp, is_train=False), image_transform_v2(pp, is_train=True),
+                          tokenizer, name, cfg)
 
 
 def export_openclip_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: str | Path,

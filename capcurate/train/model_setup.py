@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError, ModelLoadError
-from ..models.openclip_loader import init_coca_decoder
+from ..models.conv_stem import apply_conv_stem, wants_conv_stem
+from ..models.openclip_loader import init_coca_decoder, model_config, register_config_file
 from .config import TrainConfig
 from .gpu_batches import CropAug
 
@@ -37,11 +38,10 @@ def build_model(cfg: TrainConfig, device: torch.device) -> ModelSetup:
         path = Path(cfg.model_config)
         if not path.is_file():
             raise InputError(f"--model-config {path} does not exist")
-        open_clip.add_model_config(path)
-        name = path.stem
+        name = register_config_file(path)  # capcurate's own keys (a conv stem) stay out of open_clip's view
     else:
         name = cfg.model
-    base = open_clip.get_model_config(name)
+    base = model_config(name) if cfg.model_config else open_clip.get_model_config(name)
     if base is None:
         raise ModelLoadError(f"unknown open_clip architecture {name!r}; see open_clip.list_models() "
                              "or pass --model-config FILE.json")
@@ -57,6 +57,10 @@ def build_model(cfg: TrainConfig, device: torch.device) -> ModelSetup:
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot build {name}: {msg}") from None
+    if wants_conv_stem(base):
+        if cfg.pretrained:
+            raise InputError("--pretrained weights do not fit a conv-stem model (vision_cfg.conv_stem)")
+        apply_conv_stem(model)  # before the optimizer is built and any checkpoint loads
     if not cfg.pretrained:
         init_coca_decoder(model)  # open_clip leaves a random CoCa's decoder projection uninitialised
     if cfg.lock_image:
