@@ -211,7 +211,7 @@ def markdown(rows: list[dict[str, Any]], pool: dict[str, Any], comparison: list[
                      f"| {_fmt(r['zeroshot_top5'])} | {_fmt(r['i2t_r1'])} | {_fmt(r['t2i_r1'])} "
                      f"| {_fmt(r['captions_naming_object'])} |")
     if pool:  # the premise, every run: the captioner against the web, over the same pool images
-        ratio = f" ({pool['ratio']:.1f}x the raw alt-texts)" if "ratio" in pool else ""
+        ratio = f" ({pool['ratio']:.2f}x the raw alt-texts)" if "ratio" in pool else ""
         lines.append(f"| *pool: raw alt-texts* | | | | | | {_fmt(pool['raw']['colour_and_shape'])} |")
         lines.append(f"| *pool: CoCa captions* | | | | | | "
                      f"{_fmt(pool.get('synthetic', {}).get('colour_and_shape'))}{ratio} |")
@@ -235,7 +235,7 @@ def markdown(rows: list[dict[str, Any]], pool: dict[str, Any], comparison: list[
                              f"| {_fmt(r['exact'])} |")
         if "ratio" in pool:
             verdict = "holds" if pool["premise_holds"] else "does NOT hold"
-            lines += ["", f"The CoCa captions name colour and shape {pool['ratio']:.1f}x as often as the raw alt-texts: "
+            lines += ["", f"The CoCa captions name colour and shape {pool['ratio']:.2f}x as often as the raw alt-texts: "
                       f"the premise (>= {PREMISE_RATIO:g}x) {verdict}."]
     return "\n".join(lines) + "\n"
 
