@@ -170,6 +170,16 @@ class Card:
         _RUNNING[entry["id"]] = threading.get_ident()
         return mode, entry["id"]
 
+    @contextlib.contextmanager
+    def writing(self, entry_id: str) -> Iterator[None]:
+        """Around the one write of a claimed output: if it fails, nothing was written, so the entry is
+        dropped (``abandon_entry``) and the name is free again."""
+        try:
+            yield
+        except BaseException:
+            self.abandon_entry(entry_id)
+            raise
+
     def abandon_entry(self, entry_id: str) -> None:
         """Remove an entry whose run wrote nothing (it failed before its first output): the name is free."""
         _RUNNING.pop(entry_id, None)

@@ -113,20 +113,33 @@ def register_config(name: str, cfg: dict[str, Any]) -> str:
     from .conv_stem import split_config
 
     plain, _ = split_config(cfg)
-    folder = Path(tempfile.mkdtemp(prefix="capcurate-config-"))
-    (folder / f"{name}.json").write_text(json.dumps(plain))
-    open_clip.add_model_config(folder / f"{name}.json")
-    _FULL_CONFIGS[name] = json.loads(json.dumps(cfg))
+    # open_clip registers files only; it reads them as they are added, so the copy need not outlive this
+    with tempfile.TemporaryDirectory(prefix="capcurate-config-") as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(plain))
+        open_clip.add_model_config(path)
+    if plain != cfg:
+        _FULL_CONFIGS[name] = json.loads(json.dumps(cfg))
+    else:
+        _FULL_CONFIGS.pop(name, None)
     return name
 
 
 def register_config_file(path: Path) -> str:
     """Register a model config .json with open_clip; returns the name it is known by (the file's stem)."""
+    import open_clip
+
+    from .conv_stem import wants_conv_stem
+
     try:
         cfg = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot read model config {path}: {e}") from None
-    return register_config(Path(path).stem, cfg)
+    if wants_conv_stem(cfg):
+        return register_config(Path(path).stem, cfg)
+    open_clip.add_model_config(path)  # a plain open_clip config: registered as it is
+    _FULL_CONFIGS.pop(Path(path).stem, None)
+    return Path(path).stem
 
 
 def model_config(model_name: str) -> dict[str, Any]:

@@ -157,15 +157,11 @@ def filter(dataset: str | Path, name: str, *, min_score: float | None = None, sc
                   "cluster": cluster.to_dict() if cluster else None}
         _mode, entry = ds.card.claim(stage="filter", family="selections", name=name, params=params,
                                      overwrite=overwrite, exists=out.exists, exclusive=True)
-        try:
-            with atomic.atomic_path(out) as tmp:
-                con.execute(
-                    f"COPY (SELECT {', '.join(keep_cols)} FROM {POOL} WHERE {combined} "
-                    f"ORDER BY uid, caption_source) TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd)"
-                )
-        except BaseException:
-            ds.card.abandon_entry(entry)
-            raise
+        with ds.card.writing(entry), atomic.atomic_path(out) as tmp:
+            con.execute(
+                f"COPY (SELECT {', '.join(keep_cols)} FROM {POOL} WHERE {combined} "
+                f"ORDER BY uid, caption_source) TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd)"
+            )
     finally:
         con.close()
 

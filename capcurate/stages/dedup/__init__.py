@@ -112,11 +112,8 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
     # claimed under the card's lock just before writing (see filter): one writer per name at a time
     _mode, entry = ds.card.claim(stage="dedup", family="selections", name=name, params=params, overwrite=overwrite,
                                  exists=lambda: sel_out.exists() or groups_out.exists(), exclusive=True)
-    try:
+    with ds.card.writing(entry):
         _write_outputs(pool, removed, found, sel_out, groups_out)
-    except BaseException:
-        ds.card.abandon_entry(entry)
-        raise
 
     details["seconds_by_kind"] = {k: round(v, 2) for k, v in timings.items()}
     details["peak_memory_mb"] = round(peak_memory_mb(), 1)

@@ -90,13 +90,9 @@ def mix(
         out = ds.selection_path(name)
         mode, entry = ds.card.claim(stage="mix", family="selections", name=name, params=params,
                                     overwrite=overwrite, exists=out.exists, exclusive=True)
-        try:
-            with atomic.atomic_path(out) as tmp:
-                # DuckDB streams the result into Parquet: memory stays bounded however large the pool
-                con.execute(f"COPY ({query}) TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd)")
-        except BaseException:
-            ds.card.abandon_entry(entry)  # nothing was written: the name is free again
-            raise
+        with ds.card.writing(entry), atomic.atomic_path(out) as tmp:
+            # DuckDB streams the result into Parquet: memory stays bounded however large the pool
+            con.execute(f"COPY ({query}) TO {sql_string(tmp)} (FORMAT parquet, COMPRESSION zstd)")
         by_source = dict(con.execute(
             f"SELECT caption_source, count(*) FROM read_parquet({sql_string(out)}) GROUP BY 1 ORDER BY 1"
         ).fetchall())
