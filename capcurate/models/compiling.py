@@ -16,15 +16,23 @@ import torch
 _TOWERS = ("visual", "vision_model", "vision_tower", "vision_encoder")
 
 
+def _towers(model: torch.nn.Module | None) -> Iterator[tuple[torch.nn.Module, str, torch.nn.Module]]:
+    """(owner, attribute, module) of each image-tower slot that holds a module; transformers wrappers may
+    keep the tower one level down (model.model.vision_tower)."""
+    for owner in (model, getattr(model, "model", None)):
+        if owner is None:
+            continue
+        for name in _TOWERS:
+            tower = getattr(owner, name, None)
+            if isinstance(tower, torch.nn.Module):
+                yield owner, name, tower
+
+
 def compile_image_tower(model: torch.nn.Module) -> str | None:
     """Replace the model's image tower by ``torch.compile(tower)``; returns its attribute name or None."""
-    # transformers wrappers may keep the tower one level down (model.model.vision_tower)
-    for owner in (model, getattr(model, "model", None)):
-        for name in _TOWERS:
-            tower = getattr(owner, name, None) if owner is not None else None
-            if isinstance(tower, torch.nn.Module):
-                setattr(owner, name, torch.compile(tower, dynamic=False))
-                return name
+    for owner, name, tower in _towers(model):
+        setattr(owner, name, torch.compile(tower, dynamic=False))
+        return name
     return None
 
 
@@ -33,13 +41,11 @@ def eager(model: torch.nn.Module | None) -> Iterator[None]:
     """The compiled image tower swapped for its original module for a while: a batch-size search tries a
     dozen sizes, and each would compile again (past torch's recompile limit the real batch runs eager)."""
     swapped = []
-    for owner in (model, getattr(model, "model", None)):
-        for name in _TOWERS:
-            tower = getattr(owner, name, None) if owner is not None else None
-            original = getattr(tower, "_orig_mod", None)
-            if isinstance(original, torch.nn.Module):
-                setattr(owner, name, original)
-                swapped.append((owner, name, tower))
+    for owner, name, tower in list(_towers(model)):
+        original = getattr(tower, "_orig_mod", None)
+        if isinstance(original, torch.nn.Module):
+            setattr(owner, name, original)
+            swapped.append((owner, name, tower))
     try:
         yield
     finally:
