@@ -976,7 +976,7 @@ def stage_train(cfg: Cfg, tmp: Path, shard_dir: Path, pattern: str, bound: float
 
     # the train step alone on ready tensors: the same captions, tokenised as open_clip does (padded to the
     # context length); then the same step with capcurate's trimmed text tower (models/text_trim.py)
-    from capcurate.models.text_trim import enable_text_trim, pad_token_id, trim_tokens
+    from capcurate.models.text_trim import token_trimmer
 
     dev = cfg.device
     torch.manual_seed(0)
@@ -1014,8 +1014,8 @@ def stage_train(cfg: Cfg, tmp: Path, shard_dir: Path, pattern: str, bound: float
     res["step_alone"] = r
     log(f"train step alone ({arch}, batch {B}, {P}): {r['per_s']:.1f} samples/s")
     r_trim: dict[str, Any] = {}
-    if enable_text_trim(model):
-        short = trim_tokens(tokens, pad_token_id(tokenizer)).to(dev)
+    short = token_trimmer(model, tokenizer)(tokens).to(dev)  # as capcurate's trainer does
+    if short.shape[1] < tokens.shape[1]:
         r_trim = rate(lambda: step(images, short), B, dev, warmup=3, min_iters=5, target_s=4.0, max_iters=60)
         r_trim["tokens"] = int(short.shape[1])
         log(f"train step alone, text tower over {short.shape[1]} of {tokens.shape[1]} tokens: "

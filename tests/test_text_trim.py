@@ -9,7 +9,7 @@ import pytest
 import torch
 from scorer_fixtures import TINY_OPENCLIP_CFG
 
-from capcurate.models.text_trim import can_trim, enable_text_trim, pad_token_id, trim_tokens
+from capcurate.models.text_trim import can_trim, enable_text_trim, pad_token_id, token_trimmer, trim_tokens
 
 # a 32-token context, so the padding of these captions (at most 14 tokens) can be cut
 CFG = {**TINY_OPENCLIP_CFG, "text_cfg": {**TINY_OPENCLIP_CFG["text_cfg"], "context_length": 32}}
@@ -93,3 +93,12 @@ def test_towers_where_padding_matters_are_left_alone(tmp_path, change):
     model, _ = _model(tmp_path, f"trim-tiny-{change.replace('_', '-')}", cfg)
     assert not can_trim(model) and not enable_text_trim(model)
     assert "encode_text" not in vars(model)
+    tokens = torch.zeros(2, 32, dtype=torch.long)
+    assert token_trimmer(model, None)(tokens) is tokens  # what train and score apply: nothing here
+
+
+def test_token_trimmer_is_what_train_and_score_apply(tmp_path):
+    model, tok = _model(tmp_path, "trim-tiny-clip-trimmer", CFG)
+    tokens = tok(CAPTIONS)
+    assert torch.equal(token_trimmer(model, tok)(tokens), trim_tokens(tokens, pad_token_id(tok)))
+    assert "encode_text" in vars(model)  # the model now takes the shorter batches

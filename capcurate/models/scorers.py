@@ -19,7 +19,7 @@ from ..inputs.spec import from_hf, from_openclip
 from .compiling import compile_image_tower
 from .openclip_loader import input_dtype, open_clip_preprocess_cfg
 from .ref import ModelRef, parse_model_ref
-from .text_trim import enable_text_trim, pad_token_id, trim_tokens
+from .text_trim import token_trimmer
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -75,7 +75,7 @@ def _openclip_scorer(ref: ModelRef, device: str, precision: str, compile: bool =
         raise ModelLoadError(f"{ref.text} is not a CLIP-style open_clip model (no encode_image/encode_text)")
     dtype = input_dtype(getattr(model, "visual", model))  # low precision leaves some parameters fp32
     # the text tower runs over the longest caption of a chunk, not the whole context (models/text_trim.py)
-    pad_id = pad_token_id(tokenizer) if enable_text_trim(model) else None
+    trim = token_trimmer(model, tokenizer)
 
     @torch.inference_mode()
     def encode_images(pixels: torch.Tensor, to_cpu: bool = True) -> torch.Tensor:
@@ -83,10 +83,7 @@ def _openclip_scorer(ref: ModelRef, device: str, precision: str, compile: bool =
 
     @torch.inference_mode()
     def encode_texts(texts: Sequence[str]) -> torch.Tensor:
-        tokens = tokenizer(list(texts))
-        if pad_id is not None:
-            tokens = trim_tokens(tokens, pad_id)
-        return _normalise(model.encode_text(tokens.to(device)))
+        return _normalise(model.encode_text(trim(tokenizer(list(texts))).to(device)))
 
     embed_dim = int(bundle.model_cfg.get("embed_dim", 0))
     size = getattr(getattr(model, "visual", None), "image_size", None)

@@ -13,6 +13,7 @@ pooling or another text tower class are left as they are.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,3 +77,12 @@ def trim_tokens(tokens: torch.Tensor, pad_id: int = 0, multiple: int = 8) -> tor
     n = max(n, int(tokens.argmax(dim=1).max()) + 1)
     n = min(tokens.shape[1], -(-n // multiple) * multiple)
     return tokens if n == tokens.shape[1] else tokens[:, :n].contiguous()
+
+
+def token_trimmer(model: torch.nn.Module, tokenizer: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What to apply to a batch of ``tokenizer``'s tokens before ``model`` encodes them: ``trim_tokens``
+    when the model's text tower can take the shorter batch (``enable_text_trim``), else nothing."""
+    if not enable_text_trim(model):
+        return lambda tokens: tokens
+    pad_id = pad_token_id(tokenizer)
+    return lambda tokens: trim_tokens(tokens, pad_id)

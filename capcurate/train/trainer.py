@@ -23,7 +23,7 @@ import torch
 
 from ..errors import InputError, OutputExistsError, StageFailed
 from ..inputs.prefetch import prefetched
-from ..models.text_trim import enable_text_trim, pad_token_id, trim_tokens
+from ..models.text_trim import token_trimmer
 from ..summary import Summary
 from . import checkpoint as ckpt_mod
 from .caption_choice import caption_choice
@@ -175,7 +175,7 @@ class _Trainer:
 
         core = model
         # a CLIP text tower runs over each batch's longest caption, not all 77 positions (exact: causal mask)
-        self.text_pad = pad_token_id(setup.tokenizer) if enable_text_trim(core) else None
+        self.trim_texts = token_trimmer(core, setup.tokenizer)
         if dist.distributed:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
@@ -294,9 +294,7 @@ class _Trainer:
                 images, failed = assemble_batch(images, aug, dev)
             else:
                 images = images.to(dev, non_blocking=True)
-            if self.text_pad is not None:
-                texts = trim_tokens(texts, self.text_pad)
-            return images, texts.to(dev, non_blocking=True), meta, failed
+            return images, self.trim_texts(texts).to(dev, non_blocking=True), meta, failed
 
         return prefetched(loader, prepare, dev, background=self.cfg.workers > 0)
 

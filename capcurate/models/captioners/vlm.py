@@ -129,12 +129,15 @@ class VLMCaptioner(Captioner):
                 for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     # -- generation --------------------------------------------------------------------------------
+    def generate_kwargs(self, config: DecodingConfig, seeds: list[int] | None = None) -> dict[str, Any]:
+        return generate_kwargs(config, seeds, static_cache=self.static_cache)
+
     @torch.no_grad()
     def generate_ids(self, images: list[torch.Tensor], config: DecodingConfig,
                      seeds: list[int] | None = None) -> torch.Tensor:
         """The generated answer tokens only, ``[n * num_captions, new]``."""
         inputs = self.build_inputs(images, config)
-        out = self.model.generate(**inputs, **generate_kwargs(config, seeds, static_cache=self.static_cache))
+        out = self.model.generate(**inputs, **self.generate_kwargs(config, seeds))
         if self.encoder_decoder:
             return out
         return out[:, inputs["input_ids"].shape[1]:]
@@ -156,8 +159,7 @@ class VLMCaptioner(Captioner):
             "chat_template": "model's own" if self.chat_template else None,
             "pixel_budget": dict(zip(("min_pixels", "max_pixels"), self._budget, strict=True))
             if any(self._budget) else None,
-            "generate_kwargs": recordable(generate_kwargs(config, [0] if config.sampling else None,
-                                                          static_cache=self.static_cache)),
+            "generate_kwargs": recordable(self.generate_kwargs(config, [0] if config.sampling else None)),
         }
 
     def describe(self) -> dict[str, Any]:
