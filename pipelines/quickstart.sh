@@ -29,12 +29,12 @@ set -euo pipefail
 
 SCALE=${QUICKSTART_SCALE:-demo}
 case "$SCALE" in
-  demo) pool=3000 seed_split=8000 n_eval=4800 img=64 cap_samples=28000 scorer_samples=6000 train_samples=5000
-        bs=32 cap_bs=32 cap_lr=1e-3 clip=tiny_clip coca=tiny_coca workers=1 ;;
+  demo) pool=3000 seed_split=8000 n_eval=4800 img=64 cap_samples=32000 scorer_samples=6000 train_samples=5000
+        bs=32 cap_bs=32 cap_lr=5e-4 clip=tiny_clip coca=tiny_coca workers=auto ;;
   tiny) pool=96 seed_split=64 n_eval=96 img=32 cap_samples=64 scorer_samples=64 train_samples=64
-        bs=32 cap_bs=32 cap_lr=1e-3 clip=tiny_clip coca=tiny_coca workers=1 ;;
+        bs=32 cap_bs=32 cap_lr=5e-4 clip=tiny_clip coca=tiny_coca workers=auto ;;
   gpu)  pool=20000 seed_split=20000 n_eval=9600 img=64 cap_samples=400000 scorer_samples=100000 train_samples=100000
-        bs=256 cap_bs=256 cap_lr=2e-3 clip=small_clip coca=small_coca workers=auto ;;
+        bs=256 cap_bs=256 cap_lr=1e-3 clip=small_clip coca=small_coca workers=auto ;;
   *) echo "error: QUICKSTART_SCALE must be demo, tiny or gpu, got '$SCALE'" >&2; exit 2 ;;
 esac
 OUT=${QUICKSTART_OUT:-demo_out}
@@ -123,7 +123,7 @@ stop_server  # the images are in the dataset now
 
 step "3/9 captioner: train a CoCa on the clean seed split ($CAP_SAMPLES samples)"
 run capcurate train "$WORLD/seed" -o "$RUNS/captioner" --model-config "$WORLD/models/$COCA_MODEL.json" --loss coca \
-  --train-num-samples "$CAP_SAMPLES" --batch-size "$CAP_BS" --lr "$CAP_LR" --warmup 30 "${TRAIN_OPTS[@]}"
+  --train-num-samples "$CAP_SAMPLES" --batch-size "$CAP_BS" --lr "$CAP_LR" --warmup 100 "${TRAIN_OPTS[@]}"
 
 step "4/9 recaption: a synthetic caption for every pool image"
 run capcurate recaption "$DS" --model "$RUNS/captioner" --name coca --decoding greedy --max-new-tokens 24

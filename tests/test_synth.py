@@ -130,6 +130,18 @@ def test_tiny_configs_load_in_open_clip_offline_and_coca_loss_runs(world: Path) 
     losses = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)(**out, output_dict=True)
     assert torch.isfinite(sum(losses.values()))
     assert out["logits"].shape[-1] == coca.model_cfg["multimodal_cfg"]["vocab_size"]
+    # the CoCa's context is the longest true caption's, rounded up to 8: every seed caption fits, [EOS] kept
+    from capcurate.world.tokenizer import true_caption_max_tokens
+
+    assert coca.model_cfg["text_cfg"]["context_length"] == 16 >= true_caption_max_tokens()
+    from capcurate.world.captions import true_caption
+
+    rng = random.Random(0)
+    ids = coca.tokenizer([true_caption(sample_scene(rng), rng) for _ in range(3000)])
+    lengths = (ids > 0).sum(dim=1)
+    assert int(lengths.max()) == true_caption_max_tokens()  # the bound is reached, and never passed
+    eos = coca.model_cfg["text_cfg"]["vocab_size"] - 1
+    assert all(row[int((row > 0).sum()) - 1] == eos for row in ids)
     # the GPU scale's bigger models load and run the same way
     for name, dim in (("small_clip", 256), ("small_coca", 256)):
         m = load_openclip(parse_model_ref(f"openclip:{world}/models/{name}.json"))

@@ -244,12 +244,18 @@ def test_auto_defaults_resolve_per_process_and_are_recorded(tiny, monkeypatch):
     monkeypatch.setattr(devices, "available_cpus", lambda: 16)
     cfg = TrainConfig(data="d", output="o", model="ViT-B-32").resolved()
     assert (cfg.device, cfg.precision, cfg.workers, cfg.decode) == ("cpu", "fp32", 15, "cpu")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: the cores are shared by 4 ranks
-    assert TrainConfig(data="d", output="o", workers="auto").resolved().workers == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: the cores are shared by 2 ranks
+    assert TrainConfig(data="d", output="o", workers="auto").resolved().workers == 7
     assert TrainConfig(data="d", output="o", workers="2").resolved().workers == 2
+    monkeypatch.setattr(devices, "available_cpus", lambda: 2)  # a laptop: decode inside the CPU step
+    assert TrainConfig(data="d", output="o", workers="auto").resolved().workers == 0
     with pytest.raises(InputError, match="--decode gpu needs --device cuda"):
         TrainConfig(data="d", output="o", decode="gpu").resolved()
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(devices, "resolve_device", lambda d: "cuda")  # a GPU: the cores are free to decode
+    monkeypatch.setattr(devices, "available_cpus", lambda: 4)
+    assert TrainConfig(data="d", output="o", precision="fp32", workers="auto").resolved().workers == 3
+    monkeypatch.undo()
     run = tiny["root"] / "run"
     train(str(tiny["shards"]), str(run), model_config=str(tiny["clip"]), batch_size=16, workers=0, max_steps=1)
     rec = json.loads((run / "run.json").read_text())

@@ -52,8 +52,9 @@ def train(
     accum: int = typer.Option(1, "--accum", help="Gradient accumulation: micro-batches per optimizer step."),
     compile: bool = typer.Option(False, "--compile", help="Wrap the model in torch.compile."),
     workers: str = typer.Option("auto", "--workers", help="DataLoader worker processes per rank that read, "
-                                "decode and augment images; auto = usable cores / processes per machine - 1; "
-                                "0 decodes in the training process."),
+                                "decode and augment images; auto = usable cores / processes per machine - 1, or 0 when "
+                                "the model trains on 4 CPU cores or fewer (the step already uses them all); 0 "
+                                "decodes in the training process."),
     decode: str = typer.Option("auto", "--decode", help="Where training images are decoded: gpu (workers read "
                                "headers and draw the crop; JPEGs are decoded in batches with nvJPEG, cropped and "
                                "resized on the GPU), cpu (workers decode, crop and resize uint8 tensors), or auto "

@@ -86,11 +86,13 @@ def synth(
     from ..world.configs import write_model_configs
     from ..world.evalset import write_eval_set, write_retrieval_view, write_training_shards
     from ..world.scene import class_names
-    from ..world.tokenizer import ZEROSHOT_TEMPLATES, write_tokenizer
+    from ..world.tokenizer import ZEROSHOT_TEMPLATES, true_caption_max_tokens, write_tokenizer
 
     vocab_size = write_tokenizer(root / "tokenizer", context_length)
+    # the CoCas' context: the longest true caption, rounded up to a multiple of 8
+    caption_context = min(context_length, -(-true_caption_max_tokens() // 8) * 8)
     write_model_configs(root / "models", vocab_size, root / "tokenizer", image_size=image_size,
-                        context_length=context_length)
+                        context_length=context_length, caption_context_length=caption_context)
 
     base = base_url.rstrip("/")
     kinds: Counter[str] = Counter()

@@ -75,3 +75,19 @@ def write_tokenizer(out_dir: str | Path, context_length: int = 32) -> int:
     tok = build_tokenizer(context_length)
     tok.save_pretrained(str(out_dir))
     return len(tok)
+
+
+def true_caption_max_tokens() -> int:
+    """The most tokens (with [SOS] and [EOS]) any true caption can have: every template filled with the
+    longest value of each field (a word-level tokenizer's counts add up word by word)."""
+    tok = build_tokenizer()
+
+    def n(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    values = {"n": ["a", *COUNT_WORDS.values()], "size": SIZES, "colour": COLOURS,
+              "obj": [*SHAPES, *PLURALS.values(), *(s + "s" for s in SHAPES)], "where": POSITION_PHRASES.values(),
+              "bg": BACKGROUNDS, "tone": BACKGROUND_TONES, "be": ["is", "are"]}
+    longest = {field: max(vals, key=n) for field, vals in values.items()}
+    return 2 + max(n(t.format(**longest)) for t in TEMPLATES)
+
