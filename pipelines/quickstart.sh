@@ -15,6 +15,9 @@
 #   QUICKSTART_SCALE=demo|tiny|gpu  demo: under 10 minutes on 2 CPU cores; tiny: a smoke test of every
 #                                step; gpu: a bigger world and bigger models for one GPU (same commands,
 #                                capcurate's GPU defaults --device auto --precision auto)
+#   QUICKSTART_FETCH=download    download: serve the pool on 127.0.0.1 and fetch it with img2dataset (the
+#                                real path); ingest: synth also writes the pool as webdataset shards and
+#                                `capcurate ingest` adopts them (for machines where img2dataset is missing)
 #   QUICKSTART_SEED=0            seed of the world, of every training run and of the shard shuffle
 #   QUICKSTART_SEEDS=1           N > 1: the whole pipeline once per seed SEED..SEED+N-1 into OUT/seed_<k>/,
 #                                then one table of mean ± std over the runs (N times the time)
@@ -55,10 +58,12 @@ COCA_MODEL=${QUICKSTART_CAPTIONER_MODEL:-$coca}
 WORKERS=${QUICKSTART_WORKERS:-$workers}
 TOP=${QUICKSTART_TOP_FRACTION:-0.3}
 NOISE=${QUICKSTART_NOISE_PROFILE:-web}
+FETCH=${QUICKSTART_FETCH:-download}
 PY=${PYTHON:-python}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 command -v capcurate >/dev/null || { echo "error: capcurate is not on PATH (run 'make demo', or put .venv/bin on PATH)" >&2; exit 2; }
+case "$FETCH" in download|ingest) ;; *) echo "error: QUICKSTART_FETCH must be download or ingest, got '$FETCH'" >&2; exit 2 ;; esac
 [[ "$SEEDS" =~ ^[1-9][0-9]*$ ]] || { echo "error: QUICKSTART_SEEDS must be a positive whole number, got '$SEEDS'" >&2; exit 2; }
 MARKER="$OUT/.capcurate-quickstart"
 if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
@@ -98,15 +103,22 @@ CLIP_OPTS=(--batch-size "$BS" --lr 1e-3 --warmup 10 "${TRAIN_OPTS[@]}")
 
 step "1/9 synth: render CapWorld ($POOL pool, $SEED_SPLIT seed, $N_EVAL eval images at ${IMG}px, noise profile $NOISE)"
 PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+POOL_SHARDS=()
+[ "$FETCH" = ingest ] && POOL_SHARDS=(--pool-shards)
 run capcurate synth -o "$WORLD" --n-images "$POOL" --seed-size "$SEED_SPLIT" --eval-size "$N_EVAL" \
-  --image-size "$IMG" --noise-profile "$NOISE" --seed "$SEED" --base-url "http://127.0.0.1:$PORT" --contact-sheet
+  --image-size "$IMG" --noise-profile "$NOISE" --seed "$SEED" --base-url "http://127.0.0.1:$PORT" --contact-sheet \
+  "${POOL_SHARDS[@]}"
 
-step "2/9 download: serve the world's images on http://127.0.0.1:$PORT and download them"
-"$PY" -m http.server "$PORT" --bind 127.0.0.1 --directory "$WORLD" >"$OUT/http.log" 2>&1 &
-SERVER_PID=$!
-stop_server() { kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }
-trap stop_server EXIT
-"$PY" - "$PORT" <<'PYEOF'
+if [ "$FETCH" = ingest ]; then
+  step "2/9 ingest: adopt the pool's webdataset shards (QUICKSTART_FETCH=ingest: no HTTP, no img2dataset)"
+  run capcurate ingest "$WORLD/pool" -o "$DS"
+else
+  step "2/9 download: serve the world's images on http://127.0.0.1:$PORT and download them"
+  "$PY" -m http.server "$PORT" --bind 127.0.0.1 --directory "$WORLD" >"$OUT/http.log" 2>&1 &
+  SERVER_PID=$!
+  stop_server() { kill "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; }
+  trap stop_server EXIT
+  "$PY" - "$PORT" <<'PYEOF'
 import sys, time, urllib.request
 for _ in range(100):
     try:
@@ -117,9 +129,10 @@ for _ in range(100):
 else:
     sys.exit("error: the local HTTP server did not start")
 PYEOF
-run capcurate download "$WORLD/urls.parquet" -o "$DS" --image-size "$IMG" --resize-mode border \
-  --processes 2 --threads 16 --samples-per-shard 1000 --timeout 5
-stop_server  # the images are in the dataset now
+  run capcurate download "$WORLD/urls.parquet" -o "$DS" --image-size "$IMG" --resize-mode border \
+    --processes 2 --threads 16 --samples-per-shard 1000 --timeout 5
+  stop_server  # the images are in the dataset now
+fi
 
 step "3/9 captioner: train a CoCa on the clean seed split ($CAP_SAMPLES samples)"
 run capcurate train "$WORLD/seed" -o "$RUNS/captioner" --model-config "$WORLD/models/$COCA_MODEL.json" --loss coca \

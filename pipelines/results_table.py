@@ -78,8 +78,14 @@ def caption_accuracy(run: Path) -> tuple[dict[str, float], dict[str, dict[str, f
     if not samples.is_dir():
         return {}, {}
     con = duckdb.connect()
-    con.execute(f"CREATE VIEW s AS SELECT * FROM read_parquet('{samples}/*.parquet', union_by_name=true)")
-    if "true_colour" not in [r[0] for r in con.execute("DESCRIBE s").fetchall()]:
+    con.execute(f"CREATE VIEW m AS SELECT * FROM read_parquet('{samples}/*.parquet', union_by_name=true)")
+    truth = run / "world" / "urls.parquet"
+    if "true_colour" in [r[0] for r in con.execute("DESCRIBE m").fetchall()]:
+        con.execute("CREATE VIEW s AS SELECT * FROM m")  # download kept the world's truth columns
+    elif truth.is_file():  # an ingested pool has the world's uids; its truth stays in urls.parquet
+        con.execute(f"CREATE VIEW s AS SELECT m.*, t.* EXCLUDE (uid, url, caption) FROM m "
+                    f"LEFT JOIN read_parquet('{truth}') t USING (uid)")
+    else:
         return {}, {}  # not a CapWorld dataset: no truth to compare with
     per_strategy = {}
     for s in STRATEGIES:
@@ -284,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(
         {"runs": len(runs), "rows": rows, "per_run": runs, "key_comparison": comparison,
          "pool_caption_accuracy": pool}, indent=2) + "\n")
-    plot(rows, args.out / "results.png")
+    try:
+        plot(rows, args.out / "results.png")
+    except ImportError:  # a machine with capcurate's pipeline but not matplotlib (a bare GPU box)
+        print("note: matplotlib is not installed: results.md and results.json only", file=sys.stderr)
     print(text)
     return 0
 

@@ -85,6 +85,30 @@ def test_quickstart_stops_its_http_server_when_a_step_fails(tmp_path: Path) -> N
     assert _port_closed(res.stderr)
 
 
+@pytest.mark.slow
+def test_quickstart_ingest_mode_runs_without_http_or_img2dataset(tmp_path: Path) -> None:
+    # QUICKSTART_FETCH=ingest is for machines without img2dataset: a download there would fail
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    real = Path(sys.executable).parent / "capcurate"
+    (shim / "capcurate").write_text(
+        f'#!/bin/bash\nif [ "$1" = download ]; then echo "no img2dataset here" >&2; exit 1; fi\nexec {real} "$@"\n')
+    (shim / "capcurate").chmod(0o755)
+    env = _env(tmp_path, QUICKSTART_SCALE="tiny", QUICKSTART_FETCH="ingest", QUICKSTART_STRATEGIES="raw")
+    env["PATH"] = f"{shim}:{env['PATH']}"
+    res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "demo"
+    assert "+ capcurate ingest" in res.stderr and "http.server" not in res.stderr
+    steps = [line.split("\t")[0] for line in (out / "timings.tsv").read_text().splitlines()[1:]]
+    assert steps[:2] == ["1/9 synth", "2/9 ingest"]
+    results = json.loads((out / "results.json").read_text())
+    # the ingested dataset has the world's uids, so the truth is joined from world/urls.parquet
+    pool = results["pool_caption_accuracy"]
+    assert 0.1 < pool["raw"]["colour_and_shape"] < 0.6 and 0 <= pool["synthetic"]["colour_and_shape"] <= 1
+    assert [r["name"] for r in results["rows"] if r["zeroshot_top1"] is not None] == ["raw"]
+
+
 def test_quickstart_refuses_an_output_folder_it_did_not_make(tmp_path: Path) -> None:
     (tmp_path / "demo").mkdir()
     (tmp_path / "demo" / "thesis.tex").write_text("precious")
@@ -97,6 +121,9 @@ def test_quickstart_refuses_an_output_folder_it_did_not_make(tmp_path: Path) -> 
     res = subprocess.run(["bash", str(QUICKSTART)], env=_env(tmp_path, QUICKSTART_OUT=str(tmp_path / "x"),
                                                              QUICKSTART_SEEDS="three"), capture_output=True, text=True)
     assert res.returncode == 2 and "QUICKSTART_SEEDS" in res.stderr
+    res = subprocess.run(["bash", str(QUICKSTART)], env=_env(tmp_path, QUICKSTART_OUT=str(tmp_path / "x"),
+                                                             QUICKSTART_FETCH="ftp"), capture_output=True, text=True)
+    assert res.returncode == 2 and "QUICKSTART_FETCH" in res.stderr
 
 
 def test_pipeline_scripts_parse_and_the_datacomp_recipe_dry_runs() -> None:

@@ -310,3 +310,21 @@ def test_rate_options_reach_the_world_through_the_cli(tmp_path) -> None:
     assert {r["noise_kind"] for r in plain + decorated} == {"correct"}  # clean profile: decoration only
     rates = json.loads((tmp_path / "d" / "synth.json").read_text())["parameters"]["noise_rates"]
     assert rates["decorate"] == 1.0 and rates["correct"] == 1.0
+
+
+def test_pool_shards_ingest_to_the_worlds_uids_and_alt_texts(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from capcurate.stages.ingest import ingest
+
+    world = tmp_path / "world"
+    s = synth(world, seed=5, workers=1, pool_shards=True, **{**SMALL, "seed_size": 4, "eval_size": 4})
+    assert s.details["pool_shards"] == str(world / "pool")
+    summary = ingest(str(world / "pool"), output=str(tmp_path / "ds"))
+    assert summary.counts["ok"] == SMALL["n_images"]
+    urls = pq.read_table(world / "urls.parquet").to_pylist()
+    samples = [r for f in sorted((tmp_path / "ds" / "samples").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    assert [(r["uid"], r["url"], r["caption"]) for r in samples] == [(r["uid"], r["url"], r["caption"]) for r in urls]
+    # the pool shards carry what a crawl gives, never the truth
+    assert not any(k.startswith("true_") for k in samples[0])
+

@@ -43,12 +43,15 @@ def synth(
     contact_sheet: bool = typer.Option(False, "--contact-sheet", help=(
         "Also write OUT/contact_sheet.png: the first 48 seed images at the pixels the models see (scaled up "
         "by whole pixels), each with its true caption, so a person can check every named attribute is visible.")),
+    pool_shards: bool = typer.Option(False, "--pool-shards", help=(
+        "Also write OUT/pool/: the pool as webdataset shards (image, alt-text, json with uid and url), to adopt "
+        "with 'capcurate ingest OUT/pool -o DATASET' where serving and downloading is not possible.")),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a world already in OUT."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Render CapWorld: a compositional world of shapes with true captions and noisy web alt-texts.
 
-    Writes OUT/images/ and OUT/urls.parquet (the pool to serve over HTTP and download), OUT/seed/ (a clean split with true captions, as training shards), OUT/eval/ (clip_benchmark's webdataset layout: zero-shot classes '<colour> <shape>' with templates, retrieval captions), OUT/eval_retrieval/ (the same tars as a retrieval dataset), OUT/tokenizer/ (the world's word-level tokenizer) and OUT/models/{tiny,small}_{clip,coca}.json (open_clip configs: use them as openclip:OUT/models/tiny_clip.json; tiny for a CPU, small for a GPU). --contact-sheet adds OUT/contact_sheet.png.
+    Writes OUT/images/ and OUT/urls.parquet (the pool to serve over HTTP and download), OUT/seed/ (a clean split with true captions, as training shards), OUT/eval/ (clip_benchmark's webdataset layout: zero-shot classes '<colour> <shape>' with templates, retrieval captions), OUT/eval_retrieval/ (the same tars as a retrieval dataset), OUT/tokenizer/ (the world's word-level tokenizer) and OUT/models/{tiny,small}_{clip,coca}.json (open_clip configs: use them as openclip:OUT/models/tiny_clip.json; tiny for a CPU, small for a GPU). --contact-sheet adds OUT/contact_sheet.png, --pool-shards OUT/pool/.
 
     Example: capcurate synth -o world --n-images 20000 --noise-profile web --seed 0
     """
@@ -59,4 +62,5 @@ def synth(
     run_command(lambda: run(out, n_images=n_images, image_size=image_size, noise_profile=noise_profile,
                             rates=rates, seed=seed, base_url=base_url, seed_size=seed_size, eval_size=eval_size,
                             shard_size=shard_size, workers=workers, duplicate_rate=duplicate_rate,
-                            contact_sheet=contact_sheet, overwrite=overwrite), json_out=json)
+                            contact_sheet=contact_sheet, pool_shards=pool_shards, overwrite=overwrite),
+                json_out=json)

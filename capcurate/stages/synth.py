@@ -3,6 +3,8 @@
 Writes under ``OUT``:
 
     images/NNN/NNNNNN.jpg      the pool's images, to be served over HTTP (the "web")
+    pool/                      with --pool-shards: the same pool as webdataset shards (jpg, alt-text, json with
+                               uid and url), for ``capcurate ingest`` where img2dataset cannot run
     urls.parquet               url, caption (noisy alt-text), uid + truth columns (true_*, noise_kind;
                                duplicate_of, duplicate_kind with --duplicate-rate)
     seed/                      the clean "human-annotated" split with true captions, as training shards
@@ -36,7 +38,7 @@ from ..world.noise import KINDS, resolve_rates
 
 SYNTH_CARD = "synth.json"
 CONTACT_SHEET = "contact_sheet.png"
-OUTPUTS = ("images", "urls.parquet", "seed", "eval", "eval_retrieval", "tokenizer", "models", SYNTH_CARD,
+OUTPUTS = ("images", "pool", "urls.parquet", "seed", "eval", "eval_retrieval", "tokenizer", "models", SYNTH_CARD,
            CONTACT_SHEET)
 CONTACT_SHEET_IMAGES = 48
 CHUNK = 100  # items per worker task: big enough to hide process overhead, small enough to balance
@@ -67,6 +69,7 @@ def synth(
     workers: int | None = None,
     duplicate_rate: float = 0.0,
     contact_sheet: bool = False,
+    pool_shards: bool = False,
     overwrite: bool = False,
 ) -> Summary:
     """Render a CapWorld pool, seed split and eval set into ``out``; see the module docstring."""
@@ -101,23 +104,34 @@ def synth(
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(workers) if workers > 1 else _InProcess() as pool, \
             progress_bar(total, "synth", "images") as advance:
-        for item in _generate(pool, ItemSpec("pool", seed, image_size, noise, duplicate_rate=duplicate_rate),
-                              n_images, advance):
-            i, scene = item["index"], item["scene"]
-            img_path = root / image_relpath(i)
-            if i % 1000 == 0:
-                img_path.parent.mkdir(parents=True, exist_ok=True)
-            # plain writes: no fsync per image; synth.json, written last, marks a finished world
-            img_path.write_bytes(item["image"])
-            kinds[item["noise_kind"]] += 1
-            rows.append({"url": f"{base}/{image_relpath(i)}", "caption": item["alt_text"], "uid": world_uid(seed, i),
-                         "true_caption": item["true_caption"], "noise_kind": item["noise_kind"],
-                         **{f"true_{k}": v for k, v in scene.to_dict().items()}})
-            if duplicate_rate > 0:  # ground truth of the planted duplicates
-                dup = item.get("duplicate_of")
-                rows[-1]["duplicate_of"] = None if dup is None else world_uid(seed, dup)
-                rows[-1]["duplicate_kind"] = item.get("duplicate_kind")
-                dup_kinds[item.get("duplicate_kind") or "original"] += 1
+        def pool_items() -> Iterator[dict[str, Any]]:
+            """Write each pool image and its urls.parquet row; yield it as a webdataset sample."""
+            for item in _generate(pool, ItemSpec("pool", seed, image_size, noise, duplicate_rate=duplicate_rate),
+                                  n_images, advance):
+                i, scene = item["index"], item["scene"]
+                img_path = root / image_relpath(i)
+                if i % 1000 == 0:
+                    img_path.parent.mkdir(parents=True, exist_ok=True)
+                # plain writes: no fsync per image; synth.json, written last, marks a finished world
+                img_path.write_bytes(item["image"])
+                kinds[item["noise_kind"]] += 1
+                row = {"url": f"{base}/{image_relpath(i)}", "caption": item["alt_text"], "uid": world_uid(seed, i)}
+                rows.append({**row, "true_caption": item["true_caption"], "noise_kind": item["noise_kind"],
+                             **{f"true_{k}": v for k, v in scene.to_dict().items()}})
+                if duplicate_rate > 0:  # ground truth of the planted duplicates
+                    dup = item.get("duplicate_of")
+                    rows[-1]["duplicate_of"] = None if dup is None else world_uid(seed, dup)
+                    rows[-1]["duplicate_kind"] = item.get("duplicate_kind")
+                    dup_kinds[item.get("duplicate_kind") or "original"] += 1
+                # only what a web crawl gives (uid, url, alt-text): the truth stays in urls.parquet
+                yield {"key": f"pool{i:06d}", "image": item["image"], "caption": item["alt_text"], "meta": row}
+
+        if pool_shards:
+            write_training_shards(root / "pool", pool_items(), shard_size=shard_size,
+                                  source="capcurate synth: the pool as webdataset shards, for capcurate ingest")
+        else:
+            for _ in pool_items():
+                pass
         _write_urls(root / "urls.parquet", rows, duplicates=duplicate_rate > 0)
         write_training_shards(root / "seed", (
             {"key": f"seed{it['index']:06d}", "image": it["image"], "caption": it["true_caption"],
@@ -155,7 +169,8 @@ def synth(
         details={"out": str(root), "noise rates": noise.to_dict(), "urls": str(root / "urls.parquet"),
                  "tiny_clip": str(root / "models" / "tiny_clip.json"),
                  "tiny_coca": str(root / "models" / "tiny_coca.json"), "workers": workers,
-                 **({"contact_sheet": str(root / CONTACT_SHEET)} if contact_sheet else {})},
+                 **({"contact_sheet": str(root / CONTACT_SHEET)} if contact_sheet else {}),
+                 **({"pool_shards": str(root / "pool")} if pool_shards else {})},
         seconds=time.time() - t0,
         message=f"CapWorld: {n_images:,} pool + {seed_size:,} seed + {eval_size:,} eval images in {root}",
     )
