@@ -70,16 +70,19 @@ def test_tiny_quickstart_runs_every_step_and_writes_the_results_table(tmp_path: 
     assert _port_closed(res.stderr)
 
 
-def test_quickstart_stops_its_http_server_when_a_step_fails(tmp_path: Path) -> None:
-    # a capcurate that works for synth but fails at download, in front of the real one on PATH
+def _failing_download(tmp_path: Path, env: dict[str, str], message: str) -> dict[str, str]:
+    """``env`` with a capcurate in front of the real one on PATH that fails at ``download`` only."""
     shim = tmp_path / "bin"
     shim.mkdir()
     real = Path(sys.executable).parent / "capcurate"
     (shim / "capcurate").write_text(
-        f'#!/bin/bash\nif [ "$1" = download ]; then echo "download failed" >&2; exit 1; fi\nexec {real} "$@"\n')
+        f'#!/bin/bash\nif [ "$1" = download ]; then echo "{message}" >&2; exit 1; fi\nexec {real} "$@"\n')
     (shim / "capcurate").chmod(0o755)
-    env = _env(tmp_path, QUICKSTART_SCALE="tiny")
-    env["PATH"] = f"{shim}:{env['PATH']}"
+    return {**env, "PATH": f"{shim}:{env['PATH']}"}
+
+
+def test_quickstart_stops_its_http_server_when_a_step_fails(tmp_path: Path) -> None:
+    env = _failing_download(tmp_path, _env(tmp_path, QUICKSTART_SCALE="tiny"), "download failed")
     res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and "download failed" in res.stderr
     assert _port_closed(res.stderr)
@@ -88,14 +91,8 @@ def test_quickstart_stops_its_http_server_when_a_step_fails(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_quickstart_ingest_mode_runs_without_http_or_img2dataset(tmp_path: Path) -> None:
     # QUICKSTART_FETCH=ingest is for machines without img2dataset: a download there would fail
-    shim = tmp_path / "bin"
-    shim.mkdir()
-    real = Path(sys.executable).parent / "capcurate"
-    (shim / "capcurate").write_text(
-        f'#!/bin/bash\nif [ "$1" = download ]; then echo "no img2dataset here" >&2; exit 1; fi\nexec {real} "$@"\n')
-    (shim / "capcurate").chmod(0o755)
-    env = _env(tmp_path, QUICKSTART_SCALE="tiny", QUICKSTART_FETCH="ingest", QUICKSTART_STRATEGIES="raw")
-    env["PATH"] = f"{shim}:{env['PATH']}"
+    env = _failing_download(tmp_path, _env(tmp_path, QUICKSTART_SCALE="tiny", QUICKSTART_FETCH="ingest",
+                                           QUICKSTART_STRATEGIES="raw"), "no img2dataset here")
     res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "demo"
@@ -191,3 +188,23 @@ def test_results_table_gives_one_run_the_eval_sets_standard_error(tmp_path: Path
     best = {c["mix"]: c for c in out["key_comparison"]}["best_of"]
     assert best["diff"] == pytest.approx(0.1) and best["pm_kind"] == "se"
     assert best["pm"] == pytest.approx((0.3 * 0.7 / 400 + 0.2 * 0.8 / 400) ** 0.5)
+
+
+def test_the_premise_must_hold_in_every_run_not_only_on_average() -> None:
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    try:
+        from results_table import markdown, pool_summary
+    finally:
+        sys.path.remove(str(ROOT / "pipelines"))
+
+    def pool(raw: float, syn: float) -> dict[str, dict[str, float]]:
+        stats = {"colour": 0.5, "shape": 0.5, "exact": 0.0}
+        return {"raw": {**stats, "colour_and_shape": raw}, "synthetic": {**stats, "colour_and_shape": syn}}
+
+    both = pool_summary([pool(0.30, 0.90), pool(0.30, 0.55)])  # 3.0x and 1.83x: the mean ratio is 2.42x
+    assert round(both["ratio"], 2) == 2.42 and [round(r, 2) for r in both["ratio_runs"]] == [3.0, 1.83]
+    assert both["premise_holds"] is False
+    rows = [{"strategy": "raw", "samples": 1, "samples_seen": 1, "zeroshot_top1": 0.1, "zeroshot_top5": 0.2,
+             "i2t_r1": 0.0, "t2i_r1": 0.0, "captions_naming_object": 0.3}]
+    assert "1 of 2 at least 2x" in markdown(rows, both, [], 2) and "does NOT hold" in markdown(rows, both, [], 2)
+    assert pool_summary([pool(0.30, 0.90), pool(0.30, 0.61)])["premise_holds"] is True
