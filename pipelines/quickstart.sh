@@ -33,11 +33,11 @@ set -euo pipefail
 SCALE=${QUICKSTART_SCALE:-demo}
 case "$SCALE" in
   demo) pool=3000 seed_split=8000 n_eval=4800 img=64 cap_samples=32000 scorer_samples=6000 train_samples=5000
-        bs=32 cap_bs=32 cap_lr=5e-4 clip=tiny_clip coca=tiny_coca workers=auto ;;
+        bs=32 cap_bs=32 cap_lr=5e-4 clip=tiny_clip coca=tiny_coca ;;
   tiny) pool=96 seed_split=64 n_eval=96 img=32 cap_samples=64 scorer_samples=64 train_samples=64
-        bs=32 cap_bs=32 cap_lr=5e-4 clip=tiny_clip coca=tiny_coca workers=auto ;;
+        bs=32 cap_bs=32 cap_lr=5e-4 clip=tiny_clip coca=tiny_coca ;;
   gpu)  pool=20000 seed_split=20000 n_eval=9600 img=64 cap_samples=400000 scorer_samples=100000 train_samples=100000
-        bs=256 cap_bs=256 cap_lr=1e-3 clip=small_clip coca=small_coca workers=auto ;;
+        bs=256 cap_bs=256 cap_lr=1e-3 clip=small_clip coca=small_coca ;;
   *) echo "error: QUICKSTART_SCALE must be demo, tiny or gpu, got '$SCALE'" >&2; exit 2 ;;
 esac
 OUT=${QUICKSTART_OUT:-demo_out}
@@ -55,7 +55,7 @@ CAP_BS=${QUICKSTART_CAPTIONER_BATCH_SIZE:-$cap_bs}
 CAP_LR=${QUICKSTART_CAPTIONER_LR:-$cap_lr}
 CLIP_MODEL=${QUICKSTART_CLIP_MODEL:-$clip}
 COCA_MODEL=${QUICKSTART_CAPTIONER_MODEL:-$coca}
-WORKERS=${QUICKSTART_WORKERS:-$workers}
+WORKERS=${QUICKSTART_WORKERS:-auto}  # auto: in-process decoding on a few CPU cores, loader processes on a GPU
 TOP=${QUICKSTART_TOP_FRACTION:-0.3}
 NOISE=${QUICKSTART_NOISE_PROFILE:-web}
 FETCH=${QUICKSTART_FETCH:-download}

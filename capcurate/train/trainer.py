@@ -235,8 +235,9 @@ class _Trainer:
                         if log_now:
                             rate = seen_log / max(time.time() - t_log, 1e-9)
                             if dist.is_main:
-                                self.metrics.append({"step": step, "epoch": epoch, **last, "lr": lr, "samples_per_s": rate,
-                                           "logit_scale": logit_scale, "skipped": skipped})
+                                self.metrics.append({"step": step, "epoch": epoch, **last, "lr": lr,
+                                                     "samples_per_s": rate, "logit_scale": logit_scale,
+                                                     "skipped": skipped})
                             t_log, seen_log = time.time(), 0
                     bar.update(step, rate, last["loss"])
                     if save_now:

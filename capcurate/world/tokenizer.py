@@ -16,6 +16,8 @@ from .noise import BOILERPLATE_PHRASES, FILE_EXTS, FILE_PREFIXES, PARTIAL_TEMPLA
 from .scene import BACKGROUND_TONES, BACKGROUNDS, COLOURS, COUNT_WORDS, PLURALS, SHAPES, SIZES
 
 PAD, SOS, UNK, EOS = "[PAD]", "[SOS]", "[UNK]", "[EOS]"
+# every form a shape takes in a caption (irregular plurals, regular ones) and a user may type
+SHAPE_WORDS = (*SHAPES, *PLURALS.values(), *(s + "s" for s in SHAPES))
 ZEROSHOT_TEMPLATES = (
     "a picture of the {c}.", "the {c}.", "a drawing of the {c}.", "an image showing the {c}.",
 )
@@ -36,7 +38,7 @@ def _source_texts() -> list[str]:
 
     texts = [re.sub(r"\{[a-z]+\}", " ", t) for t in (*TEMPLATES, *PARTIAL_TEMPLATES, *ZEROSHOT_TEMPLATES)]
     texts += [*BOILERPLATE_PHRASES, *SHOP_SUFFIXES, *FILE_PREFIXES, *FILE_EXTS, *POSITION_PHRASES.values()]
-    texts += [*SHAPES, *PLURALS.values(), *(s + "s" for s in SHAPES), *COLOURS, *SIZES, *BACKGROUNDS]
+    texts += [*SHAPE_WORDS, *COLOURS, *SIZES, *BACKGROUNDS]
     texts += [*BACKGROUND_TONES, *COUNT_WORDS.values(), "a an is are", *EXTRA_WORDS, "0 1 2 3 4 5 6 7 8 9"]
     return texts + PUNCTUATION
 
@@ -86,7 +88,7 @@ def true_caption_max_tokens() -> int:
         return len(tok(text, add_special_tokens=False)["input_ids"])
 
     values = {"n": ["a", *COUNT_WORDS.values()], "size": SIZES, "colour": COLOURS,
-              "obj": [*SHAPES, *PLURALS.values(), *(s + "s" for s in SHAPES)], "where": POSITION_PHRASES.values(),
+              "obj": SHAPE_WORDS, "where": POSITION_PHRASES.values(),
               "bg": BACKGROUNDS, "tone": BACKGROUND_TONES, "be": ["is", "are"]}
     longest = {field: max(vals, key=n) for field, vals in values.items()}
     return 2 + max(n(t.format(**longest)) for t in TEMPLATES)
