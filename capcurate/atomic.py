@@ -18,11 +18,14 @@ import json
 import os
 import platform
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from . import storage
 from .errors import StageFailed
 
 SEP = "~"
@@ -96,13 +99,21 @@ def _chaos_point(phase: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path; on success it is fsynced and renamed to ``path``, on error removed.
+def atomic_path(path: Any) -> Iterator[Path]:
+    """Yield a local temp path; on success it becomes ``path`` whole, on error it is removed.
+
+    Local: the temp is a hidden sibling, fsynced and renamed. Object store (``path`` a URL): the temp is
+    in a private local folder and is uploaded in one PUT or multipart upload, which the store makes
+    visible only when complete. Either way a file that exists under its final name is whole.
 
     The caller must have written the temp file: a temp that is missing at the end (never written, or
     removed by someone else meanwhile) raises ``StageFailed`` and ``path`` is left as it was.
     """
-    final = Path(path)
+    final = storage.path(path)
+    if storage.is_remote(final):
+        with _remote_atomic_path(final) as tmp:
+            yield tmp
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(final)
     try:
@@ -123,17 +134,34 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+@contextlib.contextmanager
+def _remote_atomic_path(final: Any) -> Iterator[Path]:
+    storage.check_writable(final)
+    folder = Path(tempfile.mkdtemp(prefix=f"capcurate-{owner_tag()}-"))
+    tmp = folder / final.name
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise StageFailed(f"the temporary file of {final} vanished before its upload: nothing was "
+                              "written; run again")
+        _chaos_point("before")
+        storage.upload(tmp, final)
+        _chaos_point("after")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_bytes(path: Any, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_json(path: Any, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
 
 
-def write_parquet(path: str | os.PathLike, table: Any, **kwargs: Any) -> None:
+def write_parquet(path: Any, table: Any, **kwargs: Any) -> None:
     """Write a pyarrow Table atomically (zstd by default: small and fast to read in DuckDB)."""
     import pyarrow.parquet as pq
 
@@ -142,16 +170,16 @@ def write_parquet(path: str | os.PathLike, table: Any, **kwargs: Any) -> None:
         pq.write_table(table, tmp, **kwargs)
 
 
-def clean_stale_temps(folder: str | os.PathLike) -> int:
+def clean_stale_temps(folder: Any) -> int:
     """Remove the temp files in ``folder`` whose writer is provably gone; returns how many.
 
     Only temps written on this host by a process that no longer exists are removed. Temps of live
     processes (another ``--part`` writing now), of other hosts, and of older capcurate versions (whose
-    names do not say the host) stay.
+    names do not say the host) stay. An object store has no temps (uploads are all-or-nothing): 0.
     """
     n = 0
-    p = Path(folder)
-    if not p.is_dir():
+    p = storage.path(folder)
+    if storage.is_remote(p) or not p.is_dir():
         return 0
     for f in p.glob(".*.tmp"):
         owner = parse_owner(f.name)

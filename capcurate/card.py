@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import json
 import os
 import platform
+import random
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-from . import __version__, atomic
-from .errors import DatasetError, OutputExistsError
+from . import __version__, atomic, storage
+from .errors import DatasetError, OutputExistsError, StageFailed
 
 CARD_NAME = "capcurate.json"
 LOCK_NAME = ".capcurate.lock"
 FORMAT = "capcurate-dataset"
 FORMAT_VERSION = 1
+# Object stores: a run's lineage entry holds a lease (``lease_until``) it renews every third of this; a run
+# on a lost node stops holding its name once the lease runs out. The card's lock is a lease object too.
+LEASE_SECONDS = float(os.environ.get("CAPCURATE_LEASE_SECONDS", "600"))
+LOCK_SECONDS = float(os.environ.get("CAPCURATE_LOCK_SECONDS", "60"))
 
 
 def now() -> str:
@@ -52,18 +56,28 @@ def normalise_params(params: dict[str, Any]) -> dict[str, Any]:
 _RUNNING: dict[str, int] = {}
 
 
+def _epoch(iso: str) -> float:
+    return _dt.datetime.fromisoformat(iso).timestamp()
+
+
 def may_be_running(entry: dict[str, Any]) -> bool:
     """Whether the run behind an unfinished lineage entry may still be writing (False once it is known over).
 
     A finished entry is over. An unfinished one from this host is over when its process is gone (the id
     carries the pid), or, from this very process, when the thread that started it is the one asking now
-    (that call raised before finishing) or is gone. Entries from other hosts cannot be checked: they
-    count as running.
+    (that call raised before finishing) or is gone. An entry with a lease (object stores) from another
+    host is over once its lease expired; other hosts' entries without one cannot be checked: running.
     """
     if entry.get("finished") is not None:
         return False
     parts = str(entry.get("id", "")).rsplit("-", 2)
     if len(parts) != 3 or not parts[1].isdigit() or entry.get("host") != platform.node():
+        lease = entry.get("lease_until")
+        if lease:
+            try:
+                return time.time() < _epoch(lease)
+            except ValueError:
+                return True
         return True
     pid = int(parts[1])
     if pid != os.getpid():
@@ -81,8 +95,9 @@ def _differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 class Card:
     """Read-modify-write access to ``capcurate.json`` under a file lock (several processes, one card)."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, root: Any):
+        self.root = storage.path(root)
+        self.remote = storage.is_remote(self.root)
         self.path = self.root / CARD_NAME
         # (family, name) -> what claim_output saw: ids of all entries of that name, and of the void ones
         self._claims: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
@@ -92,11 +107,19 @@ class Card:
 
     def read(self) -> dict[str, Any]:
         try:
-            card = json.loads(self.path.read_text(encoding="utf-8"))
+            return self._parse(self.path.read_bytes())
         except FileNotFoundError:
             raise DatasetError(f"{self.root} is not a capcurate dataset (no {CARD_NAME})") from None
+
+    def _parse(self, data: bytes) -> dict[str, Any]:
+        try:
+            card = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise DatasetError(f"{self.path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise DatasetError(f"{self.path} is not valid JSON: {e}") from None
+        if not isinstance(card, dict):
+            raise DatasetError(f"{self.path} is not a capcurate dataset card (not a JSON object)")
         if card.get("format") != FORMAT:
             raise DatasetError(f"{self.path} is not a capcurate dataset card (format={card.get('format')!r})")
         if card.get("format_version", 0) > FORMAT_VERSION:
@@ -108,7 +131,17 @@ class Card:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the card's file lock (other processes' ``editing`` and ``claim_output`` wait)."""
+        """Hold the card's lock (other processes' ``editing`` and ``claim_output`` wait).
+
+        Local: ``fcntl.flock`` on ``.capcurate.lock``. Object store: a lease object of that name, made
+        with create-if-absent; one whose lease ran out (its holder died) is taken over by compare-and-swap.
+        """
+        if self.remote:
+            with _lease_lock(self.root / LOCK_NAME):
+                yield
+            return
+        import fcntl
+
         lock_path = self.root / LOCK_NAME
         with open(lock_path, "a+") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
@@ -119,15 +152,36 @@ class Card:
 
     @contextlib.contextmanager
     def editing(self) -> Iterator[dict[str, Any]]:
-        """Lock, read, let the caller mutate the dict, write atomically, unlock."""
-        with self.locked():
-            atomic.clean_stale_temps(self.root)  # a card write killed before its rename left one
-            card = self.read()
-            yield card
-            atomic.write_json(self.path, card)
+        """Lock, read, let the caller mutate the dict, write atomically, unlock.
 
-    def create(self, sources: list[dict[str, Any]] | None = None) -> None:
+        On an object store the write is also conditional on the card being the version read (If-Match):
+        a holder whose lock lease ran out cannot overwrite a newer card.
+        """
+        with self.locked():
+            if not self.remote:
+                atomic.clean_stale_temps(self.root)  # a card write killed before its rename left one
+                card = self.read()
+                yield card
+                atomic.write_json(self.path, card)
+                return
+            try:
+                data, tag = storage.read_versioned(self.path)
+            except FileNotFoundError:
+                raise DatasetError(f"{self.root} is not a capcurate dataset (no {CARD_NAME})") from None
+            card = self._parse(data)
+            yield card
+            atomic._chaos_point("before")
+            if not storage.replace_if_match(self.path, _card_bytes(card), tag):
+                raise StageFailed(f"{self.path} changed while this process held its lock (lock lease of "
+                                  f"{LOCK_SECONDS:.0f} s ran out?): nothing was written; run again")
+            atomic._chaos_point("after")
+
+    def create(self, sources: list[dict[str, Any]] | None = None) -> bool:
+        """Write a new card; on an object store only if none exists (False when another process won)."""
+        if self.remote:
+            return storage.create_exclusive(self.path, _card_bytes(new_card(sources)))
         atomic.write_json(self.path, new_card(sources))
+        return True
 
     # -- lineage -----------------------------------------------------------------------------------
     def lineage(self, family: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
@@ -167,8 +221,13 @@ class Card:
             card["lineage"] = [e for e in card["lineage"] if e.get("id") not in void]
             entry = self._new_entry(stage, family, name, params, model)
             card["lineage"].append(entry)
-        _RUNNING[entry["id"]] = threading.get_ident()
+        self._running(entry["id"])
         return mode, entry["id"]
+
+    def _running(self, entry_id: str) -> None:
+        _RUNNING[entry_id] = threading.get_ident()
+        if self.remote:
+            _LeaseKeeper.keep(self, entry_id)
 
     @contextlib.contextmanager
     def writing(self, entry_id: str) -> Iterator[None]:
@@ -224,6 +283,7 @@ class Card:
             "started": now(),
             "finished": None,
             "counts": {},
+            **({"lease_until": _lease_until()} if self.remote else {}),
         }
 
     def start_entry(
@@ -250,7 +310,7 @@ class Card:
                             f"(differs in: {', '.join(changed)}); choose another --name or pass --overwrite"
                         )
             card["lineage"].append(entry)
-        _RUNNING[entry_id] = threading.get_ident()
+        self._running(entry_id)
         return entry_id
 
     def finish_entry(self, entry_id: str, counts: dict[str, Any], **extra: Any) -> None:
@@ -260,8 +320,16 @@ class Card:
                 if e["id"] == entry_id:
                     e["finished"] = now()
                     e["counts"] = counts
+                    e.pop("lease_until", None)
                     e.update(extra)
                     break
+
+    def renew_leases(self, entry_ids: list[str]) -> None:
+        """Push the lease of this process's running entries forward (object stores; ``_LeaseKeeper``)."""
+        with self.editing() as card:
+            for e in card["lineage"]:
+                if e.get("id") in entry_ids and e.get("finished") is None:
+                    e["lease_until"] = _lease_until()
 
     def add_source(self, source: dict[str, Any]) -> None:
         with self.editing() as card:
@@ -299,3 +367,87 @@ def _select(entries: list[dict[str, Any]], family: str | None, name: str | None)
         e for e in entries
         if (family is None or e.get("family") == family) and (name is None or e.get("name") == name)
     ]
+
+
+def _lease_until(seconds: float | None = None) -> str:
+    t = time.time() + (LEASE_SECONDS if seconds is None else seconds)
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _card_bytes(card: dict[str, Any]) -> bytes:
+    return (json.dumps(card, indent=2, sort_keys=False, default=str) + "\n").encode("utf-8")
+
+
+@contextlib.contextmanager
+def _lease_lock(lock: Any) -> Iterator[None]:
+    """Mutual exclusion on an object store: a lock object made by create-if-absent, with an expiry.
+
+    A lock whose expiry passed (its holder died mid-edit) is taken over by a compare-and-swap on the
+    version that was read, so two waiters cannot both take it over. Released by deleting it if it is
+    still ours. Waits with jittered backoff; never forever: a lock still held after ten of its leases is
+    an error.
+    """
+    me = f"{atomic.owner_tag()}~{uuid.uuid4().hex[:8]}"
+    deadline = time.time() + 10 * LOCK_SECONDS
+    delay = 0.02
+    while True:
+        body = json.dumps({"owner": me, "expires": time.time() + LOCK_SECONDS}).encode()
+        if storage.create_exclusive(lock, body):
+            break
+        try:
+            data, tag = storage.read_versioned(lock)
+            held = json.loads(data.decode("utf-8"))
+            expired = float(held.get("expires", 0)) < time.time()
+        except FileNotFoundError:
+            continue  # released between our two calls: try to create it again
+        except (ValueError, AttributeError):
+            expired, tag = True, tag  # unreadable lock object: treat as abandoned
+        if expired and storage.replace_if_match(lock, body, tag):
+            break
+        if time.time() > deadline:
+            raise StageFailed(f"{lock} has been held for over {10 * LOCK_SECONDS:.0f} s; if no capcurate "
+                              "process uses this dataset, delete that object")
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 1.0)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            data, tag = storage.read_versioned(lock)
+            if json.loads(data.decode("utf-8")).get("owner") == me:
+                storage.delete_if_match(lock, tag)
+
+
+class _LeaseKeeper:
+    """One daemon thread per card that renews the leases of this process's running entries."""
+
+    _threads: dict[str, _LeaseKeeper] = {}
+    _guard = threading.Lock()
+
+    def __init__(self, card: Card):
+        self.card = card
+        self.ids: set[str] = set()
+        self.thread = threading.Thread(target=self._loop, name="capcurate-lease", daemon=True)
+
+    @classmethod
+    def keep(cls, card: Card, entry_id: str) -> None:
+        with cls._guard:
+            keeper = cls._threads.get(str(card.path))
+            if keeper is None or not keeper.thread.is_alive():
+                keeper = cls._threads[str(card.path)] = cls(card)
+                keeper.ids.add(entry_id)
+                keeper.thread.start()
+            else:
+                keeper.ids.add(entry_id)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(LEASE_SECONDS / 3)
+            with self._guard:
+                self.ids &= set(_RUNNING)
+                ids = list(self.ids)
+                if not ids:
+                    self._threads.pop(str(self.card.path), None)
+                    return
+            with contextlib.suppress(Exception):  # a missed renewal is retried; the lease has slack
+                self.card.renew_leases(ids)

@@ -16,14 +16,13 @@ of that shard's work.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-from . import atomic
+from . import atomic, storage
 from .card import CARD_NAME, LOCK_NAME, Card  # noqa: F401  (CARD_NAME: re-exported)
 from .errors import DatasetError, InputError, OutputExistsError
 
@@ -76,38 +75,47 @@ def shard_file_name(shard_id: str, suffix: str = ".parquet") -> str:
 class Dataset:
     """A capcurate dataset directory. Open with ``Dataset(path)``; make one with ``Dataset.create``."""
 
-    def __init__(self, root: str | Path, *, must_exist: bool = True):
-        self.root = Path(root)
+    def __init__(self, root: str | Path | Any, *, must_exist: bool = True):
+        self.root = storage.path(root)
+        self.remote = storage.is_remote(self.root)
         self.card = Card(self.root)
         if must_exist:
-            if not self.root.is_dir():
+            if self.remote:
+                if not self.card.exists():
+                    storage.check_container(self.root)
+                    raise DatasetError(f"dataset {self.root} does not exist (no {CARD_NAME} there)")
+            elif not self.root.is_dir():
                 raise DatasetError(f"dataset directory {self.root} does not exist")
             self.card.read()  # validates format
 
     @classmethod
-    def create(cls, root: str | Path, *, force: bool = False, sources: list[dict[str, Any]] | None = None,
+    def create(cls, root: str | Path | Any, *, force: bool = False, sources: list[dict[str, Any]] | None = None,
                allow_existing_dataset: bool = True) -> Dataset:
-        """Create (or reopen) a dataset directory.
+        """Create (or reopen) a dataset directory (or prefix in object storage).
 
         A folder that exists, is not empty and is not a capcurate dataset is refused unless ``force``:
         we never write into somebody else's files by accident.
         """
-        root = Path(root)
+        root = storage.path(root)
+        storage.check_writable(root)
         card = Card(root)
         if not card.exists():
-            if root.exists() and not root.is_dir():
-                raise DatasetError(f"{root} exists and is not a directory")
-            # another --part may be creating this dataset right now: its lock and temp files do not count
-            foreign = [p for p in root.iterdir() if p.name != LOCK_NAME and not atomic.is_temp_name(p.name)
-                       ] if root.is_dir() else []
+            if storage.is_remote(root):
+                storage.check_container(root)
+                foreign = [n for n in storage.list_entries(root) if n != LOCK_NAME]
+            else:
+                if root.exists() and not root.is_dir():
+                    raise DatasetError(f"{root} exists and is not a directory")
+                # another --part may be creating this dataset right now: its lock and temp files do not count
+                foreign = [p.name for p in root.iterdir() if p.name != LOCK_NAME
+                           and not atomic.is_temp_name(p.name)] if root.is_dir() else []
             if foreign and not force and not card.exists():
                 raise OutputExistsError(
                     f"{root} exists, is not empty and is not a capcurate dataset; pass --force to use it anyway"
                 )
-            root.mkdir(parents=True, exist_ok=True)
+            storage.ensure_dir(root)
             with card.locked():  # several processes may create one dataset at once: one card wins
-                if not card.exists():
-                    card.create(sources)
+                if not card.exists() and card.create(sources):
                     return cls(root)
         if not allow_existing_dataset:
             raise OutputExistsError(f"{root} is already a capcurate dataset")
@@ -125,7 +133,7 @@ class Dataset:
     def samples_dir(self) -> Path:
         return self.root / "samples"
 
-    def family_dir(self, family: str, name: str) -> Path:
+    def family_dir(self, family: str, name: str) -> Any:
         """``captions/<name>``, ``scores/<name>``, ``embeddings/<name>``."""
         return self.root / family / check_name(name)
 
@@ -139,23 +147,20 @@ class Dataset:
         return self.samples_dir / shard_file_name(shard_id)
 
     def shard_ids(self) -> list[str]:
-        """Ids of the shards that have a manifest (the unit of work of every later stage)."""
-        return sorted(p.stem for p in self.samples_dir.glob("*.parquet"))
+        """Ids of the shards that have a manifest (the unit of work of every later stage): one listing."""
+        return sorted(n[: -len(".parquet")] for n in storage.list_names(self.samples_dir, ".parquet"))
 
     def names(self, family: str) -> list[str]:
         """Names present in a family folder (``captions``, ``scores``) that hold at least one Parquet file."""
         base = self.root / family
-        if not base.is_dir():
-            return []
-        return sorted(p.name for p in base.iterdir() if p.is_dir() and any(p.glob("*.parquet")))
+        return sorted(n for n in storage.list_dirs(base) if storage.list_names(base / n, ".parquet"))
 
     def selection_names(self) -> list[str]:
-        base = self.root / "selections"
-        return sorted(p.stem for p in base.glob("*.parquet")) if base.is_dir() else []
+        return sorted(n[: -len(".parquet")] for n in storage.list_names(self.root / "selections", ".parquet"))
 
     def remove_family_output(self, family: str, name: str) -> None:
         """Delete a previous output of that name (only called under --overwrite)."""
-        shutil.rmtree(self.family_dir(family, name), ignore_errors=True)
+        storage.rmtree(self.family_dir(family, name))
 
     def claim_images(self, stage: str, params: dict[str, Any], *, overwrite: bool) -> str:
         """Claim ``shards/`` + ``samples/`` for a stage that writes images (download, ingest).
@@ -165,11 +170,11 @@ class Dataset:
         the lineage entry the stage finishes with ``card.finish_entry``.
         """
         def exists() -> bool:
-            return bool(self.shard_ids()) or (self.shards_dir.is_dir() and any(self.shards_dir.iterdir()))
+            return bool(self.shard_ids()) or bool(storage.list_entries(self.shards_dir))
 
         def remove() -> None:
-            shutil.rmtree(self.shards_dir, ignore_errors=True)
-            shutil.rmtree(self.samples_dir, ignore_errors=True)
+            storage.rmtree(self.shards_dir)
+            storage.rmtree(self.samples_dir)
 
         _mode, entry = self.card.claim(stage=stage, family="shards", name=stage, params=params,
                                        overwrite=overwrite, exists=exists, remove=remove)

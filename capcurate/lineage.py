@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Any
+
+from . import storage
 
 META_KEY = b"capcurate.inputs"
 SAMPLES = "samples"
 
-_CACHE: dict[tuple[str, int, int, int], str] = {}
+_CACHE: dict[tuple, str] = {}
 
 
 def captions_input(name: str) -> str:
@@ -42,12 +43,10 @@ def fingerprint_bytes(data: bytes) -> str:
 
 def fingerprint(path: str | os.PathLike) -> str | None:
     """The fingerprint of a file's current content, or None when it does not exist."""
-    path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
+    path = storage.path(path)
+    key = storage.version_key(path)  # a rewritten file is a new inode (rename) or a new ETag
+    if key is None:
         return None
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)  # a rewritten file is a new inode (rename)
     fp = _CACHE.get(key)
     if fp is None:
         try:
@@ -63,7 +62,7 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = Path(path).read_bytes()
+    data = storage.path(path).read_bytes()
     return pq.read_table(pa.BufferReader(data), columns=columns), fingerprint_bytes(data)
 
 
@@ -86,10 +85,8 @@ def recorded_in(table: Any) -> dict[str, str]:
 
 def recorded_inputs(path: str | os.PathLike) -> dict[str, str] | None:
     """What a derived file says it was made from: None when the file is missing, {} when it does not say."""
-    import pyarrow.parquet as pq
-
     try:
-        meta = pq.read_metadata(path).metadata or {}
+        meta = storage.read_metadata(path).metadata or {}
     except FileNotFoundError:
         return None
     raw = meta.get(META_KEY)
@@ -122,8 +119,6 @@ def is_fresh(path: str | os.PathLike, current: dict[str, str | os.PathLike]) -> 
 def staleness(ds: Any) -> dict[str, dict[str, Any]]:
     """Column -> {"stale_shards": [...], "missing_shards": [...], "unknown_shards": n} for every caption
     column (``cap_<name>``) and score column (``score_<name>_<source>``) of dataset ``ds``."""
-    import pyarrow.parquet as pq
-
     shard_ids = ds.shard_ids()
     out: dict[str, dict[str, Any]] = {}
 
@@ -148,13 +143,13 @@ def staleness(ds: Any) -> dict[str, dict[str, Any]]:
     for name in ds.names("scores"):
         prefix = f"score_{name}_"
         files = {sid: ds.family_dir("scores", name) / f"{sid}.parquet" for sid in shard_ids}
-        columns = sorted({c for f in files.values() if f.exists() for c in pq.read_schema(f).names
+        columns = sorted({c for f in files.values() if f.exists() for c in storage.read_schema(f).names
                           if c.startswith(prefix)})
         for col in columns:
             out[col] = {"stale_shards": [], "missing_shards": [], "unknown_shards": 0}
         for sid, f in files.items():
             recorded = recorded_inputs(f)
-            have = set(pq.read_schema(f).names) if recorded is not None else set()
+            have = set(storage.read_schema(f).names) if recorded is not None else set()
             for col in columns:
                 source = col[len(prefix):]
                 current: dict[str, Any] = {SAMPLES: ds.samples_path(sid)}

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import storage
 from .atomic import atomic_path
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -38,7 +39,7 @@ class MemberRef:
 class ShardIndex:
     """Where every member of a tar lies, grouped by sample key, in file order."""
 
-    path: Path
+    path: Path  # or a UPath: a tar in object storage
     samples: dict[str, dict[str, MemberRef]] = field(default_factory=dict)
     truncated: bool = False
     error: str | None = None
@@ -48,22 +49,21 @@ class ShardIndex:
         return next((e for e in IMAGE_EXTS if e in members), None)
 
     def read(self, key: str, ext: str, fh: io.BufferedReader | None = None) -> bytes:
+        """One member's bytes: from ``fh`` (``storage.open_read(path)``) when given, else one ranged read."""
         ref = self.samples[key][ext]
         if fh is None:
-            with open(self.path, "rb") as f:
-                f.seek(ref.offset)
-                return f.read(ref.size)
+            return storage.read_range(self.path, ref.offset, ref.size)
         fh.seek(ref.offset)
         return fh.read(ref.size)
 
 
 def index_tar(path: str | os.PathLike) -> ShardIndex:
     """Index a tar shard; a truncated or corrupt tar gives the members before the damage."""
-    path = Path(path)
+    path = storage.path(path)
     idx = ShardIndex(path)
-    file_size = path.stat().st_size
+    file_size = storage.size(path)  # a missing tar raises FileNotFoundError, as before
     try:
-        with tarfile.open(path, "r:") as tf:
+        with storage.open_read(path) as src, tarfile.open(fileobj=src, mode="r:") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
@@ -89,7 +89,7 @@ def iter_samples(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes
     current: str | None = None
     group: dict[str, bytes] = {}
     try:
-        with tarfile.open(path, "r|") as tf:
+        with storage.open_read(path) as src, tarfile.open(fileobj=src, mode="r|") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
@@ -170,7 +170,7 @@ class TarShardWriter:
     """
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = storage.path(path)
         self._ctx = atomic_path(self.path)
         self._tmp = self._ctx.__enter__()
         self._fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)

@@ -74,6 +74,9 @@ def connect(ds: Dataset, *, database: str = ":memory:", threads: int | None = No
             memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     """Open DuckDB with every view of ``ds`` defined."""
     con = duckdb.connect(database)
+    from .storage import register_duckdb
+
+    register_duckdb(con, ds.root)  # a dataset in object storage: DuckDB reads it through fsspec
     if threads:
         con.execute(f"SET threads = {int(threads)}")
     if memory_limit:
@@ -85,7 +88,7 @@ def connect(ds: Dataset, *, database: str = ":memory:", threads: int | None = No
             con.close()
             msg = str(e).split(":", 1)[-1].strip()
             raise InputError(f"--memory-limit {memory_limit!r}: {msg}") from None
-    if any(ds.samples_dir.glob("*.parquet")):
+    if ds.shard_ids():
         con.execute(f"CREATE VIEW manifest AS SELECT * FROM {parquet_source(ds.samples_dir / '*.parquet')}")
     else:
         # An empty dataset still answers queries (with no rows) instead of failing on a missing glob.

@@ -75,6 +75,14 @@ def run_command(fn: Callable[[], Any], *, json_out: bool = False,
     except KeyboardInterrupt:
         stderr.print("interrupted; finished shards are kept, re-run the same command to resume")
         raise typer.Exit(130) from None
+    except Exception as e:
+        # object storage: missing credentials, a bucket that does not exist, a denied write -> one line
+        from ..storage import explain
+
+        msg = explain(e)
+        if msg is None:
+            raise
+        raise fail(msg, 2) from None
     if result is None:
         return None
     if json_out and hasattr(result, "to_json"):

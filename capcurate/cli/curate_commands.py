@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from .app import ENGINE_HELP, JSON_HELP, MAX_RETRIES_HELP, PART_HELP, app, run_command
@@ -20,7 +18,7 @@ STRATEGY_HELP = (
 
 @app.command()
 def mix(
-    dataset: Path = typer.Argument(..., help="Dataset directory (made by download/ingest)."),
+    dataset: str = typer.Argument(..., help="Dataset directory (made by download/ingest)."),
     strategy: str = typer.Option(..., "--strategy", "-s", help=STRATEGY_HELP),
     score: str = typer.Option(None, "--score", help="Scorer name whose score_<SCORER>_* columns rank and "
                               "threshold captions (as given to `capcurate score --name`). Defaults to the "
@@ -70,9 +68,9 @@ def mix(
 
 @app.command()
 def shard(
-    dataset: Path = typer.Argument(..., help="Dataset directory holding the selection and source shards."),
+    dataset: str = typer.Argument(..., help="Dataset directory holding the selection and source shards."),
     selection: str = typer.Option(..., "--selection", help="Selection to write (made by mix or filter)."),
-    out: Path = typer.Option(..., "--output", "-o", help="Output folder for 00000.tar ..., manifest.json "
+    out: str = typer.Option(..., "--output", "-o", help="Output folder for 00000.tar ..., manifest.json "
                              "and sizes.json."),
     samples_per_shard: int = typer.Option(10000, "--samples-per-shard", help="Samples per output tar."),
     min_shards: int = typer.Option(1, "--min-shards", help="Write at least this many shards (fewer "
@@ -109,8 +107,8 @@ def shard(
 
 @app.command()
 def report(
-    dataset: Path = typer.Argument(..., help="Dataset directory."),
-    out: Path = typer.Option(Path("report.html"), "--output", "-o", help="HTML file to write."),
+    dataset: str = typer.Argument(..., help="Dataset directory."),
+    out: str = typer.Option("report.html", "--output", "-o", help="HTML file to write."),
     selection: str = typer.Option(None, "--selection", help="Show this selection's samples (and the "
                                   "caption it chose for each)."),
     where: str = typer.Option(None, "--where", help="DuckDB predicate over the samples view, e.g. "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json as _json
-from pathlib import Path
 from typing import Any
 
 import typer
@@ -17,10 +16,10 @@ OVERWRITE_HELP = ("Delete the dataset's shards and manifest and start again when
 
 @app.command()
 def download(
-    urls: Path = typer.Argument(None, help=(
+    urls: str = typer.Argument(None, help=(
         "URL list: a .parquet, .csv, .tsv, .jsonl or .txt file (one URL per line), optionally .gz, "
         "or a folder of such files. Not needed with --retry-failed.")),
-    output: Path = typer.Option(..., "--output", "-o", help="Dataset directory to create (or resume)."),
+    output: str = typer.Option(..., "--output", "-o", help="Dataset directory to create (or resume)."),
     url_col: str = typer.Option("url", "--url-col", help="Column holding the image URL."),
     caption_col: str = typer.Option(None, "--caption-col", help=(
         "Column holding the alt-text; default: 'caption' or 'text' when the input has one.")),
@@ -74,7 +73,7 @@ def download(
 
 @app.command()
 def doctor(
-    dataset: Path = typer.Argument(..., help="Dataset directory to examine."),
+    dataset: str = typer.Argument(..., help="Dataset directory to examine."),
     repair: bool = typer.Option(False, "--repair", help=(
         "Fix what is safe: remove orphan temps and unfinished files, build missing manifests of whole "
         "shards, remove damaged shards with their manifests (the same download or ingest fetches them "
@@ -93,10 +92,10 @@ def doctor(
 
 @app.command()
 def ingest(
-    path: Path = typer.Argument(..., help=(
+    path: str = typer.Argument(..., help=(
         "What to adopt: an img2dataset output folder, a webdataset .tar (or a folder of them), or a "
         "folder of images with optional sidecar <name>.txt captions.")),
-    output: Path = typer.Option(..., "--output", "-o", help="Dataset directory to create (or resume)."),
+    output: str = typer.Option(..., "--output", "-o", help="Dataset directory to create (or resume)."),
     kind: str = typer.Option("auto", "--kind", help="auto, img2dataset, webdataset or images."),
     samples_per_shard: int = typer.Option(10000, "--samples-per-shard", help=(
         "Images per output tar when packing an image folder (webdataset tars keep one output per input).")),
@@ -130,13 +129,13 @@ def ingest(
 
 @app.command()
 def query(
-    dataset: Path = typer.Argument(..., help="Dataset directory."),
+    dataset: str = typer.Argument(..., help="Dataset directory."),
     sql: str = typer.Argument(..., help=(
         "DuckDB SQL over the views: samples (the wide join: manifest columns, cap_<name>, score_<...>), "
         "manifest, captions_<name>, scores_<name>, selection_<name>.")),
     fmt: str = typer.Option("table", "--format", "-f", help=(
         "table (the first --limit rows), csv, json (an array of objects) or parquet (needs -o).")),
-    output: Path = typer.Option(None, "--output", "-o", help=(
+    output: str = typer.Option(None, "--output", "-o", help=(
         "Write the whole result to this file (format from --format, else from the suffix).")),
     limit: int = typer.Option(50, "--limit", help="Rows shown by the table format."),
     json: bool = typer.Option(False, "--json", help=(
@@ -209,7 +208,7 @@ def _print_table(names: list[str], rows: list[tuple], more: bool, limit: int) ->
 
 @app.command()
 def stats(
-    dataset: Path = typer.Argument(..., help="Dataset directory."),
+    dataset: str = typer.Argument(..., help="Dataset directory."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Summarise a dataset: counts, failures, caption and image size distributions, columns and lineage.

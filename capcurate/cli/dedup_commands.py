@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from .app import JSON_HELP, WORKERS_HELP, app, run_command
@@ -11,7 +9,7 @@ from .app import JSON_HELP, WORKERS_HELP, app, run_command
 
 @app.command()
 def dedup(
-    dataset: Path = typer.Argument(..., help="Dataset directory."),
+    dataset: str = typer.Argument(..., help="Dataset directory."),
     name: str = typer.Option(..., "--name", "-n", help=(
         "Writes selections/<name>.parquet (the kept rows) and dedup/<name>.parquet (the groups).")),
     exact: bool = typer.Option(False, "--exact", help="Exact duplicates: the same sha256 of the image bytes."),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from .app import (
@@ -23,7 +21,7 @@ from .app import (
 
 @app.command()
 def score(
-    dataset: Path = typer.Argument(..., help="Dataset directory (made by download or ingest)."),
+    dataset: str = typer.Argument(..., help="Dataset directory (made by download or ingest)."),
     model: str = typer.Option(..., "--model", "-m", help=(
         "Scoring model: openclip:ARCH/TAG (e.g. openclip:ViT-L-14/openai), openclip:CONFIG.json with "
         "--pretrained FILE, hf:HUB_ID_OR_DIR (a transformers CLIPModel or SigLIP model), or a capcurate "
@@ -75,7 +73,7 @@ def score(
 
 @app.command("filter")
 def filter_command(
-    dataset: Path = typer.Argument(..., help="Dataset directory."),
+    dataset: str = typer.Argument(..., help="Dataset directory."),
     name: str = typer.Option(..., "--name", "-n", help="Selection to write: selections/<name>.parquet."),
     min_score: float = typer.Option(None, "--min-score", help="Keep samples whose --score is at least this."),
     score: str = typer.Option(None, "--score", help=(
@@ -104,7 +102,7 @@ def filter_command(
     targets: str = typer.Option(None, "--targets", help=(
         "--cluster: target images (a capcurate dataset, a folder of image tars such as an eval set) embedded "
         "with the scorer's model, or a .npy of target embeddings.")),
-    target_classes: Path = typer.Option(None, "--target-classes", help=(
+    target_classes: str = typer.Option(None, "--target-classes", help=(
         "--cluster: text file of class names, one per line, embedded as 'a photo of a <name>.' by the "
         "scorer's text tower (instead of --targets).")),
     clusters: int = typer.Option(None, "--clusters", help=(

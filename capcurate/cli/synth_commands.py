@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from .app import JSON_HELP, app, run_command
@@ -11,7 +9,7 @@ from .app import JSON_HELP, app, run_command
 
 @app.command()
 def synth(
-    out: Path = typer.Option(..., "-o", "--output", help="Folder to write the world into (created if missing)."),
+    out: str = typer.Option(..., "-o", "--output", help="Folder to write the world into (created if missing)."),
     n_images: int = typer.Option(20000, "--n-images", help="Images in the web-like pool (urls.parquet + images/)."),
     image_size: int = typer.Option(64, "--image-size", help="Side of every rendered image in pixels (32-1024)."),
     noise_profile: str = typer.Option(

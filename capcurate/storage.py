@@ -1,0 +1,456 @@
+"""Where files live: a local path or an fsspec URL (``s3://``, ``gs://``, ``az://``, ``hf://``, ``file://``).
+
+Every path a command takes goes through :func:`path`: a local path (or ``file://`` URL) comes back as a
+plain :class:`pathlib.Path`, so everything local behaves exactly as before; a URL comes back as a
+``UPath`` (universal_pathlib), which has the same API (``/``, ``name``, ``exists``, ``glob``, ``open``,
+``read_bytes``...) over fsspec. What pathlib cannot say for object stores lives here:
+
+- **commit**: ``atomic.atomic_path`` writes into a local temp file; on a store the finished file is then
+  uploaded in one PUT or one multipart upload, which S3-like stores make visible only when complete, so
+  an object that exists is whole (the same promise as rename on POSIX).
+- **conditional writes** (:func:`create_exclusive`, :func:`read_versioned`, :func:`replace_if_match`):
+  create-if-absent and compare-and-swap on the object's ETag (S3 ``If-None-Match``/``If-Match``). The
+  card and its lock use them instead of ``fcntl``; liveness is a lease with an expiry (``card.py``).
+- **reads**: ranged GETs for tar members (:func:`read_range`), pyarrow/DuckDB through the same fsspec
+  filesystem (:func:`arrow_filesystem`, :func:`register_duckdb`).
+- **errors**: an unknown scheme, a missing backend package, missing credentials, a bucket that does not
+  exist or a denied write become one-line ``InputError``s (exit 2), see :func:`explain`.
+
+Listings are never cached (``use_listings_cache=False``): many processes write one prefix at once, and a
+cached listing would call a shard unfinished (or finished) after another process changed it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from upath import UPath
+
+    StoragePath = Path | UPath
+else:
+    StoragePath = Any
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+LOCAL_SCHEMES = ("file", "local")
+# schemes capcurate reads but never writes (a write is refused before any work)
+READ_ONLY_SCHEMES = ("hf", "http", "https")
+# the package each common scheme needs, for the one-line error when it is missing
+BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+            "abfss": "adlfs", "hf": "huggingface_hub"}
+EXTRAS = {"s3fs": "s3", "gcsfs": "gcs", "adlfs": "azure"}
+
+
+def scheme_of(p: Any) -> str:
+    """'' for a local path, else the URL scheme in lower case ('s3', 'gs', 'file', ...)."""
+    if isinstance(p, Path) and not _is_upath(p):
+        return ""
+    if _is_upath(p):
+        return str(p.protocol or "").split(",")[0]
+    m = _URL.match(str(p))
+    return m.group(1).lower() if m else ""
+
+
+def _is_upath(p: Any) -> bool:
+    """A UPath that is not a plain local Path (local UPaths subclass pathlib.Path)."""
+    try:
+        from upath import UPath
+    except ImportError:  # pragma: no cover - universal_pathlib is a dependency
+        return False
+    return isinstance(p, UPath) and not isinstance(p, Path)
+
+
+def is_remote(p: Any) -> bool:
+    """Whether ``p`` (a path, URL or UPath) is in a store rather than on a local filesystem."""
+    return scheme_of(p) not in ("",) + LOCAL_SCHEMES
+
+
+def fs_options(scheme: str) -> dict[str, Any]:
+    """fsspec options capcurate passes for a scheme (endpoint and credentials come from the environment)."""
+    opts: dict[str, Any] = {"use_listings_cache": False}
+    if scheme in ("s3", "s3a"):
+        # botocore reads AWS_ENDPOINT_URL / AWS_* itself; skip_instance_cache keeps forked or re-created
+        # processes from sharing an event loop through fsspec's instance cache
+        opts["skip_instance_cache"] = True
+    return opts
+
+
+def path(p: str | os.PathLike | Any) -> StoragePath:
+    """A local ``Path`` for a local path or ``file://`` URL, else a ``UPath`` for the URL.
+
+    Raises ``InputError`` for an unknown scheme or a scheme whose fsspec backend is not installed.
+    """
+    if _is_upath(p):
+        if str(p.protocol or "") in LOCAL_SCHEMES:
+            return Path(p.path)
+        return p
+    if isinstance(p, Path):
+        return p
+    s = os.fspath(p) if not isinstance(p, str) else p
+    m = _URL.match(s)
+    if not m:
+        return Path(s)
+    scheme = m.group(1).lower()
+    if scheme in LOCAL_SCHEMES:
+        return Path(s[m.end():] if s[m.end():].startswith("/") else "/" + s[m.end():])
+    import fsspec
+    from upath import UPath
+
+    if scheme not in fsspec.available_protocols():
+        raise InputError(f"unknown URL scheme {scheme}:// in {s!r}: use a local path or one of s3://, gs://, "
+                         "az://, hf://, file:// (any fsspec protocol)")
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as e:
+        pkg = BACKENDS.get(scheme)
+        hint = (f"pip install {pkg}" + (f" (or capcurate[{EXTRAS[pkg]}])" if pkg in EXTRAS else "")
+                if pkg else str(e).splitlines()[0])
+        raise InputError(f"{scheme}:// needs a filesystem package that is not installed: {hint}") from None
+    return UPath(s, **fs_options(scheme))
+
+
+def as_str(p: Any) -> str:
+    """The path as the user would type it: a local path, or the full URL."""
+    return str(p)
+
+
+def local(p: Any) -> Path:
+    """``p`` as a local Path; a URL is refused with a one-line error (for inputs that must be local)."""
+    q = path(p)
+    if is_remote(q):
+        raise InputError(f"{q} must be a local path here")
+    return q
+
+
+def check_writable(p: Any) -> None:
+    """Refuse (one line, exit 2) a write to a read-only scheme before any work is done."""
+    s = scheme_of(p)
+    if s in READ_ONLY_SCHEMES:
+        raise InputError(f"{p}: {s}:// is read-only in capcurate; write to a local path or s3://, gs://, az://")
+
+
+# -- the filesystem under a path -------------------------------------------------------------------
+def filesystem(p: Any) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for any path or URL."""
+    q = path(p)
+    if is_remote(q):
+        return q.fs, q.path
+    import fsspec
+
+    return fsspec.filesystem("file"), str(q.absolute())
+
+
+def arrow_filesystem(p: Any) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) for heavy Parquet reads and writes; local paths use pyarrow's own."""
+    q = path(p)
+    if not is_remote(q):
+        from pyarrow import fs as pafs
+
+        return pafs.LocalFileSystem(), str(q)
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(q.fs)), q.path
+
+
+def ensure_dir(p: Any) -> None:
+    """Create a local folder (with parents); object stores have no folders, so nothing is done there.
+
+    Never calls a store's ``mkdir``: s3fs would create a missing *bucket*, and a typo in a bucket name
+    must be an error, not a new bucket.
+    """
+    q = path(p)
+    if not is_remote(q):
+        q.mkdir(parents=True, exist_ok=True)
+
+
+def rmtree(p: Any) -> None:
+    """Remove a folder or prefix and everything under it; a missing one is fine."""
+    q = path(p)
+    if not is_remote(q):
+        shutil.rmtree(q, ignore_errors=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        q.fs.rm(q.path, recursive=True)
+
+
+def remove(p: Any) -> None:
+    """Delete one file or object; a missing one is fine."""
+    q = path(p)
+    with contextlib.suppress(FileNotFoundError):
+        q.unlink()
+
+
+def list_names(p: Any, suffix: str = "") -> set[str]:
+    """Names (not paths) of the files directly under folder/prefix ``p`` ending in ``suffix``: one listing.
+
+    Hidden names (temp files) are left out. A missing folder gives an empty set.
+    """
+    q = path(p)
+    if not is_remote(q):
+        try:
+            return {e.name for e in os.scandir(q) if e.name.endswith(suffix) and not e.name.startswith(".")}
+        except (FileNotFoundError, NotADirectoryError):
+            return set()
+    try:
+        entries = q.fs.ls(q.path, detail=False)
+    except FileNotFoundError:
+        return set()
+    names = {e.rstrip("/").rsplit("/", 1)[-1] for e in entries}
+    return {n for n in names if n.endswith(suffix) and not n.startswith(".")}
+
+
+def list_entries(p: Any) -> list[str]:
+    """Every name directly under folder/prefix ``p`` (files and folders, hidden ones too); [] when missing."""
+    q = path(p)
+    if not is_remote(q):
+        try:
+            return [e.name for e in os.scandir(q)]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    try:
+        return [e.rstrip("/").rsplit("/", 1)[-1] for e in q.fs.ls(q.path, detail=False)
+                if e.rstrip("/") != q.path.rstrip("/")]
+    except FileNotFoundError:
+        return []
+
+
+def list_dirs(p: Any) -> list[str]:
+    """Names of the folders (common prefixes) directly under ``p``; [] when missing."""
+    q = path(p)
+    if not is_remote(q):
+        try:
+            return [e.name for e in os.scandir(q) if e.is_dir()]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    try:
+        return [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in q.fs.ls(q.path, detail=True)
+                if e.get("type") == "directory"]
+    except FileNotFoundError:
+        return []
+
+
+def check_container(p: Any) -> None:
+    """For a URL: raise a one-line ``InputError`` when its bucket/container does not exist."""
+    q = path(p)
+    if not is_remote(q):
+        return
+    bucket = q.path.split("/", 1)[0]
+    try:
+        ok = q.fs.exists(bucket)
+    except Exception as e:  # credentials, endpoint: say so in one line
+        raise InputError(explain(e) or f"{q}: {type(e).__name__}: {e}") from None
+    if not ok:
+        raise InputError(f"the bucket {scheme_of(q)}://{bucket} does not exist (create it first, or check the "
+                         "name and AWS_ENDPOINT_URL)")
+
+
+def exists(p: Any) -> bool:
+    return path(p).exists()
+
+
+def size(p: Any) -> int:
+    return int(path(p).stat().st_size)
+
+
+def open_read(p: Any) -> IO[bytes]:
+    """A binary, seekable reader (a local file, or a store object read in blocks by ranged GETs)."""
+    q = path(p)
+    if not is_remote(q):
+        return open(q, "rb")
+    return q.fs.open(q.path, "rb")
+
+
+def read_range(p: Any, offset: int, length: int) -> bytes:
+    """``length`` bytes at ``offset``: one ``pread`` locally, one ranged GET on a store."""
+    q = path(p)
+    if not is_remote(q):
+        with open(q, "rb") as f:
+            return os.pread(f.fileno(), length, offset)
+    return q.fs.cat_file(q.path, start=offset, end=offset + length)
+
+
+def upload(local_file: Path, dest: Any) -> None:
+    """Copy a finished local file to ``dest`` as one object (PUT, or multipart for large files)."""
+    q = path(dest)
+    check_writable(q)
+    q.fs.put_file(str(local_file), q.path)
+
+
+@contextlib.contextmanager
+def local_copy(p: Any, scratch: str | os.PathLike | None = None) -> Iterator[Path]:
+    """A local file holding ``p``'s bytes: ``p`` itself when local, else a download removed afterwards."""
+    q = path(p)
+    if not is_remote(q):
+        yield q
+        return
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="capcurate-stage-", dir=scratch)
+    try:
+        dst = Path(d) / q.name
+        q.fs.get_file(q.path, str(dst))
+        yield dst
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# -- Parquet ---------------------------------------------------------------------------------------
+def read_table(p: Any, columns: list[str] | None = None, **kwargs: Any) -> Any:
+    """``pyarrow.parquet.read_table`` of a local path or URL (on a store: ranged reads via fsspec)."""
+    import pyarrow.parquet as pq
+
+    q = path(p)
+    if not is_remote(q):
+        return pq.read_table(q, columns=columns, **kwargs)
+    fs, inner = arrow_filesystem(q)
+    return pq.read_table(inner, columns=columns, filesystem=fs, **kwargs)
+
+
+def read_schema(p: Any) -> Any:
+    import pyarrow.parquet as pq
+
+    q = path(p)
+    if not is_remote(q):
+        return pq.read_schema(q)
+    with open_read(q) as f:
+        return pq.read_schema(f)
+
+
+def read_metadata(p: Any) -> Any:
+    import pyarrow.parquet as pq
+
+    q = path(p)
+    if not is_remote(q):
+        return pq.read_metadata(q)
+    with open_read(q) as f:
+        return pq.read_metadata(f)
+
+
+def version_key(p: Any) -> tuple | None:
+    """What changes whenever the file is rewritten (inode+size+mtime locally, the ETag on a store)."""
+    q = path(p)
+    try:
+        if not is_remote(q):
+            st = q.stat()
+            return (str(q), st.st_ino, st.st_size, st.st_mtime_ns)
+        info = q.fs.info(q.path)
+    except FileNotFoundError:
+        return None
+    return (str(q), info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime"),
+            info.get("size"), info.get("LastModified") or info.get("updated") or info.get("mtime"))
+
+
+# -- conditional writes (object stores) ------------------------------------------------------------
+def _is_precondition_failure(e: BaseException) -> bool:
+    text = f"{type(e).__name__} {e}"
+    return "PreconditionFailed" in text or "pre-conditions" in text or "412" in text
+
+
+def create_exclusive(p: Any, data: bytes) -> bool:
+    """Write ``data`` to ``p`` only if nothing is there (S3 ``If-None-Match: *``); False when it exists."""
+    q = path(p)
+    check_writable(q)
+    try:
+        q.fs.pipe_file(q.path, data, mode="create")
+    except FileExistsError:
+        return False
+    except OSError as e:
+        if _is_precondition_failure(e):
+            return False
+        raise
+    return True
+
+
+def read_versioned(p: Any) -> tuple[bytes, str]:
+    """(content, version tag) read together: the tag is what :func:`replace_if_match` compares."""
+    q = path(p)
+    if scheme_of(q) in ("s3", "s3a"):
+        bucket, key, _ = q.fs.split_path(q.path)
+        resp = q.fs.call_s3("get_object", Bucket=bucket, Key=key)
+        body = resp["Body"]
+        data = _read_body(q.fs, body)
+        return data, resp["ETag"]
+    data = q.fs.cat_file(q.path)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _read_body(fs: Any, body: Any) -> bytes:
+    from fsspec.asyn import sync
+
+    async def _read() -> bytes:
+        async with body as stream:
+            return await stream.read()
+
+    return sync(fs.loop, _read)
+
+
+def replace_if_match(p: Any, data: bytes, tag: str) -> bool:
+    """Overwrite ``p`` with ``data`` only if it is still at version ``tag``; False when it changed.
+
+    S3: one PUT with ``If-Match`` (atomic on the server). Other stores: the tag is re-read and compared
+    just before the write; callers hold the card's lease lock around it, which is what makes it safe.
+    """
+    q = path(p)
+    check_writable(q)
+    if scheme_of(q) in ("s3", "s3a"):
+        try:
+            q.fs.pipe_file(q.path, data, IfMatch=tag)
+        except (OSError, FileNotFoundError) as e:
+            if _is_precondition_failure(e) or isinstance(e, FileNotFoundError):
+                return False
+            raise
+        return True
+    try:
+        _, current = read_versioned(q)
+    except FileNotFoundError:
+        return False
+    if current != tag:
+        return False
+    q.fs.pipe_file(q.path, data)
+    return True
+
+
+def delete_if_match(p: Any, tag: str) -> None:
+    """Delete ``p`` if it is still at version ``tag`` (a lock released by its holder only)."""
+    q = path(p)
+    try:
+        _, current = read_versioned(q)
+    except FileNotFoundError:
+        return
+    if current == tag:
+        with contextlib.suppress(FileNotFoundError):
+            q.fs.rm_file(q.path)
+
+
+# -- DuckDB ---------------------------------------------------------------------------------------
+def register_duckdb(con: Any, p: Any) -> None:
+    """Let DuckDB read URLs under ``p`` through the same fsspec filesystem (httpfs is not needed)."""
+    q = path(p)
+    if is_remote(q):
+        con.register_filesystem(q.fs)
+
+
+# -- errors --------------------------------------------------------------------------------------
+def explain(e: BaseException) -> str | None:
+    """A one-line cause for a storage failure (credentials, bucket, permission), or None if not one."""
+    name = type(e).__name__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else name
+    if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+        return ("object storage credentials are missing: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or a "
+                f"profile), and AWS_ENDPOINT_URL for a non-AWS server ({text})")
+    if "NoSuchBucket" in text or "bucket does not exist" in text:
+        return f"the bucket does not exist: {text}"
+    if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return f"permission denied by the storage: {text}"
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"):
+        return f"cannot reach the storage endpoint: {text}"
+    return None
