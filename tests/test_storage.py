@@ -153,3 +153,33 @@ def test_shard_index_reads_members_with_ranged_gets(bucket: str, tmp_path: Path)
     with storage.open_read(url) as fh:
         assert idx.read("k4", "txt", fh) == b"cap 4"
     assert [k for k, _ in iter_samples(url)] == [f"k{i}" for i in range(5)]
+
+
+def test_a_scheme_whose_package_is_missing_names_the_install() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here")
+    with pytest.raises(InputError, match=r"gs:// needs .*pip install gcsfs"):
+        storage.path("gs://bucket/pool")
+
+
+def test_file_urls_are_local_datasets(tmp_path: Path) -> None:
+    ds = Dataset.create(f"file://{tmp_path}/pool")
+    assert ds.root == tmp_path / "pool" and (tmp_path / "pool" / "capcurate.json").is_file()
+
+
+def test_cli_errors_for_storage_are_one_line_exit_2(s3_server: str, bucket: str) -> None:
+    from typer.testing import CliRunner
+
+    from capcurate.cli import app
+
+    runner = CliRunner()
+    for args, expected in (
+        (["stats", "s3://no-such-bucket-y/pool"], "bucket s3://no-such-bucket-y does not exist"),
+        (["stats", "nosuch://b/pool"], "unknown URL scheme"),
+        (["stats", f"{bucket}/missing"], "does not exist"),
+    ):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert expected in res.output and "Traceback" not in res.output
