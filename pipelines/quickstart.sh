@@ -18,6 +18,9 @@
 #   QUICKSTART_FETCH=download    download: serve the pool on 127.0.0.1 and fetch it with img2dataset (the
 #                                real path); ingest: synth also writes the pool as webdataset shards and
 #                                `capcurate ingest` adopts them (for machines where img2dataset is missing)
+#   QUICKSTART_STORE=s3://b/p    put the dataset, the training shards and the runs in object storage (an
+#                                empty prefix; credentials and AWS_ENDPOINT_URL as in docs/storage.md); the
+#                                world and the eval JSONs stay in QUICKSTART_OUT
 #   QUICKSTART_SEED=0            seed of the world, of every training run and of the shard shuffle
 #   QUICKSTART_SEEDS=1           N > 1: the whole pipeline once per seed SEED..SEED+N-1 into OUT/seed_<k>/,
 #                                then one table of mean ± std over the runs (N times the time)
@@ -59,6 +62,7 @@ WORKERS=${QUICKSTART_WORKERS:-auto}  # auto: in-process decoding on a few CPU co
 TOP=${QUICKSTART_TOP_FRACTION:-0.3}
 NOISE=${QUICKSTART_NOISE_PROFILE:-web}
 FETCH=${QUICKSTART_FETCH:-download}
+STORE=${QUICKSTART_STORE:-}  # a URL (s3://bucket/prefix): the dataset, the training shards and the runs go there
 PY=${PYTHON:-python}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
@@ -78,7 +82,8 @@ if [ "$SEEDS" -gt 1 ]; then
   # one complete, independent run per seed (world, captioner, scorer, CLIPs), then one table over them
   for k in $(seq "$SEED" $(( SEED + SEEDS - 1 ))); do
     echo "== seed $k of $SEED..$(( SEED + SEEDS - 1 ))" >&2
-    QUICKSTART_OUT="$OUT/seed_$k" QUICKSTART_SEED=$k QUICKSTART_SEEDS=1 bash "${BASH_SOURCE[0]}"
+    QUICKSTART_OUT="$OUT/seed_$k" QUICKSTART_SEED=$k QUICKSTART_SEEDS=1 QUICKSTART_STORE=${STORE:+$STORE/seed_$k} \
+      bash "${BASH_SOURCE[0]}"
   done
   echo "+ $PY $HERE/results_table.py $OUT --top-fraction $TOP" >&2
   "$PY" "$HERE/results_table.py" "$OUT" --top-fraction "$TOP"
@@ -88,6 +93,24 @@ fi
 
 WORLD="$OUT/world" DS="$OUT/dataset" RUNS="$OUT/runs" SHARDS="$OUT/shards" EVALS="$OUT/evals"
 mkdir -p "$EVALS"
+if [ -n "$STORE" ]; then
+  # object storage (docs/storage.md): the world (served over HTTP) and the eval JSONs stay in $OUT
+  "$PY" - "$STORE" <<'PYEOF' || exit $?
+import sys
+from capcurate import storage
+from capcurate.errors import CapcurateError
+try:
+    storage.check_container(sys.argv[1])
+    left = storage.list_entries(sys.argv[1])
+except CapcurateError as e:
+    sys.exit(f"error: QUICKSTART_STORE: {e}")
+if left:
+    print(f"error: QUICKSTART_STORE={sys.argv[1]} is not empty; give the quickstart a fresh prefix", file=sys.stderr)
+    sys.exit(3)
+PYEOF
+  DS="$STORE/dataset" RUNS="$STORE/runs" SHARDS="$STORE/shards"
+  echo "$STORE" > "$OUT/store.txt"
+fi
 export CAPCURATE_PROGRESS=${CAPCURATE_PROGRESS:-0} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 run() { echo "+ $*" >&2; "$@"; }

@@ -36,8 +36,19 @@ def label(strategy: str, top_fraction: float) -> str:
     }[strategy]
 
 
-def _json(path: Path) -> Any:
+def _json(path: Any) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stored(run: Path) -> Any:
+    """Where a run's dataset, shards and runs live: ``run`` itself, or the URL in its ``store.txt``
+    (``QUICKSTART_STORE``: they are in object storage; the world and the evals stay in ``run``)."""
+    marker = run / "store.txt"
+    if not marker.is_file():
+        return run
+    from capcurate import storage
+
+    return storage.path(marker.read_text().strip())
 
 
 def run_dirs(out: Path) -> list[Path]:
@@ -73,11 +84,15 @@ def caption_accuracy(run: Path) -> tuple[dict[str, float], dict[str, dict[str, f
     the raw alt-texts and the CoCa captions name the true colour, shape and both."""
     import duckdb
 
-    ds = run / "dataset"
+    ds = stored(run) / "dataset"
     samples = ds / "samples"
     if not samples.is_dir():
         return {}, {}
     con = duckdb.connect()
+    if ds is not run / "dataset":
+        from capcurate import storage
+
+        storage.register_duckdb(con, ds)
     con.execute(f"CREATE VIEW m AS SELECT * FROM read_parquet('{samples}/*.parquet', union_by_name=true)")
     truth = run / "world" / "urls.parquet"
     if "true_colour" in [r[0] for r in con.execute("DESCRIBE m").fetchall()]:
@@ -112,8 +127,8 @@ def build_rows(run: Path, top_fraction: float) -> tuple[list[dict[str, Any]], di
     accuracy, pool = caption_accuracy(run)
     rows = []
     for s in STRATEGIES:
-        manifest = _json(run / "shards" / s / "manifest.json") or {}
-        cfg = _json(run / "runs" / s / "run.json") or {}
+        manifest = _json(stored(run) / "shards" / s / "manifest.json") or {}
+        cfg = _json(stored(run) / "runs" / s / "run.json") or {}
         seen = (cfg.get("config") or cfg).get("train_num_samples")
         rows.append({"strategy": label(s, top_fraction), "name": s, "samples": manifest.get("total_samples"),
                      "samples_seen": seen, "captions_naming_object": accuracy.get(s),

@@ -81,7 +81,12 @@ def synth(
     if not 0 <= duplicate_rate <= 0.5:
         raise InputError(f"--duplicate-rate must be between 0 and 0.5, got {duplicate_rate}")
     noise = resolve_rates(noise_profile, rates)
-    root = Path(out)
+    from .. import storage
+
+    if storage.is_remote(out):  # the world is served over local HTTP and read as model configs: a folder
+        raise InputError(f"synth -o {out}: CapWorld is written to a local folder (its pool is served over "
+                         "HTTP from it); use a local path, then ingest or download into a bucket")
+    root = storage.path(out)
     _claim(root, overwrite)
     workers = max(1, workers or min(8, os.cpu_count() or 1))
     total = n_images + seed_size + eval_size

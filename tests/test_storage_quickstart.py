@@ -1,0 +1,83 @@
+"""The whole quickstart chain at QUICKSTART_SCALE=tiny with the dataset, the training shards and the runs in a
+bucket (a local S3 server), compared output by output with the same chain on local disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+from test_quickstart import QUICKSTART, _env
+
+STRATEGIES = "raw_top raw_top_synthetic"
+
+
+def _run(tmp: Path, **extra: str) -> Path:
+    env = _env(tmp, QUICKSTART_SCALE="tiny", QUICKSTART_STRATEGIES=STRATEGIES, **extra)
+    res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return tmp / "demo"
+
+
+def _fetch(url: str, dest: Path) -> Path:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+    prefix = url.removeprefix("s3://")
+    for key in fs.find(prefix):
+        target = dest / key[len(prefix):].lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(key, str(target))
+    return dest
+
+
+def _rows(folder: Path, drop: tuple[str, ...] = ()) -> list[dict]:
+    t = pq.read_table(folder)
+    rows = sorted(t.drop_columns([c for c in drop if c in t.column_names]).to_pylist(), key=lambda r: r["uid"])
+    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_tiny_quickstart_on_a_bucket_equals_the_local_run(tmp_path: Path, bucket: str) -> None:
+    local = _run(tmp_path / "local")
+    store = f"{bucket}/qs"
+    remote = _run(tmp_path / "bucket", QUICKSTART_STORE=store)
+    assert (remote / "store.txt").read_text().strip() == store
+    assert not (remote / "dataset").exists() and not (remote / "runs").exists()  # nothing local by mistake
+    got = _fetch(store, tmp_path / "fetched")
+
+    # the dataset: manifest (urls differ: each run served the world on its own port), captions, scores, selections
+    ds_l, ds_b = local / "dataset", got / "dataset"
+    assert _rows(ds_l / "samples", ("url", "error_message")) == _rows(ds_b / "samples", ("url", "error_message"))
+    for sub in ("captions/coca", "scores/clip"):
+        assert _rows(ds_l / sub) == _rows(ds_b / sub), sub
+    for sel in sorted((ds_l / "selections").glob("*.parquet")):
+        assert _rows(sel) == _rows(ds_b / "selections" / sel.name), sel.name
+    assert sorted(_digest(p) for p in (ds_l / "shards").glob("*.tar")) == \
+        sorted(_digest(p) for p in (ds_b / "shards").glob("*.tar"))
+
+    # the training shards, byte for byte, and what train and eval made of them
+    for s in STRATEGIES.split():
+        tars = sorted((local / "shards" / s).glob("*.tar"))
+        assert tars and [_digest(p) for p in tars] == [_digest(got / "shards" / s / p.name) for p in tars]
+        assert json.loads((local / "shards" / s / "sizes.json").read_text()) == \
+            json.loads((got / "shards" / s / "sizes.json").read_text())
+        assert (got / "runs" / s / "run.json").is_file()
+        assert json.loads((local / "evals" / f"{s}.json").read_text()) == \
+            json.loads((remote / "evals" / f"{s}.json").read_text()), s
+    res_l, res_b = (json.loads((d / "results.json").read_text()) for d in (local, remote))
+    assert res_l["rows"] == res_b["rows"] and res_l["pool_caption_accuracy"] == res_b["pool_caption_accuracy"]
+
+
+def test_quickstart_refuses_a_store_prefix_that_is_not_empty(tmp_path: Path, bucket: str) -> None:
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.pipe_file(f"{bucket.removeprefix('s3://')}/used/x", b"x")
+    env = _env(tmp_path, QUICKSTART_SCALE="tiny", QUICKSTART_STORE=f"{bucket}/used")
+    res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3 and "is not empty" in res.stderr
