@@ -148,3 +148,22 @@ def bucket(s3_server, request) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def tiny_quickstart(tmp_path_factory):
+    """One local tiny quickstart for the session, as (output folder, CompletedProcess): test_quickstart.py
+    checks it and test_storage_quickstart.py compares the bucket chain with it (each run takes a minute)."""
+    import subprocess
+
+    from test_quickstart import QUICKSTART, TINY_STRATEGIES, _env, _has_command
+
+    missing = [c for c in ("synth", "download", "train", "recaption", "score", "filter", "mix", "shard", "eval")
+               if not _has_command(c)]
+    if missing:
+        pytest.skip(f"stage commands not registered yet: {', '.join(missing)}")
+    tmp = tmp_path_factory.mktemp("quickstart")
+    env = _env(tmp, QUICKSTART_SCALE="tiny", QUICKSTART_STRATEGIES=TINY_STRATEGIES)
+    res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return tmp / "demo", res

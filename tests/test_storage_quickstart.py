@@ -11,9 +11,9 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from test_quickstart import QUICKSTART, _env
+from test_quickstart import QUICKSTART, TINY_STRATEGIES, _env
 
-STRATEGIES = "raw_top raw_top_synthetic"
+STRATEGIES = TINY_STRATEGIES
 
 
 def _run(tmp: Path, **extra: str) -> Path:
@@ -44,8 +44,8 @@ def _digest(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_tiny_quickstart_on_a_bucket_equals_the_local_run(tmp_path: Path, bucket: str) -> None:
-    local = _run(tmp_path / "local")
+def test_tiny_quickstart_on_a_bucket_equals_the_local_run(tmp_path: Path, bucket: str, tiny_quickstart) -> None:
+    local, _ = tiny_quickstart
     store = f"{bucket}/qs"
     remote = _run(tmp_path / "bucket", QUICKSTART_STORE=store)
     assert (remote / "store.txt").read_text().strip() == store
