@@ -9,7 +9,7 @@ from .app import JSON_HELP, WORKERS_HELP, app, run_command
 
 @app.command()
 def dedup(
-    dataset: str = typer.Argument(..., help="Dataset directory."),
+    dataset: str = typer.Argument(..., help="Dataset directory, local or a URL (s3://bucket/prefix)."),
     name: str = typer.Option(..., "--name", "-n", help=(
         "Writes selections/<name>.parquet (the kept rows) and dedup/<name>.parquet (the groups).")),
     exact: bool = typer.Option(False, "--exact", help="Exact duplicates: the same sha256 of the image bytes."),

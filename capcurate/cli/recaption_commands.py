@@ -21,7 +21,8 @@ from .app import (
 
 @app.command()
 def recaption(
-    dataset: str = typer.Argument(..., help="Dataset directory (made by download/ingest)."),
+    dataset: str = typer.Argument(..., help=(
+        "Dataset directory (made by download/ingest), local or a URL (s3://bucket/prefix).")),
     model: str = typer.Option(
         ..., "--model", "-m",
         help="Captioning model: hf:<hub-id-or-dir> (BLIP, BLIP-2, GIT, or a VLM: Qwen2-VL, Qwen2.5-VL, LLaVA, "
@@ -88,6 +89,9 @@ def recaption(
     part: str = typer.Option(None, "--part", help=PART_HELP),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing caption set NAME made with other parameters."),
+    scratch: str = typer.Option(None, "--scratch", help=(
+        "A dataset in object storage: local folder where each shard's tar is staged (downloaded once, "
+        "deleted when its shard is done); default: the system temp dir.")),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Caption every image with an image captioner; one captions/NAME/<shard>.parquet per shard.
@@ -107,4 +111,5 @@ def recaption(
         min_pixels=min_pixels, seed=seed, batch_size=batch_size,
         workers=workers, device=device, precision=precision, decode=decode, trust_remote_code=trust_remote_code,
         engine=engine, part=part, overwrite=overwrite, compile=compile, max_retries=max_retries,
+        scratch=scratch,
     ), json_out=json)

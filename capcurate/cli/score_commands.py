@@ -21,7 +21,8 @@ from .app import (
 
 @app.command()
 def score(
-    dataset: str = typer.Argument(..., help="Dataset directory (made by download or ingest)."),
+    dataset: str = typer.Argument(..., help=(
+        "Dataset directory (made by download or ingest), local or a URL (s3://bucket/prefix).")),
     model: str = typer.Option(..., "--model", "-m", help=(
         "Scoring model: openclip:ARCH/TAG (e.g. openclip:ViT-L-14/openai), openclip:CONFIG.json with "
         "--pretrained FILE, hf:HUB_ID_OR_DIR (a transformers CLIPModel or SigLIP model), or a capcurate "
@@ -52,6 +53,9 @@ def score(
     num_actors: int = typer.Option(None, "--num-actors", help="Ray actors (default: one per GPU, else per CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=(
         "Replace scores/<name> made with other parameters (otherwise refused; same parameters resume).")),
+    scratch: str = typer.Option(None, "--scratch", help=(
+        "A dataset in object storage: local folder where each shard's tar is staged (downloaded once, "
+        "deleted when its shard is done); default: the system temp dir.")),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Score every image against each caption column with a CLIP-style model.
@@ -66,7 +70,7 @@ def score(
         return run(dataset, model, name, pretrained=pretrained, captions=captions, num_captions=num_captions,
                    batch_size=batch_size, workers=workers, device=device, precision=precision, decode=decode,
                    save_embeddings=save_embeddings, engine=engine, part=part, overwrite=overwrite,
-                   num_actors=num_actors, compile=compile, max_retries=max_retries)
+                   num_actors=num_actors, compile=compile, max_retries=max_retries, scratch=scratch)
 
     run_command(go, json_out=json)
 

@@ -2,7 +2,9 @@
 
 A stage supplies a ``ShardJob``: ``setup()`` loads what every shard needs (a model) once per worker,
 ``process(shard_id)`` does one shard and writes its output atomically, ``output_path(shard_id)`` is the
-file whose existence means "done". The engine decides where ``process`` runs: in this process
+file whose existence means "done". Which outputs exist is learnt from one listing of each output folder
+per run (:func:`pending_shards`), never from one existence check per shard: on an object store that is
+one LIST request per 1,000 shards instead of one HEAD per shard. The engine decides where ``process`` runs: in this process
 (``local``) or on Ray actors (``ray``). Both produce the same files.
 """
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from .. import storage
 from ..errors import InputError
 
 
@@ -23,8 +26,9 @@ class ShardJob(Protocol):
     def process(self, shard_id: str) -> dict[str, int]: ...
     # Optional: ``process_many(shard_ids)`` yielding ``(shard_id, counts | exception)`` as each shard is
     # written; the local engine prefers it (one input stream across shards, no per-shard worker restarts).
-    # Optional: ``is_done(shard_id) -> bool`` replaces "output_path exists" as the completion test, for
-    # a stage whose finished file can still lack work (score adds columns for a new caption source).
+    # Optional: ``is_done(shard_id) -> bool`` refines "output_path exists" as the completion test, for
+    # a stage whose finished file can still lack work (score adds columns for a new caption source); it
+    # is asked only about shards whose output the listing found.
 
 
 def process_via_many(job: Any, shard_id: str) -> dict[str, int]:
@@ -37,8 +41,28 @@ def process_via_many(job: Any, shard_id: str) -> dict[str, int]:
 
 
 def is_done(job: ShardJob, shard_id: str) -> bool:
+    """One shard's completion test (one existence check; runs over many shards use pending_shards)."""
     check = getattr(job, "is_done", None)
     return bool(check(shard_id)) if callable(check) else job.output_path(shard_id).exists()
+
+
+def pending_shards(job: ShardJob, shard_ids: Sequence[str], *, first: bool = False) -> list[str]:
+    """The shards of ``shard_ids`` not done yet, in order: one listing per output folder, then the job's
+    ``is_done`` for the shards whose output is there. ``first``: stop at the first pending shard."""
+    listed: dict[str, set[str]] = {}
+    check = getattr(job, "is_done", None)
+    out = []
+    for sid in shard_ids:
+        p = job.output_path(sid)
+        folder = str(p.parent)
+        if folder not in listed:
+            listed[folder] = storage.list_names(p.parent)
+        done = p.name in listed[folder] and (not callable(check) or bool(check(sid)))
+        if not done:
+            out.append(sid)
+            if first:
+                break
+    return out
 
 
 @dataclass
@@ -101,9 +125,9 @@ def run_job(job: ShardJob, shard_ids: Sequence[str], *, engine: str = "local", p
     check_max_retries(max_retries)
     todo = select_part(shard_ids, parse_part(part))
     result = EngineResult()
-    remaining = []
-    for sid in todo:
-        (result.skipped if is_done(job, sid) else remaining).append(sid)
+    remaining = pending_shards(job, todo)
+    pending = set(remaining)
+    result.skipped.extend(s for s in todo if s not in pending)
     if engine == "local":
         from .local import run_local
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import storage
 from ..dataset import Dataset
 from ..errors import InputError
 from .dedup.embeddings import EmbeddingStore, peak_memory_mb
@@ -115,23 +115,25 @@ def target_clusters(ds: Dataset, cf: ClusterFilter, eligible_uids: Any) -> tuple
 def embed_targets(ds: Dataset, cf: ClusterFilter) -> np.ndarray:
     """L2-normalised float32 target embeddings: a .npy as it is, else made with the scorer's own model."""
     if cf.targets and str(cf.targets).endswith(".npy"):
-        path = Path(cf.targets)
+        from .score_columns import load_npy
+
+        path = storage.path(cf.targets)
         if not path.is_file():
             raise InputError(f"--targets {path}: no such file")
-        x = np.load(path).astype(np.float32)
+        x = load_npy(path).astype(np.float32)
         if x.ndim != 2 or not len(x):
             raise InputError(f"--targets {path}: expected a 2-d array of embeddings, got shape {x.shape}")
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     scorer, device = _load_scorer(ds, cf.scorer)
     if cf.target_classes:
-        path = Path(cf.target_classes)
+        path = storage.path(cf.target_classes)
         if not path.is_file():
             raise InputError(f"--target-classes {path}: no such file")
         names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not names:
             raise InputError(f"--target-classes {path} has no class names (one per line)")
         return scorer.encode_texts([CLASS_TEMPLATE.format(c) for c in names]).float().numpy()
-    return _embed_images(scorer, device, _target_works(Path(cf.targets)))
+    return _embed_images(scorer, device, _target_works(storage.path(cf.targets)))
 
 
 def _load_scorer(ds: Dataset, name: str) -> Any:
@@ -149,7 +151,7 @@ def _load_scorer(ds: Dataset, name: str) -> Any:
                        precision=precision or "fp32"), device
 
 
-def _target_works(root: Path) -> list[Any]:
+def _target_works(root: Any) -> list[Any]:
     """Image entries of a capcurate dataset (downloaded rows) or of every tar under a folder (an eval set)."""
     from ..inputs import ShardWork
     from ..shards import index_tar
@@ -157,20 +159,18 @@ def _target_works(root: Path) -> list[Any]:
     if not root.exists():
         raise InputError(f"--targets {root} does not exist")
     if (root / "capcurate.json").is_file():
-        import pyarrow.parquet as pq
-
         tds = Dataset(root)
         works = []
         for sid in tds.shard_ids():
-            m = pq.read_table(tds.samples_path(sid), columns=["key", "status"]).to_pylist()
-            works.append(ShardWork(sid, tds.shard_path(sid),
+            m = storage.read_table(tds.samples_path(sid), columns=["key", "status"]).to_pylist()
+            works.append(ShardWork(sid, str(tds.shard_path(sid)),
                                    [(str(i), r["key"]) for i, r in enumerate(m) if r["status"] == "success"]))
         return works
     tars = sorted(root.rglob("*.tar")) if root.is_dir() else [root]
     works = []
     for i, tar in enumerate(tars):
         idx = index_tar(tar)
-        works.append(ShardWork(str(i), tar, [(str(j), k) for j, k in enumerate(idx.samples) if idx.image_ext(k)]))
+        works.append(ShardWork(str(i), str(tar), [(str(j), k) for j, k in enumerate(idx.samples) if idx.image_ext(k)]))
     if not any(w.entries for w in works):
         raise InputError(f"--targets {root}: no images found (expected a capcurate dataset, tars of images or a .npy)")
     return works

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, atomic, lineage
+from .. import __version__, atomic, lineage, storage
 from ..dataset import Dataset, check_name
 from ..engines import process_via_many
 from ..errors import InputError
@@ -66,6 +66,7 @@ class RecaptionJob:
     decode: str = "auto"
     trust_remote_code: bool = False
     compile: bool = False
+    scratch: str | None = None   # where tars in object storage are staged (None: the system temp dir)
     _captioner: Any = field(default=None, repr=False)
     _batch: int = 0
     _state: dict[str, int] = field(default_factory=dict)
@@ -78,12 +79,12 @@ class RecaptionJob:
         return str(self.device) in ("auto", "") or str(self.device).startswith("cuda")
 
     def output_path(self, shard_id: str) -> Path:
-        return Path(self.root) / FAMILY / self.name / f"{shard_id}.parquet"
+        return storage.path(self.root) / FAMILY / self.name / f"{shard_id}.parquet"
 
     def is_done(self, shard_id: str) -> bool:
         """Done when the file exists and was made from the shard's current manifest (capcurate.lineage)."""
         return lineage.is_fresh(self.output_path(shard_id),
-                                {lineage.SAMPLES: Path(self.root) / "samples" / f"{shard_id}.parquet"})
+                                {lineage.SAMPLES: storage.path(self.root) / "samples" / f"{shard_id}.parquet"})
 
     def setup(self) -> None:
         if self._captioner is not None:
@@ -128,14 +129,14 @@ class RecaptionJob:
         pre = Preprocess(native=True) if cap.input_kind == "images" else Preprocess(cap.image_spec, cap.preprocess)
         return ImageStream(works, pre, batch_size=self._batch,
                            workers=self.workers, device=self.device, dtype=cap.dtype,
-                           decode=resolve_decode(self.decode, self.device))
+                           decode=resolve_decode(self.decode, self.device), scratch=self.scratch)
 
     def process_many(self, shard_ids: list[str]):
         """Yield ``(shard_id, counts)`` as each shard's file is written, or ``(shard_id, exception)``."""
         from ..inputs import ShardWork, success_entries
 
         self.setup()
-        root = Path(self.root)
+        root = storage.path(self.root)
         works, rows_of = [], []
         for sid in shard_ids:
             try:
@@ -150,7 +151,7 @@ class RecaptionJob:
             if not entries:
                 yield sid, self._write(sid, rows, {})
                 continue
-            works.append(ShardWork(sid, root / "shards" / f"{sid}.tar", entries))
+            works.append(ShardWork(sid, str(root / "shards" / f"{sid}.tar"), entries))
             rows_of.append(rows)
         if not works:
             return
@@ -251,10 +252,11 @@ def recaption(
     overwrite: bool = False,
     fail_fast: bool = False,
     max_retries: int = 2,
+    scratch: str | None = None,
 ) -> Summary:
     """Caption every image of ``dataset`` with ``model`` into ``captions/<name>/``; returns a Summary."""
     from ..devices import parse_batch_size, resolve_placement, resolve_workers
-    from ..engines import check_max_retries, parse_part, run_job, select_part
+    from ..engines import check_max_retries, parse_part, pending_shards, run_job, select_part
 
     check_max_retries(max_retries)
     from ..models.captioners import DecodingConfig
@@ -282,16 +284,16 @@ def recaption(
     out_dir = ds.family_dir(FAMILY, name)
 
     def exists() -> bool:
-        return out_dir.is_dir() and any(out_dir.glob("*.parquet"))
+        return bool(storage.list_names(out_dir, ".parquet"))
 
     # a name taken with other parameters is refused before the model loads (seconds to minutes)
     planned = ds.card.claim_output(FAMILY, name, params, overwrite=overwrite, exists=exists())
     job = RecaptionJob(str(ds.root), name, model, pretrained, cfg, batch_size=batch_size, workers=workers,
                        device=run_device, precision=run_precision, decode=decode,
-                       trust_remote_code=trust_remote_code, compile=compile)
+                       trust_remote_code=trust_remote_code, compile=compile, scratch=scratch)
     model_info: dict[str, Any] = dict(ref.describe())
     todo = select_part(shard_ids, parse_part(part))
-    if engine == "local" and (planned == "overwrite" or any(not job.is_done(s) for s in todo)):
+    if engine == "local" and (planned == "overwrite" or pending_shards(job, todo, first=True)):
         job.setup()  # load first: an unloadable model leaves no entry and deletes no old output
         model_info.update(job.captioner.describe())
         # the exact text the model sees (template applied) and the generate() arguments

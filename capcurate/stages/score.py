@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import atomic, lineage
+from .. import atomic, lineage, storage
 from ..dataset import Dataset, check_name
 from ..engines import process_via_many
 from ..errors import InputError
@@ -40,6 +40,9 @@ from .score_columns import (
 # limits on any current GPU; on the CPU larger batches only add latency
 GPU_BATCH_SIZE = 256
 CPU_BATCH_SIZE = 64
+# how long one listing of an input or output folder answers "which shards have a file" (seconds): a
+# folder is listed once per this, not probed once per shard
+LISTING_TTL = 60.0
 
 
 def score_column(name: str, source: str) -> str:
@@ -51,7 +54,7 @@ def score_column(name: str, source: str) -> str:
 class ScoreJob:
     """Scores one shard; picklable before ``setup`` so Ray actors can load the model themselves."""
 
-    root: Path
+    root: str   # the dataset, a local path or a URL (kept as text: the job is pickled to Ray actors)
     name: str
     model: str
     pretrained: str | None
@@ -64,11 +67,26 @@ class ScoreJob:
     save_embeddings: bool = False
     decode: str = "auto"
     compile: bool = False
+    scratch: str | None = None   # where tars in object storage are staged (None: the system temp dir)
     scorer: Any = field(default=None, repr=False)
+    _listings: dict[str, tuple[float, set[str]]] = field(default_factory=dict, repr=False)
 
     @property
     def ds(self) -> Dataset:
         return Dataset(self.root, must_exist=False)
+
+    @property
+    def base(self) -> Any:
+        """The dataset root as a path (a Path, or a UPath for a URL)."""
+        return storage.path(self.root)
+
+    def _names(self, folder: Any) -> set[str]:
+        """Names of the files in ``folder``: one listing, reused for LISTING_TTL seconds."""
+        key, now = str(folder), time.monotonic()
+        hit = self._listings.get(key)
+        if hit is None or now - hit[0] > LISTING_TTL:
+            hit = self._listings[key] = (now, storage.list_names(folder))
+        return hit[1]
 
     @property
     def uses_gpu(self) -> bool:
@@ -76,35 +94,47 @@ class ScoreJob:
         return str(self.device) in ("auto", "") or str(self.device).startswith("cuda")
 
     def output_path(self, shard_id: str) -> Path:
-        return self.root / "scores" / self.name / f"{shard_id}.parquet"
+        return self.base / "scores" / self.name / f"{shard_id}.parquet"
 
     def embeddings_dir(self) -> Path:
-        return self.root / "embeddings" / self.name
+        return self.base / "embeddings" / self.name
 
     def available_sources(self, shard_id: str) -> list[str]:
-        """Requested sources that have captions for this shard (a recaption run may be partial)."""
+        """Requested sources that have captions for this shard (a recaption run may be partial): one
+        listing of each captions folder, not one existence check per shard."""
         return [s for s in self.sources
-                if s == RAW or (self.root / "captions" / s / f"{shard_id}.parquet").exists()]
+                if s == RAW or f"{shard_id}.parquet" in self._names(self.base / "captions" / s)]
 
-    def missing_sources(self, shard_id: str) -> list[str]:
-        import pyarrow.parquet as pq
+    def missing_sources(self, shard_id: str) -> list[str] | None:
+        """Available sources without a current column in the shard's file; None when there is no file."""
+        import json
 
-        out = self.output_path(shard_id)
-        recorded = lineage.recorded_inputs(out)
-        have = set(pq.read_schema(out).names) if recorded is not None else set()
+        try:
+            meta = storage.read_metadata(self.output_path(shard_id))
+        except FileNotFoundError:
+            return None
+        raw = (meta.metadata or {}).get(lineage.META_KEY)
+        try:
+            recorded = json.loads(raw) if raw else {}
+        except ValueError:
+            recorded = {}
+        recorded = recorded if isinstance(recorded, dict) else {}
+        have = set(meta.schema.to_arrow_schema().names)
         # a column made from a manifest or captions file that changed since is missing too
         return [s for s in self.available_sources(shard_id) if score_column(self.name, s) not in have
-                or lineage.stale_inputs(recorded or {}, self.inputs_of(shard_id, s))]
+                or lineage.stale_inputs(recorded, self.inputs_of(shard_id, s))]
 
     def inputs_of(self, shard_id: str, source: str) -> dict[str, Path]:
         """The files a score column of ``source`` is made from (capcurate.lineage names -> paths)."""
-        files = {lineage.SAMPLES: self.root / "samples" / f"{shard_id}.parquet"}
+        files = {lineage.SAMPLES: self.base / "samples" / f"{shard_id}.parquet"}
         if source != RAW:
-            files[lineage.captions_input(source)] = self.root / "captions" / source / f"{shard_id}.parquet"
+            files[lineage.captions_input(source)] = self.base / "captions" / source / f"{shard_id}.parquet"
         return files
 
     def is_done(self, shard_id: str) -> bool:
-        return self.output_path(shard_id).exists() and not self.missing_sources(shard_id)
+        """The shard's file exists and has a current column for every available source (one footer read;
+        engines call this only for shards a listing found)."""
+        return self.missing_sources(shard_id) == []
 
     def setup(self) -> None:
         if self.scorer is None:
@@ -127,7 +157,8 @@ class ScoreJob:
 
         sc = self.scorer
         return ImageStream(works, Preprocess(sc.spec, sc.preprocess), batch_size=int(self.batch_size),
-                           workers=self.workers, device=self.device, dtype=sc.input_dtype, decode=self.decode)
+                           workers=self.workers, device=self.device, dtype=sc.input_dtype, decode=self.decode,
+                           scratch=self.scratch)
 
     def _encode_batch(self, pixels: Any) -> Any:
         """Embeddings left on the device: copied back once per shard, so no batch waits for the GPU."""
@@ -149,7 +180,7 @@ class ScoreJob:
         fingerprint of the captions file read goes into ``inputs``."""
         if source == RAW:
             return raw, None
-        table, fp = lineage.read_parquet(self.root / "captions" / source / f"{shard_id}.parquet")
+        table, fp = lineage.read_parquet(self.base / "captions" / source / f"{shard_id}.parquet")
         if inputs is not None:
             inputs[lineage.captions_input(source)] = fp
         by_uid = dict(zip(table.column("uid").to_pylist(), table.column("caption").to_pylist(), strict=True))
@@ -187,7 +218,7 @@ class ScoreJob:
             if state["reused"] is not None or not state["entries"]:
                 yield sid, self._guarded_finish(state)
                 continue
-            works.append(ShardWork(sid, self.ds.shard_path(sid), state["entries"]))
+            works.append(ShardWork(sid, str(self.ds.shard_path(sid)), state["entries"]))
             states.append(state)
         if not works:
             return
@@ -261,22 +292,27 @@ class ScoreJob:
         state["pending"], state["pending_rows"] = [], []
 
     def _open_shard(self, shard_id: str) -> dict[str, Any]:
-        import pyarrow.parquet as pq
-
         from ..inputs import success_entries
 
         manifest, samples_fp = lineage.read_parquet(self.ds.samples_path(shard_id),
                                                     columns=["uid", "key", "status", "caption"])
         uids = manifest.column("uid").to_pylist()
         out = self.output_path(shard_id)
-        previous = pq.read_table(out) if out.exists() else None
+        previous = None
+        if out.name in self._names(out.parent):  # a listing, not a probe per shard
+            try:
+                previous = storage.read_table(out)
+            except FileNotFoundError:
+                previous = None
         inputs = lineage.recorded_in(previous) if previous is not None else {}
         if previous is not None and (previous.column("uid").to_pylist() != uids
                                      or inputs.get(lineage.SAMPLES, samples_fp) != samples_fp):
             previous, inputs = None, {}  # the manifest changed: score everything again
         inputs[lineage.SAMPLES] = samples_fp
-        todo = self.missing_sources(shard_id) if previous is not None else self.available_sources(shard_id)
-        reused = (load_image_embeddings(self.embeddings_dir(), shard_id, uids, samples_fp)
+        missing = self.missing_sources(shard_id) if previous is not None else None
+        todo = missing if missing is not None else self.available_sources(shard_id)
+        emb_dir = self.embeddings_dir()
+        reused = (load_image_embeddings(emb_dir, shard_id, uids, samples_fp, listed=self._names(emb_dir))
                   if self.save_embeddings else None)
         keys, status = manifest.column("key").to_pylist(), manifest.column("status").to_pylist()
         errors: list[str | None] = [None if s == "success" else f"not downloaded: {s}" for s in status]
@@ -339,7 +375,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
           workers: int | str = "auto", device: str = "auto", precision: str = "auto", decode: str = "auto",
           save_embeddings: bool = False, engine: str = "local", part: str | None = None,
           overwrite: bool = False, num_actors: int | None = None, compile: bool = False,
-          max_retries: int = 2) -> Summary:
+          max_retries: int = 2, scratch: str | None = None) -> Summary:
     """Score every image against each selected caption column; writes ``scores/<name>/``."""
     from ..devices import parse_batch_size, resolve_placement, resolve_workers
     from ..engines import check_max_retries
@@ -367,7 +403,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
     out_dir = ds.family_dir("scores", name)
 
     def exists() -> bool:
-        return out_dir.is_dir() and any(out_dir.glob("*.parquet"))
+        return bool(storage.list_names(out_dir, ".parquet"))
 
     def remove() -> None:
         ds.remove_family_output("scores", name)
@@ -375,8 +411,8 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
 
     # a name taken with other parameters is refused before the model loads (seconds to minutes)...
     ds.card.claim_output("scores", name, params, overwrite=overwrite, exists=exists())
-    job = ScoreJob(ds.root, name, model, pretrained, sources, num_captions, batch_size, workers,
-                   run_device, run_precision, save_embeddings, decode, compile)
+    job = ScoreJob(str(ds.root), name, model, pretrained, sources, num_captions, batch_size, workers,
+                   run_device, run_precision, save_embeddings, decode, compile, scratch)
     if engine == "local":
         job.setup()  # a model that cannot load fails here: no entry written, no old output deleted
     # ...and claimed for good, old outputs removed on --overwrite, in one locked step with the entry

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import atomic, lineage
+from .. import atomic, lineage, storage
 from ..dataset import Dataset
 from ..errors import InputError
 
@@ -44,21 +44,40 @@ def save_npy(path: Path, array: np.ndarray) -> None:
         np.save(fh, array)
 
 
-def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str], samples_fp: str | None = None):
-    """Saved (embeddings, errors) of a shard if they exist, follow the manifest's row order and were made
-    from the manifest whose fingerprint is ``samples_fp`` (capcurate.lineage)."""
-    import pyarrow.parquet as pq
+def load_npy(path: Any) -> np.ndarray:
+    """A whole .npy from a local path or a URL (one GET)."""
+    if not storage.is_remote(path):
+        return np.load(path)
+    import io
 
+    return np.load(io.BytesIO(storage.path(path).read_bytes()))
+
+
+def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str], samples_fp: str | None = None,
+                          listed: set[str] | None = None):
+    """Saved (embeddings, errors) of a shard if they exist, follow the manifest's row order and were made
+    from the manifest whose fingerprint is ``samples_fp`` (capcurate.lineage). ``listed``: the names in
+    ``emb_dir`` from one listing (else each file is checked)."""
     img, order = emb_dir / f"{shard_id}.image.npy", emb_dir / f"{shard_id}.uids.parquet"
-    if not (img.exists() and order.exists()):
+    if listed is not None:
+        if not (img.name in listed and order.name in listed):
+            return None
+    elif not (img.exists() and order.exists()):
         return None
-    table = pq.read_table(order)
+    try:
+        table = storage.read_table(order)
+    except FileNotFoundError:
+        return None
     if table.column("uid").to_pylist() != uids:
         return None
     made_from = lineage.recorded_in(table).get(lineage.SAMPLES)
     if samples_fp is not None and made_from not in (None, samples_fp):
         return None  # the same uids with other images (re-ingested): embed again
-    return np.load(img).astype(np.float32), table.column("error").to_pylist()
+    try:
+        emb = load_npy(img)
+    except FileNotFoundError:
+        return None
+    return emb.astype(np.float32), table.column("error").to_pylist()
 
 
 def valid_text(text: Any) -> bool:

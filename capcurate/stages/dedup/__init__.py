@@ -64,7 +64,8 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
     n_workers = resolve_workers(workers)
     store = EmbeddingStore(ds, check_name(semantic, "scorer name")) if semantic else None
     sel_out, groups_out = ds.selection_path(name), dedup_path(ds, name)
-    present = [str(p.relative_to(ds.root)) for p in (sel_out, groups_out) if p.exists()]
+    present = [rel for rel, p in ((f"selections/{name}.parquet", sel_out), (f"dedup/{name}.parquet", groups_out))
+               if p.exists()]
     if present and not overwrite:
         raise OutputExistsError(f"{', '.join(present)} exist(s); choose another --name or pass --overwrite")
 
@@ -117,7 +118,7 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
 
     details["seconds_by_kind"] = {k: round(v, 2) for k, v in timings.items()}
     details["peak_memory_mb"] = round(peak_memory_mb(), 1)
-    ds.card.finish_entry(entry, counts, dedup_groups=str(groups_out.relative_to(ds.root)))
+    ds.card.finish_entry(entry, counts, dedup_groups=f"dedup/{name}.parquet")
     n, kept = len(pool), counts["kept"]
     pct = f" ({kept / n:.1%})" if n else ""
     return Summary(stage="dedup", counts=counts, details=details, seconds=time.time() - t0,

@@ -4,18 +4,28 @@
 failed) and ``<shard>.uids.parquet`` the uid and error of each row. Nothing here loads a whole pool into
 memory: shards are memory-mapped, a k-means training sample is gathered row by row, and any per-row
 result (a cluster label) is 4 bytes a row.
+
+A dataset in object storage: a memory map needs a local file, so each shard's ``.npy`` is downloaded
+once (one GET) into a local temp folder when the shard is first opened and memory-mapped from there; the
+folder goes when the store is garbage-collected or the process ends (disk: the size of
+``embeddings/<name>/``, the same as a local dataset holds).
 """
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
 import sys
+import tempfile
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ... import storage
 from ...dataset import Dataset
 from ...errors import InputError
 
@@ -31,7 +41,7 @@ class EmbeddingShard:
     shard_id: str
     uids: list[str]
     ok: np.ndarray          # bool per row: an embedding was made
-    path: Path
+    path: Path              # a local file (a store's .npy is staged by EmbeddingStore)
 
     def matrix(self) -> np.ndarray:
         """The shard's float16 rows as a read-only memory map."""
@@ -44,23 +54,38 @@ class EmbeddingStore:
     def __init__(self, ds: Dataset, name: str):
         self.root = ds.root / "embeddings" / name
         self.name = name
-        shard_ids = [sid for sid in ds.shard_ids()
-                     if (self.root / f"{sid}.image.npy").exists() and (self.root / f"{sid}.uids.parquet").exists()]
+        names = storage.list_names(self.root)  # one listing, not two existence checks per shard
+        all_ids = ds.shard_ids()
+        shard_ids = [sid for sid in all_ids if f"{sid}.image.npy" in names and f"{sid}.uids.parquet" in names]
         if not shard_ids:
             raise InputError(
                 f"no saved image embeddings in embeddings/{name}: run capcurate score --name {name} --save-embeddings")
         self.shard_ids = shard_ids
-        self.missing_shards = [sid for sid in ds.shard_ids() if sid not in shard_ids]
-        first = np.load(self.root / f"{shard_ids[0]}.image.npy", mmap_mode="r")
+        self.missing_shards = [sid for sid in all_ids if sid not in shard_ids]
+        self._staged: str | None = None
+        if storage.is_remote(self.root):  # memory maps need local files: .npy files are staged here
+            self._staged = tempfile.mkdtemp(prefix="capcurate-embeddings-")
+            weakref.finalize(self, shutil.rmtree, self._staged, True)
+        first = np.load(self.local_npy(shard_ids[0]), mmap_mode="r")
         self.dim = int(first.shape[1])
 
-    def shard(self, shard_id: str) -> EmbeddingShard:
-        import pyarrow.parquet as pq
+    def local_npy(self, shard_id: str) -> Path:
+        """A local path of the shard's image embeddings: the file itself, or a copy downloaded once."""
+        src = self.root / f"{shard_id}.image.npy"
+        if self._staged is None:
+            return src
+        dst = Path(self._staged) / f"{shard_id}.image.npy"
+        if not dst.exists():
+            tmp = dst.with_name(f".{dst.name}.part")
+            src.fs.get_file(src.path, str(tmp))
+            os.replace(tmp, dst)
+        return dst
 
-        t = pq.read_table(self.root / f"{shard_id}.uids.parquet")
+    def shard(self, shard_id: str) -> EmbeddingShard:
+        t = storage.read_table(self.root / f"{shard_id}.uids.parquet")
         errors = t.column("error").to_pylist()
         return EmbeddingShard(shard_id, t.column("uid").to_pylist(),
-                              np.array([e is None for e in errors], bool), self.root / f"{shard_id}.image.npy")
+                              np.array([e is None for e in errors], bool), self.local_npy(shard_id))
 
     def shards(self) -> Iterator[EmbeddingShard]:
         for sid in self.shard_ids:

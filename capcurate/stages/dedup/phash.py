@@ -13,7 +13,8 @@ channel. On a CapWorld pool of look-alike layouts (tests/test_dedup.py) it kept 
 found by the two pHashes and dropped all 22 recoloured look-alikes; imagehash's own ``colorhash`` (hue
 fractions) dropped 2-9 of them while losing 1-40% of the copies, depending on its settings.
 
-Images are read with one seek per image from the shard's tar index and decoded by the shared decoder
+Images are read with one seek per image from the shard's tar index (a tar in object storage is first
+downloaded whole to a temp file by the worker hashing it) and decoded by the shared decoder
 (``capcurate.inputs.decode_cpu``) in ``--workers`` processes, one shard per task. Pairs come from faiss's
 multi-index hashing (``IndexBinaryMultiHash``): the 64 bits are cut into ``threshold + 1`` pieces, so two
 hashes within ``threshold`` bits agree exactly on at least one piece (pigeonhole) and the search is exact
@@ -65,13 +66,15 @@ def _phash_bytes(data: bytes) -> np.ndarray | None:
 def hash_shard(task: tuple[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
     """(hashes uint8[n, ROW_BYTES]: the 64-bit pHash, the 256-bit pHash, the colour grid; ok bool[n]) for
     the keys of one tar."""
+    from ... import storage
     from ...shards import index_tar
 
     tar, keys = task
-    index = index_tar(tar)
     out = np.zeros((len(keys), ROW_BYTES), np.uint8)
     ok = np.zeros(len(keys), bool)
-    with open(tar, "rb") as fh:
+    # a tar in object storage is downloaded once into a temp file (one GET, made in this worker process)
+    with storage.local_copy(tar) as local, open(local, "rb") as fh:
+        index = index_tar(local)
         for i, key in enumerate(keys):
             ext = index.image_ext(key)
             if ext is None:

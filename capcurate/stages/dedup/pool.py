@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ... import storage
 from ...dataset import Dataset
 from ...errors import InputError
 
@@ -30,14 +31,13 @@ class Pool:
 def load_pool(ds: Dataset) -> Pool:
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     shard_ids = ds.shard_ids()
     if not shard_ids:
         raise InputError(f"{ds.root} has no manifest shards (samples/*.parquet): download or ingest first")
     tables, shard_rows, shard_uids, start = [], {}, {}, 0
     for sid in shard_ids:
-        t = pq.read_table(ds.samples_path(sid))
+        t = storage.read_table(ds.samples_path(sid))
         for c in COLUMNS:
             if c not in t.column_names:
                 t = t.append_column(c, pa.nulls(t.num_rows, pa.string() if c in ("sha256", "caption") else pa.int32()))
@@ -72,8 +72,9 @@ def sha256_column(ds: Dataset, pool: Pool) -> list[str | None]:
     for i in missing:
         by_shard.setdefault(shards[i], []).append(i)
     for sid, rows in by_shard.items():
-        index = index_tar(ds.shard_path(sid))
-        with open(index.path, "rb") as fh:
+        # a tar in object storage is downloaded once (one GET) rather than read member by member
+        with storage.local_copy(ds.shard_path(sid)) as local, open(local, "rb") as fh:
+            index = index_tar(local)
             for i in rows:
                 ext = index.image_ext(keys[i])
                 if ext is not None:
