@@ -23,9 +23,12 @@ _BOOL_FLAGS = {  # TrainConfig field -> (on flag, off flag)
 def train(
     data: str = typer.Argument(..., help="Training shards: a directory of .tar files (uses its manifest.json or "
                                "sizes.json when present), a manifest.json/sizes.json file, or a brace pattern "
-                               "like 'shards/{00000..00041}.tar'. Each sample needs an image (jpg/png/webp) and a .txt."),
-    output: str = typer.Option(..., "-o", "--output", help="Run directory: checkpoints/, model/ (open_clip "
-                               "local-dir export, loadable with --model RUN), metrics.jsonl, run.json."),
+                               "like 'shards/{00000..00041}.tar'; local or a URL (s3://bucket/shards, s3://bucket/shards/manifest.json, "
+                               "'s3://bucket/shards/{00000..00041}.tar'), streamed through fsspec. Each sample needs "
+                               "an image (jpg/png/webp) and a .txt."),
+    output: str = typer.Option(..., "-o", "--output", help="Run directory, local or a URL (s3://bucket/runs/x): "
+                               "checkpoints/, model/ (open_clip local-dir export, loadable with --model RUN), "
+                               "metrics.jsonl, run.json."),
     model: str | None = typer.Option(None, "--model", help="open_clip architecture name, e.g. ViT-B-32, "
                                         "ViT-B-16-SigLIP or coca_ViT-B-32 (random init unless --pretrained)."),
     model_config: str | None = typer.Option(None, "--model-config", help="A JSON model config in open_clip's "
@@ -84,9 +87,9 @@ def train(
                                    "Checkpoints also re-export RUN/model."),
     keep_checkpoints: int = typer.Option(2, "--keep-checkpoints", help="Newest checkpoints to keep (0 = all)."),
     resume: str | None = typer.Option(None, "--resume", help="'latest' continues RUN from its newest checkpoint "
-                                         "bit-exactly (same data order, same step); or a checkpoint directory."),
-    eval_data: str | None = typer.Option(None, "--eval-data", help="An eval set (see `capcurate eval`) evaluated "
-                                            "during training; results go to metrics.jsonl."),
+                                         "bit-exactly (same data order, same step); or a checkpoint directory, local or a URL."),
+    eval_data: str | None = typer.Option(None, "--eval-data", help="An eval set (see `capcurate eval`), local or "
+                                            "a URL, evaluated during training; results go to metrics.jsonl."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (0 = only at the end)."),
     log_every: int = typer.Option(1, "--log-every", help="Write a metrics.jsonl line every N steps."),
     device: str | None = typer.Option(None, "--device", help="auto (default: cuda when available), cuda, cuda:1 "
@@ -151,8 +154,10 @@ def config_to_argv(cfg) -> list[str]:
 @app.command("eval")
 def eval_command(
     model: str = typer.Argument(..., help="What to evaluate: a capcurate run directory, an open_clip folder, "
-                                "openclip:<arch>[/<tag>], openclip:<config.json> or hf:<CLIPModel id or dir>."),
-    data: str = typer.Option(..., "--data", help="Eval set directory: clip_benchmark's webdataset layout "
+                                "openclip:<arch>[/<tag>], openclip:<config.json> or hf:<CLIPModel id or dir>; "
+                                "a run or folder may be a URL (s3://bucket/runs/x), downloaded once into "
+                                "$CAPCURATE_CACHE/models (default ~/.cache/capcurate/models)."),
+    data: str = typer.Option(..., "--data", help="Eval set directory, local or a URL: clip_benchmark's webdataset layout "
                              "(test/*.tar with .cls/.txt, classnames.txt, zeroshot_classification_templates.txt, as "
                              "`capcurate synth` writes it) or test.parquet (image path/bytes, label, caption)."),
     pretrained: str | None = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
@@ -161,7 +166,8 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
     output: str | None = typer.Option(None, "--output", "-o", help="Also write the clip_benchmark-shaped "
-                                         "results ({dataset, model, task, metrics}) to this JSON file."),
+                                         "results ({dataset, model, task, metrics}) to this JSON file, local or "
+                                         "a URL (s3://bucket/evals/x.json)."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Zero-shot classification (top-1/top-5) and image-text retrieval (R@1/5/10 both ways) of a CLIP model.

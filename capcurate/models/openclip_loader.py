@@ -235,25 +235,33 @@ def _load_with_conv_stem(ref: ModelRef, name: str, cfg: dict[str, Any], device: 
                           tokenizer, name, cfg)
 
 
-def export_openclip_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: str | Path,
+def export_openclip_dir(model: torch.nn.Module, model_cfg: dict[str, Any], out_dir: Any,
                         *, preprocess_cfg: dict[str, Any] | None = None,
-                        tokenizer_dir: str | Path | None = None) -> Path:
-    """Write ``out_dir`` in open_clip's local-dir layout so any open_clip user can load it."""
+                        tokenizer_dir: str | Path | None = None) -> Any:
+    """Write ``out_dir`` (a local folder or a URL) in open_clip's local-dir layout so any open_clip user can
+    load it. Each file is committed whole (rename, or one upload on a store); the config comes last."""
     import shutil
 
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from .. import storage
+
+    out = storage.path(out_dir)
+    remote = storage.is_remote(out)
+    storage.ensure_dir(out)
     cfg = json.loads(json.dumps(model_cfg))
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():
             if f.is_file() and f.name != OPENCLIP_CONFIG:
-                shutil.copy2(f, out / f.name)
+                if remote:
+                    storage.upload(f, out / f.name)
+                else:
+                    shutil.copy2(f, out / f.name)
         # absolute: open_clip's add_model_config + get_tokenizer(name) reads this path as is, so a path
         # relative to where training ran would break loading from any other directory
-        # (``local-dir:`` loading ignores it and uses the folder itself, so a moved run still loads)
-        cfg.setdefault("text_cfg", {})["hf_tokenizer_name"] = str(out.resolve())
+        # (``local-dir:`` loading ignores it and uses the folder itself, so a moved run still loads; a
+        # folder in a bucket is loaded from its download, by ``local-dir:``)
+        cfg.setdefault("text_cfg", {})["hf_tokenizer_name"] = str(out) if remote else str(out.resolve())
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic.atomic_path(out / "open_clip_model.safetensors") as tmp:
         save_file(state, str(tmp))

@@ -7,16 +7,31 @@
     <run dir> | <open_clip dir>       a capcurate training run (RUN/model) or a folder holding
                                       open_clip_config.json + weights (open_clip's local-dir layout)
     <hf dir>                          a folder with a transformers config.json
+    <URL>                             any of these folders in a store (s3://bucket/runs/x, gs://..., az://...),
+                                      also as hf:<URL> or openclip:<URL>
+
+A URL is downloaded once into a local cache folder (``$CAPCURATE_CACHE/models``, default
+``~/.cache/capcurate/models``) named by the URL and its objects' ETags, so a changed model downloads again
+and an unchanged one never does; it then loads exactly as the local folder would. This module is the only
+place that knows a model came from a store: ``ModelRef.url`` and ``version`` say so, and lineage records them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from ..errors import ModelLoadError
 
 OPENCLIP_CONFIG = "open_clip_config.json"
+CACHE_ENV = "CAPCURATE_CACHE"
 
 
 @dataclass(frozen=True)
@@ -26,31 +41,46 @@ class ModelRef:
     pretrained: str | None = None  # open_clip pretrained tag or weights file
     local_dir: Path | None = None  # open_clip local-dir (run export or saved folder)
     text: str = ""               # the reference as the user typed it
+    url: str | None = None       # the store folder the model was downloaded from (name/local_dir: the cache)
+    version: str | None = None   # a hash of the downloaded objects' names, sizes and ETags
 
     def describe(self) -> dict[str, str | None]:
         """What lineage records about where the weights came from."""
-        return {
+        out = {
             "reference": self.text,
             "kind": self.kind,
             "name": self.name,
             "pretrained": self.pretrained,
             "local_dir": str(self.local_dir) if self.local_dir else None,
         }
+        if self.url:
+            out.update(url=self.url, version=self.version)
+        return out
 
 
 def parse_model_ref(text: str, pretrained: str | None = None) -> ModelRef:
     """Turn a reference string into a ``ModelRef``; raise ModelLoadError with the accepted forms."""
     if not text:
         raise ModelLoadError("empty model reference; use hf:<id-or-dir>, openclip:<arch>[/<tag>] or a run dir")
+    if _is_url(text):
+        folder, version = fetch_model_folder(text)
+        return replace(parse_model_ref(str(folder), pretrained), text=text, url=text, version=version)
     if text.startswith("hf:"):
         name = text[3:]
         if not name:
             raise ModelLoadError("hf: needs a hub id or a local directory, e.g. hf:Salesforce/blip-image-captioning-base")
+        if _is_url(name):
+            folder, version = fetch_model_folder(name)
+            return ModelRef("hf", str(folder), text=text, url=name, version=version)
         return ModelRef("hf", name, text=text)
     if text.startswith("openclip:"):
         spec = text[len("openclip:"):]
         if not spec:
             raise ModelLoadError("openclip: needs an architecture, e.g. openclip:ViT-B-32/openai")
+        if _is_url(spec):
+            folder, version = fetch_model_folder(spec)
+            ref = _openclip_dir(folder / "model" if (folder / "model" / OPENCLIP_CONFIG).is_file() else folder, text)
+            return replace(ref, url=spec, version=version)
         if spec.startswith("local-dir:"):
             return _openclip_dir(Path(spec[len("local-dir:"):]), text)
         p = Path(spec)
@@ -84,3 +114,99 @@ def _openclip_dir(path: Path, text: str) -> ModelRef:
     if not (path / OPENCLIP_CONFIG).is_file():
         raise ModelLoadError(f"{path} has no {OPENCLIP_CONFIG}")
     return ModelRef("openclip", f"local-dir:{path}", local_dir=path, text=text)
+
+
+# -- models in object storage ----------------------------------------------------------------------
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _is_url(text: str) -> bool:
+    return bool(_URL.match(text))
+
+
+def cache_root() -> Path:
+    """Where models from URLs are kept: ``$CAPCURATE_CACHE/models``, else ``~/.cache/capcurate/models``."""
+    base = os.environ.get(CACHE_ENV)
+    return Path(base).expanduser() / "models" if base else Path.home() / ".cache" / "capcurate" / "models"
+
+
+def _tag(info: dict[str, Any]) -> str:
+    for k in ("ETag", "etag", "md5Hash", "content_md5", "LastModified", "last_modified", "mtime", "updated"):
+        if info.get(k):
+            return str(info[k]).strip('"')
+    return ""
+
+
+def _model_files(url: str, files: dict[str, dict[str, Any]]) -> list[str]:
+    """The objects (relative names) of the model a URL names: a run's ``model/`` only, else the folder."""
+    names = [n for n in files if not any(part.startswith(".") for part in n.split("/"))]
+    if f"model/{OPENCLIP_CONFIG}" in files:
+        return sorted(n for n in names if n.startswith("model/"))
+    if OPENCLIP_CONFIG in files:
+        return sorted(n for n in names if "/" not in n)
+    if "config.json" in files:
+        return sorted(names)
+    raise ModelLoadError(
+        f"{url} holds no model: expected a capcurate run (model/{OPENCLIP_CONFIG}), an open_clip folder "
+        f"({OPENCLIP_CONFIG}) or a transformers folder (config.json)"
+    )
+
+
+def fetch_model_folder(url: str) -> tuple[Path, str]:
+    """The local copy of the model folder at ``url`` (downloaded on first use) and its version key.
+
+    One listing says which objects make the model and their ETags; the cache folder is named by a hash
+    of the URL and those, so a re-uploaded model is fetched again. The download goes into a temp folder
+    renamed into place when complete, so a folder in the cache is whole, and concurrent processes
+    (``--part`` runs, Ray actors on one host) at worst download twice.
+    """
+    from .. import storage
+    from ..errors import InputError
+
+    q = storage.path(url)
+    if not storage.is_remote(q):  # file:// names a local folder
+        return Path(q), ""
+    try:
+        listing = q.fs.find(q.path, detail=True)
+    except Exception as e:  # credentials, endpoint, permission
+        cause = storage.explain(e)
+        if cause:
+            raise InputError(f"{url}: {cause}") from None
+        raise ModelLoadError(f"cannot list {url}: {type(e).__name__}: {e}") from None
+    prefix = q.path.rstrip("/") + "/"
+    files = {p[len(prefix):]: info for p, info in listing.items() if p.startswith(prefix)}
+    if not files:
+        storage.check_container(q)
+        raise ModelLoadError(f"{url}: no model there (nothing under this prefix)")
+    take = _model_files(url, files)
+    key = hashlib.sha256("\n".join([url.rstrip("/")] + [f"{n}\t{files[n].get('size')}\t{_tag(files[n])}"
+                                                        for n in take]).encode()).hexdigest()
+    label = re.sub(r"[^A-Za-z0-9_.-]", "_", q.name or "model")[:40]
+    dest = cache_root() / f"{label}-{key[:20]}"
+    if dest.is_dir():
+        return dest, key
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    from ..atomic import owner_tag
+
+    tmp = dest.parent / f".{dest.name}~{owner_tag()}~{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        for name in take:
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            q.fs.get_file(prefix + name, str(target))
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.is_dir():  # not another process's finished copy: a real failure
+                raise
+    except Exception as e:
+        cause = storage.explain(e)
+        if cause:
+            raise InputError(f"{url}: {cause}") from None
+        if isinstance(e, (InputError, ModelLoadError)):
+            raise
+        raise ModelLoadError(f"cannot download {url}: {type(e).__name__}: {e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+    return dest, key

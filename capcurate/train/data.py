@@ -5,8 +5,10 @@ Determinism is the design constraint, because ``--resume`` must continue bit-exa
 - every (rank, worker) pair reads its own slice of a per-epoch shard order fixed by the seed, and
   resamples shards with its own seeded RNG when there are fewer shards than workers x ranks;
 - the shuffle buffer uses an RNG seeded by (seed, epoch, rank, worker);
-- augmentation is seeded per sample from (seed, epoch, shard, key), so a sample looks the same no
-  matter which worker or rank decodes it (this is also what makes 2 ranks x B equal 1 rank x 2B);
+- augmentation is seeded per sample from (seed, epoch, shard name, key), so a sample looks the same no
+  matter which worker or rank decodes it (this is also what makes 2 ranks x B equal 1 rank x 2B), nor
+  where the shards are stored: the shard's file name, not its path or URL, so the same shards in a
+  bucket or in another folder train the same model;
 - every batch carries its worker's position in the raw stream, so a checkpoint records where each
   worker stood and a resumed worker skips that many raw samples without decoding them.
 
@@ -46,6 +48,7 @@ from ..shards import IMAGE_EXTS
 from .caption_choice import CaptionChoice, caption_uniform
 from .gpu_batches import CropAug, pack_batch
 from .shard_list import TEXT_EXTS
+from .store_io import register_gopen, shard_name
 
 # meta tensor carried with every batch: logical worker, raw position after it, batches done, skipped,
 # shard opens that failed this epoch
@@ -174,6 +177,7 @@ class TrainStream(torch.utils.data.IterableDataset):
             counter["skipped"] += 1  # a damaged member or tar: count it, keep going
             return True
 
+        register_gopen()  # s3://, gs://... stream through fsspec, in this process or a worker
         per_cycle = self._shards_per_cycle(gid, total)
         logged: set[str] = set()
         failures: dict[str, str] = {}  # shards that failed since the last one that opened
@@ -213,6 +217,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         """Whether some shard outside ``known_bad`` yields at least one tar member."""
         import webdataset as wds
 
+        register_gopen()
         for url in self.urls:
             if url in known_bad:
                 continue
@@ -243,7 +248,7 @@ class TrainStream(torch.utils.data.IterableDataset):
 
     def sample_seed(self, sample: dict[str, Any]) -> int:
         """The seed of one sample's augmentation: the same whichever worker or rank reads it."""
-        return _seed_of(self.seed, self.epoch, sample.get("__url__"), sample["__key__"])
+        return _seed_of(self.seed, self.epoch, shard_name(sample.get("__url__", "")), sample["__key__"])
 
     def _decode(self, sample: dict[str, Any]) -> tuple[str, Any, str] | None:
         """(kind, payload, caption): ("float", tensor) in pil mode, ("u8", tensor) or ("jpeg", (bytes,
@@ -266,7 +271,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         """The sample's .txt, or with ``captions`` a draw among its .json caption keys."""
         if self.captions is not None and "json" in sample:
             meta = json.loads(sample["json"])
-            u = caption_uniform(self.seed, self.epoch, "caption", sample.get("__url__"), sample["__key__"])
+            u = caption_uniform(self.seed, self.epoch, "caption", shard_name(sample.get("__url__", "")),
+                                sample["__key__"])
             picked = self.captions.pick(meta, u) if isinstance(meta, dict) else None
             if picked is not None:
                 return picked[1]

@@ -136,7 +136,8 @@ def evaluate_encoders(eval_set: EvalSet, preprocess: Callable[[Any], torch.Tenso
 
 def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size: int | str = "auto",
              device: str = "auto", precision: str = "auto", output: str | None = None) -> Summary:
-    """``capcurate eval``: load any CLIP-style reference (open_clip, run dir, hf:) and evaluate it."""
+    """``capcurate eval``: load any CLIP-style reference (open_clip, run dir, hf:, or one of those in a bucket)
+    and evaluate it; ``data`` and ``output`` may be URLs too."""
     from .. import atomic
     from ..devices import parse_batch_size, resolve_device, resolve_precision
     from ..models.scorers import load_scorer
@@ -147,6 +148,11 @@ def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size
     batch_size = parse_batch_size(batch_size)
     if batch_size == "auto":
         batch_size = 256 if device.startswith("cuda") else 64
+    if output:  # a read-only scheme or a missing bucket: one line before the model loads
+        from .. import storage
+
+        storage.check_writable(output)
+        storage.check_container(output)
     eval_set = open_eval_set(data)
     scorer = load_scorer(model, pretrained=pretrained, device=device, precision=precision)
     # bf16/fp16 models keep some parameters fp32: pixels go in the dtype of the layer that takes them

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import storage
 from ..errors import InputError
-from ..shards import IMAGE_EXTS, index_tar
+from ..shards import IMAGE_EXTS, index_tar, split_member_name
 
 TEXT_EXTS = ("txt", "text", "caption")
 
@@ -23,7 +24,14 @@ class ShardList:
 
 
 def resolve_shards(spec: str) -> ShardList:
-    """A brace pattern, a directory of .tar files, or a manifest.json / sizes.json from ``capcurate shard``."""
+    """A brace pattern, a directory of .tar files, or a manifest.json / sizes.json from ``capcurate shard``.
+
+    Each may be local or a URL (``s3://bucket/shards``, ``s3://bucket/shards/manifest.json``,
+    ``'s3://bucket/shards/{00000..00009}.tar'``); a folder in a store is listed once, and the shards a
+    manifest or pattern names are checked against one listing per folder, never probed one by one.
+    """
+    if storage.is_remote(spec):
+        return _resolve_remote(spec)
     import webdataset as wds
 
     p = Path(spec)
@@ -40,6 +48,8 @@ def resolve_shards(spec: str) -> ShardList:
     urls = wds.shardlists.expand_urls(spec)
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not Path(u).is_file()]
+    remote = [u for u in urls if storage.is_remote(u) and not u.startswith(("http:", "https:", "pipe:"))]
+    missing += _missing_remote(remote)
     if missing:
         raise InputError(
             f"training data {spec!r}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); "
@@ -48,11 +58,62 @@ def resolve_shards(spec: str) -> ShardList:
     return ShardList(list(urls), None, "pattern")
 
 
-def _from_json(path: Path) -> ShardList:
+def _resolve_remote(spec: str) -> ShardList:
+    """``resolve_shards`` for a URL: a folder (prefix), a .json in a store, or a brace pattern of URLs."""
+    import webdataset as wds
+
+    if "{" in spec:
+        urls = wds.shardlists.expand_urls(spec)
+        missing = _missing_remote(urls)
+        if missing:
+            raise InputError(f"training data {spec!r}: {len(missing)} of {len(urls)} shards do not exist (first: "
+                             f"{missing[0]})")
+        return ShardList(list(urls), None, "pattern")
+    p = storage.path(spec)
+    if p.name.endswith(".json"):
+        return _from_json(p)
+    if p.name.endswith(".tar"):
+        if _missing_remote([spec]):
+            raise InputError(f"training data {spec!r} does not exist")
+        return ShardList([spec], None, "pattern")
+    names = storage.list_names(p)
+    for name in ("manifest.json", "sizes.json"):
+        if name in names:
+            return _from_json(p / name, listed=names)
+    tars = sorted(n for n in names if n.endswith(".tar"))
+    if not tars:
+        storage.check_container(p)  # a missing bucket says so
+        raise InputError(f"{spec} holds no .tar shards (and no manifest.json or sizes.json)")
+    return ShardList([str(p / n) for n in tars], None, "directory")
+
+
+def _missing_remote(urls: list[str]) -> list[str]:
+    """The URLs among ``urls`` that do not exist: one listing per folder they live in."""
+    by_folder: dict[str, list[str]] = {}
+    for u in urls:
+        folder, _, _name = u.rstrip("/").rpartition("/")
+        by_folder.setdefault(folder, []).append(u)
+    missing = []
+    for folder, members in by_folder.items():
+        if "://" not in folder:
+            continue
+        names = storage.list_names(folder)
+        if not names:
+            storage.check_container(folder)  # a missing bucket is one line, not "N shards missing"
+        missing += [u for u in members if u.rstrip("/").rpartition("/")[2] not in names]
+    return missing
+
+
+def _from_json(path: Any, listed: set[str] | None = None) -> ShardList:
+    remote = storage.is_remote(path)
     try:
-        obj = json.loads(path.read_text())
+        obj = json.loads(storage.path(path).read_text() if remote else path.read_text())
+    except FileNotFoundError:
+        if remote:
+            storage.check_container(path)
+        raise InputError(f"cannot read {path}: it does not exist") from None
     except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}") from None
+        raise InputError(f"cannot read {path}: {storage.explain(e) or e}") from None
     recipe = None
     if isinstance(obj, dict) and "shards" in obj:  # capcurate shard's manifest.json
         names = [(s["name"], int(s["samples"])) for s in obj["shards"]]
@@ -62,14 +123,21 @@ def _from_json(path: Path) -> ShardList:
     else:
         raise InputError(f"{path}: expected capcurate's manifest.json ({{'shards': [...]}}) or sizes.json")
     urls = [str(path.parent / n) for n, _ in names]
-    missing = [u for u in urls if not Path(u).is_file()]
+    if remote:
+        if listed is not None and all("/" not in n for n, _ in names):
+            missing = [u for (n, _), u in zip(names, urls, strict=True) if n not in listed]
+        else:
+            missing = _missing_remote(urls)
+    else:
+        missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise InputError(f"{path} lists {len(missing)} shards that do not exist (first: {missing[0]})")
     return ShardList(urls, sum(n for _, n in names), path.name, recipe)
 
 
 def count_samples(urls: list[str]) -> int:
-    """Samples with an image, counted from tar headers (no decoding); local shards only."""
+    """Samples with an image, counted from tar headers (no decoding); local shards only (a store would
+    have to read every tar whole: there, the manifest.json / sizes.json says the counts)."""
     total = 0
     for u in urls:
         idx = index_tar(u)
@@ -77,13 +145,41 @@ def count_samples(urls: list[str]) -> int:
     return total
 
 
+def _first_members(url: str, probe: int) -> dict[str, set[str]]:
+    """{key: extensions} of the first ``probe`` samples: a local tar's index, or the head of a stored tar
+    streamed (a GET or two, never the whole object)."""
+    if not storage.is_remote(url):
+        idx = index_tar(url)
+        return {k: set(idx.samples[k]) for k in list(idx.samples)[:probe]}
+    import tarfile
+
+    q = storage.path(url)
+    try:
+        src = q.fs.open(q.path, "rb", block_size=2**20)  # the head only: 1 MiB ranged reads
+    except Exception as e:
+        raise InputError(f"cannot open shard {url}: {storage.explain(e) or f'{type(e).__name__}: {e}'}") from None
+    found: dict[str, set[str]] = {}
+    try:
+        with src, tarfile.open(fileobj=src, mode="r|") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                key, ext = split_member_name(m.name)
+                if key not in found and len(found) == probe:
+                    break
+                found.setdefault(key, set()).add(ext)
+    except (tarfile.TarError, EOFError, OSError):
+        pass  # a damaged tar: what was read is judged; the stream counts the damage
+    return found
+
+
 def check_members(url: str, probe: int = 16) -> None:
     """Fail early, with the members found, when a shard has no image or no text members."""
-    if "://" in url or url.startswith("pipe:"):
+    if url.startswith(("pipe:", "http:", "https:")) or ("://" in url and not storage.is_remote(url)):
         return
-    idx = index_tar(url)
-    keys = list(idx.samples)[:probe]
-    found = sorted({e for k in keys for e in idx.samples[k]})
+    samples = _first_members(url, probe)
+    keys = list(samples)
+    found = sorted({e for k in keys for e in samples[k]})
     if not keys:
         raise InputError(f"shard {url} holds no samples")
     if not any(e in found for e in IMAGE_EXTS):

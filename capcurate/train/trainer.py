@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import storage
 from ..errors import InputError, OutputExistsError, StageFailed
 from ..inputs.prefetch import prefetched
 from ..models.text_trim import token_trimmer
@@ -93,13 +92,15 @@ def _autocast(precision: str, device: torch.device):
 class _Trainer:
     def __init__(self, cfg: TrainConfig, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
-        self.run_dir = Path(cfg.output)
+        self.run_dir = storage.path(cfg.output)  # a local folder or a URL (s3://bucket/runs/x)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
 
     # -- set-up ------------------------------------------------------------------------------------
     def _prepare_run_dir(self) -> None:
         cfg, run = self.cfg, self.run_dir
-        has_run = (run / "run.json").is_file() or bool(ckpt_mod.checkpoint_dirs(run))
+        storage.check_writable(run)
+        storage.check_container(run)  # a missing bucket is one line before any work
+        has_run = storage.exists(run / "run.json") or bool(ckpt_mod.checkpoint_dirs(run))
         if has_run and not cfg.resume and not cfg.overwrite:
             raise OutputExistsError(f"{run} already holds a training run; pass --resume latest to continue it "
                                     "or --overwrite to start over")
@@ -107,24 +108,33 @@ class _Trainer:
         if self.dist.is_main:
             if has_run and cfg.overwrite and not cfg.resume:
                 for p in ("checkpoints", "model"):
-                    shutil.rmtree(run / p, ignore_errors=True)
+                    storage.rmtree(run / p)
                 for p in ("metrics.jsonl", "run.json", "summary.json"):
-                    (run / p).unlink(missing_ok=True)
-            run.mkdir(parents=True, exist_ok=True)
+                    storage.remove(run / p)
+            storage.ensure_dir(run)
         barrier(self.dist)
 
     def run(self) -> Summary | None:
+        try:
+            return self._run()
+        finally:
+            if self.dist.is_main:
+                self.metrics.close()  # a run in a bucket: the lines logged since the last upload
+
+    def _run(self) -> Summary | None:
         cfg, dist = self.cfg, self.dist
         t0 = time.time()
-        self._prepare_run_dir()
+        # the data first: training data that does not exist must leave no -o behind
         shards = resolve_shards(cfg.data)
         check_members(shards.urls[0])
         captions = caption_choice(cfg, shards)  # --caption-keys, else the shards' recipe, else .txt
         num_samples = cfg.train_num_samples or shards.num_samples
         if num_samples is None:
             if any("://" in u for u in shards.urls):
-                raise InputError("remote shards: pass --train-num-samples (no manifest.json to read sizes from)")
+                raise InputError("remote shards: pass --train-num-samples, or give the folder with its "
+                                 "manifest.json / sizes.json (sizes are not counted by reading every tar)")
             num_samples = count_samples(shards.urls)
+        self._prepare_run_dir()
 
         setup = build_model(cfg, dist.device)
         self.setup = setup
@@ -163,7 +173,7 @@ class _Trainer:
                 epoch, micro_done, data_state = epoch + 1, 0, {}
         if dist.is_main:
             self.metrics.truncate_after(step)
-            if not (self.run_dir / "run.json").is_file():
+            if not storage.exists(self.run_dir / "run.json"):
                 from .. import atomic
 
                 atomic.write_json(self.run_dir / "run.json", {
@@ -348,6 +358,7 @@ class _Trainer:
         if dist.is_main:
             from ..models.openclip_loader import export_openclip_dir
 
+            self.metrics.flush()  # before the checkpoint: a stored metrics.jsonl holds every line up to it
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "rng": rngs, "data": datas,
                      "step": step, "epoch": epoch, "micro": micro}
@@ -382,7 +393,7 @@ class _Trainer:
 
             results = evaluate_encoders(eval_set, setup.preprocess_val, enc_img, enc_txt, model_name=setup.name)
             core.train()
-            self.metrics.append({"step": step, "eval": {r["task"]: r["metrics"] for r in results}})
+            self.metrics.append({"step": step, "eval": {r["task"]: r["metrics"] for r in results}}, flush=True)
         barrier(self.dist)
 
 

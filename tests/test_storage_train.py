@@ -1,0 +1,211 @@
+"""train / eval / model references on a bucket (a local S3 server): the same results as local folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from train_fixtures import tiny_clip_config, write_eval_set, write_shards
+from typer.testing import CliRunner
+
+from capcurate import storage
+from capcurate.cli import app
+from capcurate.errors import InputError
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(monkeypatch, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CAPCURATE_CACHE", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def upload_tree(local: Path, url: str) -> None:
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            storage.upload(f, storage.path(url) / f.relative_to(local).as_posix())
+
+
+def download_tree(url: str, local: Path) -> None:
+    q = storage.path(url)
+    q.fs.get(q.path.rstrip("/") + "/", str(local), recursive=True)
+
+
+def loss_rows(text: str) -> list[dict]:
+    rows = [json.loads(x) for x in text.splitlines() if x.strip()]
+    return [{k: r[k] for k in ("step", "epoch", "loss", "contrastive_loss", "lr")} for r in rows if "loss" in r]
+
+
+OPTS = ["--batch-size", "8", "--epochs", "2", "--lr", "2e-3", "--workers", "1", "--shuffle-buffer", "10",
+        "--save-every", "2", "--seed", "3", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, s3_server):
+    """One tiny run from local shards into a local folder (CLI), and the same shards in a bucket."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("train")
+    write_shards(root / "shards", n_shards=2, per_shard=16)
+    write_eval_set(root / "eval")
+    cfg = tiny_clip_config(root)
+    name = "storage-train-shared"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    b = f"s3://{name}"
+    upload_tree(root / "shards", f"{b}/shards")
+    upload_tree(root / "eval", f"{b}/eval")
+    import torch
+
+    torch.set_num_threads(1)
+    r = CliRunner().invoke(app, ["train", str(root / "shards"), "-o", str(root / "run"), "--model-config", str(cfg),
+                                 *OPTS])
+    assert r.exit_code == 0, r.output
+    return {"root": root, "cfg": cfg, "bucket": b}
+
+
+def test_bucket_shards_to_bucket_run_with_a_resume_equal_the_local_run(trained):
+    root, b = trained["root"], trained["bucket"]
+    run = f"{b}/runs/x"
+    opts = ["--model-config", str(trained["cfg"]), *OPTS]
+    # a stop after step 2 (a checkpoint), then --resume latest from the bucket
+    r = CliRunner().invoke(app, ["train", f"{b}/shards", "-o", run, *opts, "--max-steps", "3"])
+    assert r.exit_code == 0, r.output
+    # a checkpoint an upload kill cut off (no COMPLETE marker) is not one, and the next save removes it
+    storage.upload(root / "shards" / "manifest.json", storage.path(run) / "checkpoints/step_00000099/meta.json")
+    from capcurate.train import checkpoint as ck
+
+    assert [d.name for d in ck.checkpoint_dirs(run)] == ["step_00000002", "step_00000003"]
+    r = CliRunner().invoke(app, ["train", f"{b}/shards", "-o", run, *opts, "--resume", "latest", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["details"]["resumed_from"].endswith("step_00000003")
+    local = root / "run"
+    stored = storage.path(run)
+    want = loss_rows((local / "metrics.jsonl").read_text())
+    assert len(want) == 8 and loss_rows(stored.joinpath("metrics.jsonl").read_text()) == want
+    # the same weights: exported model and both kept checkpoints, byte for byte
+    for rel in ("model/open_clip_model.safetensors", "model/open_clip_config.json",
+                "checkpoints/step_00000008/model.safetensors", "checkpoints/step_00000006/model.safetensors"):
+        assert stored.joinpath(rel).read_bytes() == (local / rel).read_bytes(), rel
+    assert [d.name for d in ck.checkpoint_dirs(run)] == [d.name for d in ck.checkpoint_dirs(local)] == \
+        ["step_00000006", "step_00000008"]
+    names = storage.list_names(stored / "checkpoints/step_00000008")
+    assert names == {"model.safetensors", "state.pt", "meta.json", "COMPLETE"}
+    assert storage.list_dirs(stored / "checkpoints") == ["step_00000006", "step_00000008"]  # partial 99 gone
+    assert storage.exists(stored / "run.json") and storage.exists(stored / "summary.json")
+
+    # eval of the bucket run (a model ref downloaded into the cache) on the stored eval set, into the bucket
+    r = CliRunner().invoke(app, ["eval", run, "--data", f"{b}/eval", "--output", f"{b}/evals/e.json", "--json"])
+    assert r.exit_code == 0, r.output
+    remote = json.loads(r.stdout)["details"]["results"]
+    r = CliRunner().invoke(app, ["eval", str(local), "--data", str(root / "eval"), "--json"])
+    assert r.exit_code == 0, r.output
+    here = json.loads(r.stdout)["details"]["results"]
+    assert [x["metrics"] for x in remote] == [x["metrics"] for x in here]
+    assert {x["task"] for x in remote} == {"zeroshot_classification", "zeroshot_retrieval"}
+    written = json.loads(storage.path(f"{b}/evals/e.json").read_text())
+    assert [x["metrics"] for x in written] == [x["metrics"] for x in here]
+
+
+def test_shard_specs_on_a_bucket_are_listed_not_downloaded(trained, monkeypatch):
+    from capcurate.train.shard_list import check_members, resolve_shards
+
+    b = trained["bucket"]
+    folder = resolve_shards(f"{b}/shards")
+    manifest = resolve_shards(f"{b}/shards/manifest.json")
+    pattern = resolve_shards(f"{b}/shards/{{00000..00001}}.tar")
+    want = [f"{b}/shards/00000.tar", f"{b}/shards/00001.tar"]
+    assert folder.urls == manifest.urls == pattern.urls == want
+    assert folder.num_samples == manifest.num_samples == 32 and pattern.num_samples is None
+    with pytest.raises(InputError, match="1 of 3 shards do not exist"):
+        resolve_shards(f"{b}/shards/{{00000..00002}}.tar")
+    # the first shard's members are probed from its head: no ranged read past the first MiB
+    import fsspec.spec
+
+    reads = []
+    real = fsspec.spec.AbstractBufferedFile.read
+
+    def counted(self, length=-1):
+        reads.append(self.loc)
+        return real(self, length)
+
+    monkeypatch.setattr(fsspec.spec.AbstractBufferedFile, "read", counted)
+    check_members(want[0])
+    assert reads and max(reads) < 2**20
+
+
+def test_train_on_missing_bucket_data_creates_no_output(trained, tmp_path):
+    b = trained["bucket"]
+    for data in (f"{b}/no-such-shards", f"{b}/no-such/manifest.json", f"{b}/shards/{{00007..00008}}.tar"):
+        out = tmp_path / "never"
+        r = CliRunner().invoke(app, ["train", data, "-o", str(out), "--model-config", str(trained["cfg"])])
+        assert r.exit_code == 2, (data, r.output)
+        assert not out.exists()
+        r = CliRunner().invoke(app, ["train", data, "-o", f"{b}/runs/never", "--model-config", str(trained["cfg"])])
+        assert r.exit_code == 2, (data, r.output)
+        assert storage.list_entries(f"{b}/runs/never") == []
+    r = CliRunner().invoke(app, ["train", f"{b}/shards", "-o", "s3://no-such-bucket-zz/run", "--model-config",
+                                 str(trained["cfg"])])
+    assert r.exit_code == 2 and "does not exist" in r.output, r.output
+
+
+def test_an_s3_model_ref_scores_like_its_local_copy_and_downloads_once(trained, tmp_path, tiny_dataset):
+    import pyarrow.parquet as pq
+
+    from capcurate.dataset import Dataset
+    from capcurate.models.ref import cache_root, parse_model_ref
+    from capcurate.stages.score import score
+
+    root, b = trained["root"], trained["bucket"]
+    url = f"{b}/runs/scorer"
+    upload_tree(root / "run", url)
+    ref = parse_model_ref(url)
+    assert ref.kind == "openclip" and ref.url == url and ref.describe()["url"] == url and ref.version
+    assert ref.local_dir is not None and ref.local_dir.parent.parent == cache_root()
+    assert sorted(p.name for p in ref.local_dir.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    assert parse_model_ref(url).local_dir == ref.local_dir and len(list(cache_root().iterdir())) == 1
+    a = score(str(tiny_dataset), str(root / "run"), "here", workers=0, device="cpu", precision="fp32")
+    s = score(str(tiny_dataset), url, "there", workers=0, device="cpu", precision="fp32")
+    assert a.ok and s.ok
+    (col_a,), (col_s,) = a.details["columns"], s.details["columns"]
+    here = pq.read_table(tiny_dataset / "scores" / "here").to_pylist()
+    there = pq.read_table(tiny_dataset / "scores" / "there").to_pylist()
+    assert [r[col_a] for r in here] == [r[col_s] for r in there]
+    assert sum(r[col_a] is not None for r in here) == 21
+    entry = Dataset(tiny_dataset).card.lineage("scores", "there")[-1]
+    assert entry["model"]["url"] == url and entry["model"]["reference"] == url
+    # a re-uploaded model is a new version (other ETags): downloaded again, into a new cache folder
+    changed = tmp_path / "open_clip_config.json"
+    changed.write_text(json.dumps(json.loads((root / "run" / "model" / "open_clip_config.json").read_text())))
+    storage.upload(changed, storage.path(url) / "model" / "open_clip_config.json")
+    again = parse_model_ref(url)
+    assert again.local_dir != ref.local_dir and again.version != ref.version
+    assert len([p for p in cache_root().iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_an_s3_hf_captioner_captions_like_its_local_copy(bucket, tmp_path, tiny_dataset):
+    import pyarrow.parquet as pq
+    from captioner_fixtures import build_tiny_blip
+
+    from capcurate.stages.recaption import recaption
+
+    ref = build_tiny_blip(tmp_path / "models")
+    local_dir = Path(ref[len("hf:"):])
+    url = f"{bucket}/models/blip"
+    upload_tree(local_dir, url)
+    opts = dict(max_new_tokens=6, workers=0, batch_size=8, device="cpu", decoding="greedy")
+    assert recaption(str(tiny_dataset), model=ref, name="here", **opts).ok
+    assert recaption(str(tiny_dataset), model=url, name="there", **opts).ok
+    here = pq.read_table(tiny_dataset / "captions" / "here").to_pylist()
+    there = pq.read_table(tiny_dataset / "captions" / "there").to_pylist()
+    assert [r["caption"] for r in here] == [r["caption"] for r in there]
+    assert sum(bool(r["caption"]) for r in here) == 21
+    from capcurate.dataset import Dataset
+
+    entry = Dataset(tiny_dataset).card.lineage("captions", "there")[-1]
+    assert entry["model"]["url"] == url and entry["model"]["kind"] == "hf"
