@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from train_fixtures import tiny_clip_config, write_eval_set, write_shards
+from train_fixtures import tiny_clip_config, write_eval_set, write_textured_shards
 from typer.testing import CliRunner
 
 from capcurate import storage
@@ -42,6 +45,7 @@ def loss_rows(text: str) -> list[dict]:
     return [{k: r[k] for k in ("step", "epoch", "loss", "contrastive_loss", "lr")} for r in rows if "loss" in r]
 
 
+ROOT = Path(__file__).resolve().parents[1]
 OPTS = ["--batch-size", "8", "--epochs", "2", "--lr", "2e-3", "--workers", "1", "--shuffle-buffer", "10",
         "--save-every", "2", "--seed", "3", "--device", "cpu"]
 
@@ -52,7 +56,7 @@ def trained(tmp_path_factory, s3_server):
     import boto3
 
     root = tmp_path_factory.mktemp("train")
-    write_shards(root / "shards", n_shards=2, per_shard=16)
+    write_textured_shards(root / "shards", 2, 16)  # crops differ visibly: the augmentation seed shows
     write_eval_set(root / "eval")
     cfg = tiny_clip_config(root)
     name = "storage-train-shared"
@@ -73,17 +77,25 @@ def test_bucket_shards_to_bucket_run_with_a_resume_equal_the_local_run(trained):
     root, b = trained["root"], trained["bucket"]
     run = f"{b}/runs/x"
     opts = ["--model-config", str(trained["cfg"]), *OPTS]
-    # a stop after step 2 (a checkpoint), then --resume latest from the bucket
-    r = CliRunner().invoke(app, ["train", f"{b}/shards", "-o", run, *opts, "--max-steps", "3"])
-    assert r.exit_code == 0, r.output
+    # kill -9 after step 5 (the last checkpoint: step 4), then --resume latest from the bucket
+    env = {**os.environ, "CAPCURATE_PROGRESS": "0", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "CAPCURATE_TRAIN_KILL_AT_STEP": "5"}
+    p = subprocess.run([sys.executable, "-m", "capcurate", "train", f"{b}/shards", "-o", run, *opts], env=env,
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-2000:]
+    # the stored metrics.jsonl holds every line up to the checkpoint (uploaded before it)
+    assert [x["step"] for x in loss_rows(storage.path(run).joinpath("metrics.jsonl").read_text())][:4] == [1, 2, 3, 4]
     # a checkpoint an upload kill cut off (no COMPLETE marker) is not one, and the next save removes it
     storage.upload(root / "shards" / "manifest.json", storage.path(run) / "checkpoints/step_00000099/meta.json")
     from capcurate.train import checkpoint as ck
 
-    assert [d.name for d in ck.checkpoint_dirs(run)] == ["step_00000002", "step_00000003"]
+    assert [d.name for d in ck.checkpoint_dirs(run)] == ["step_00000002", "step_00000004"]
+    assert ck.resolve_resume(run, f"{run}/checkpoints/step_00000002").name == "step_00000002"
+    with pytest.raises(InputError, match="complete checkpoint"):
+        ck.resolve_resume(run, f"{run}/checkpoints/step_00000099")
     r = CliRunner().invoke(app, ["train", f"{b}/shards", "-o", run, *opts, "--resume", "latest", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout.strip().splitlines()[-1])["details"]["resumed_from"].endswith("step_00000003")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["details"]["resumed_from"].endswith("step_00000004")
     local = root / "run"
     stored = storage.path(run)
     want = loss_rows((local / "metrics.jsonl").read_text())

@@ -30,7 +30,7 @@ def resolve_shards(spec: str) -> ShardList:
     ``'s3://bucket/shards/{00000..00009}.tar'``); a folder in a store is listed once, and the shards a
     manifest or pattern names are checked against one listing per folder, never probed one by one.
     """
-    if storage.is_remote(spec):
+    if _in_store(spec):
         return _resolve_remote(spec)
     import webdataset as wds
 
@@ -48,14 +48,18 @@ def resolve_shards(spec: str) -> ShardList:
     urls = wds.shardlists.expand_urls(spec)
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     missing = [u for u in local if not Path(u).is_file()]
-    remote = [u for u in urls if storage.is_remote(u) and not u.startswith(("http:", "https:", "pipe:"))]
-    missing += _missing_remote(remote)
+    missing += _missing_remote([u for u in urls if _in_store(u)])
     if missing:
         raise InputError(
             f"training data {spec!r}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]}); "
             "expected a shard directory, a manifest.json, or a brace pattern like 'shards/{00000..00009}.tar'"
         )
     return ShardList(list(urls), None, "pattern")
+
+
+def _in_store(url: str) -> bool:
+    """An object-store URL (s3://, gs://, az://, hf://...) that can be listed; http(s) and pipe: cannot."""
+    return storage.is_remote(url) and storage.scheme_of(url) not in ("http", "https", "pipe")
 
 
 def _resolve_remote(spec: str) -> ShardList:
@@ -175,7 +179,7 @@ def _first_members(url: str, probe: int) -> dict[str, set[str]]:
 
 def check_members(url: str, probe: int = 16) -> None:
     """Fail early, with the members found, when a shard has no image or no text members."""
-    if url.startswith(("pipe:", "http:", "https:")) or ("://" in url and not storage.is_remote(url)):
+    if url.startswith("pipe:") or ("://" in url and not _in_store(url)):
         return
     samples = _first_members(url, probe)
     keys = list(samples)
