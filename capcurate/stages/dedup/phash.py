@@ -85,6 +85,14 @@ def hash_shard(task: tuple[str, list[str]]) -> tuple[np.ndarray, np.ndarray]:
     return out, ok
 
 
+def _one_torch_thread() -> None:
+    """Pool initializer: a forked child whose parent already ran torch's OpenMP pool (score, then dedup, in
+    one Python process) hangs in its first parallel op unless it keeps to one thread."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def hash_shards(tasks: list[tuple[str, list[str]]], workers: int,
                 advance: Callable[[int], None] = lambda n: None) -> list[tuple[np.ndarray, np.ndarray]]:
     """``hash_shard`` over every task, in order, on ``workers`` processes (0: in this process)."""
@@ -96,7 +104,7 @@ def hash_shards(tasks: list[tuple[str, list[str]]], workers: int,
         return results
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     results = []
-    with ctx.Pool(min(workers, len(tasks))) as pool:
+    with ctx.Pool(min(workers, len(tasks)), initializer=_one_torch_thread) as pool:
         for task, res in zip(tasks, pool.imap(hash_shard, tasks), strict=True):
             results.append(res)
             advance(len(task[1]))
