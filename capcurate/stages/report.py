@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .. import atomic
+from .. import atomic, storage
 from ..dataset import Dataset, check_name
 from ..errors import InputError
 from ..images import ImageDecodeError, decode_image
@@ -102,7 +102,8 @@ def report(
     page = render_page(title=f"capcurate report: {ds.root.name}" + (f" / {selection}" if selection else ""),
                        meta_lines=meta, histograms=[h for h in histograms if h], cards=cards,
                        scorers=scorers)
-    out = Path(out)
+    out = storage.path(out)
+    storage.check_writable(out)
     atomic.write_bytes(out, page.encode("utf-8"))
     shown_ok = sum(1 for c in cards if c.get("thumb"))
     return Summary(
@@ -175,7 +176,7 @@ def _thumbnails(ds: Dataset, rows: list[dict], size: int) -> dict[tuple[str, str
             out.update({(shard, k): (None, f"shard {shard}.tar missing") for k in keys})
             continue
         idx = index_tar(path)
-        with open(path, "rb") as fh:
+        with storage.open_read(path) as fh:
             for key in keys:
                 ext = idx.image_ext(key)
                 if ext is None:

@@ -9,10 +9,21 @@ from ``mix --strategy sample``, their probabilities). Each output shard is one
 unit of work of ``capcurate.engines`` (written atomically, skipped when it exists), so a killed run
 resumes, ``--part i/N`` splits the work and ``--engine ray`` spreads it. ``manifest.json`` and
 open_clip's ``sizes.json`` are written when every shard exists.
+
+Object storage (a dataset and/or ``-o`` that is a URL): the output prefix is listed once (finished
+shards, the claim) instead of one existence check per shard, each output tar is uploaded whole when
+written (invisible until complete, so a killed run resumes the same way), and the plan lives in a
+private local scratch folder. Source tars in a bucket are staged once each to local scratch (one GET
+per source tar, see ``shard_plan.stage_sources``) and then read with ``os.pread`` exactly as local ones:
+a selection, shuffled or not, draws every output shard from all over the sources, so reading members
+straight from the bucket would cost one GET per sample. Scratch must hold the source tars the
+selection uses (put ``TMPDIR`` on a large disk); with ``--engine ray`` the workers must share that
+host's scratch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -20,14 +31,15 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from .. import __version__, atomic
+from .. import __version__, atomic, storage
 from ..dataset import Dataset, check_name
-from ..engines import check_max_retries, run_job
+from ..engines import check_max_retries, parse_part, run_job, select_part
 from ..errors import InputError, OutputExistsError, StageFailed
 from ..shards import TarShardWriter
 from ..summary import Summary
-from .shard_plan import ShardPlan, build_plan
+from .shard_plan import ShardPlan, build_plan, stage_sources
 
 CLAIM_NAME = ".capcurate-shard.json"
 OUR_FILES = ("manifest.json", "sizes.json", CLAIM_NAME)
@@ -40,13 +52,25 @@ def shard_name(index: int) -> str:
 class ShardWriteJob:
     """One output shard per unit of work: gather its images from the source tars, write them in order."""
 
-    def __init__(self, ds_root: Path, out: Path, plan: ShardPlan):
-        self.ds_root = Path(ds_root)
-        self.out = Path(out)
+    def __init__(self, ds_root: Any, out: Any, plan: ShardPlan):
+        self.ds_root = storage.path(ds_root)
+        self.out = storage.path(out)
         self.plan = plan
+        self._finished: set[str] | None = None
 
-    def output_path(self, shard_id: str) -> Path:
+    def output_path(self, shard_id: str) -> Any:
         return self.out / f"{shard_id}.tar"
+
+    def is_done(self, shard_id: str) -> bool:
+        """Finished shards from one listing of the output folder/prefix (not one probe per shard)."""
+        if self._finished is None:
+            self._finished = storage.list_names(self.out, ".tar")
+        return f"{shard_id}.tar" in self._finished
+
+    def source_path(self, source_shard: str) -> Path:
+        """A local file with the source tar's bytes: the tar itself, or its staged copy (bucket)."""
+        staged = self.plan.staged_sources.get(source_shard)
+        return staged if staged is not None else self.ds_root / "shards" / f"{source_shard}.tar"
 
     def setup(self) -> None:
         pass
@@ -77,7 +101,7 @@ class ShardWriteJob:
                         if fd is not None:
                             os.close(fd)
                         open_shard = cols["shard"][i]
-                        fd = os.open(self.ds_root / "shards" / f"{open_shard}.tar", os.O_RDONLY | os.O_CLOEXEC)
+                        fd = os.open(self.source_path(open_shard), os.O_RDONLY | os.O_CLOEXEC)
                     data = os.pread(fd, sizes[i], cols["byte_offset"][i])
                     if len(data) != sizes[i]:
                         raise StageFailed(f"source shard {open_shard}.tar changed while sharding")
@@ -114,9 +138,11 @@ def shard(
     if samples_per_shard < 1 or min_shards < 1:
         raise InputError("--samples-per-shard and --min-shards must be at least 1")
     recipe = caption_recipe(ds, selection, captions)
-    out = Path(out)
+    out = storage.path(out)
+    storage.check_writable(out)
+    storage.check_container(out)
     claim = {
-        "dataset": str(ds.root.resolve()), "selection": selection,
+        "dataset": storage.as_str(ds.root) if ds.remote else str(ds.root.resolve()), "selection": selection,
         "selection_sha256": _file_sha256(ds.selection_path(selection)),
         "parameters": {"samples_per_shard": samples_per_shard, "min_shards": min_shards,
                        "shuffle": shuffle, "seed": seed if shuffle else None},
@@ -126,20 +152,26 @@ def shard(
     mode = _claim_out_dir(out, claim, overwrite=overwrite)
     atomic.clean_stale_temps(out)
 
-    _remove_dead_plans(out)
-    # the plan folder names its owner (host~pid) so that only a provably dead run's plan is removed
-    work = Path(tempfile.mkdtemp(prefix=f".plan{atomic.SEP}{atomic.owner_tag()}{atomic.SEP}", dir=out))
+    # the plan folder names its owner (host~pid) so that only a provably dead run's plan is removed; it
+    # lies in -o when that is a local folder (as before), else in local scratch (a store has no folders)
+    plan_parent = Path(tempfile.gettempdir()) if storage.is_remote(out) else out
+    _remove_dead_plans(plan_parent)
+    work = Path(tempfile.mkdtemp(prefix=f".plan{atomic.SEP}{atomic.owner_tag()}{atomic.SEP}", dir=plan_parent))
     try:
         plan = build_plan(ds, selection, work, samples_per_shard=samples_per_shard,
                           min_shards=min_shards, shuffle=shuffle, seed=seed,
                           captions=recipe["keys"] if recipe else None)
         ids = [shard_name(i) for i in range(len(plan.shard_sizes))]
-        result = run_job(ShardWriteJob(ds.root, out, plan), ids, engine=engine, part=part,
-                         description="shards", max_retries=max_retries)
+        job = ShardWriteJob(ds.root, out, plan)
+        todo = [i for i in select_part(ids, parse_part(part)) if not job.is_done(i)]
+        if ds.remote and todo:
+            plan.staged_sources = stage_sources(ds, plan.sources_for(todo), work / "sources")
+        result = run_job(job, ids, engine=engine, part=part, description="shards", max_retries=max_retries)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    complete = all((out / f"{i}.tar").exists() for i in ids)
+    finished = storage.list_names(out, ".tar")  # one listing: other --part runs may have finished theirs
+    complete = all(f"{i}.tar" in finished for i in ids)
     if complete:
         _write_index_files(out, plan, claim)
     missing = sum(plan.missing.values())
@@ -165,17 +197,22 @@ def shard(
     return Summary(stage="shard", counts=counts, details=details, seconds=time.time() - t0, message=message)
 
 
-def _claim_out_dir(out: Path, claim: dict, *, overwrite: bool) -> str:
-    """'new', 'resume' (same dataset, selection content and parameters) or 'overwrite'; else refuse."""
+def _claim_out_dir(out: Any, claim: dict, *, overwrite: bool) -> str:
+    """'new', 'resume' (same dataset, selection content and parameters) or 'overwrite'; else refuse.
+
+    One listing of ``out`` (a local folder or a store prefix) says what is there.
+    """
     claim_path = out / CLAIM_NAME
-    # plans and temp files of other parts running now are not outputs
-    entries = [p for p in out.iterdir() if not p.name.startswith(".plan") and not atomic.is_temp_name(p.name)
-               ] if out.is_dir() else []
-    if out.exists() and not out.is_dir():
+    remote = storage.is_remote(out)
+    if not remote and out.exists() and not out.is_dir():
         raise InputError(f"-o {out} exists and is not a directory")
+    if remote and _is_object(out):
+        raise InputError(f"-o {out} is an object, not a prefix")
+    # plans and temp files of other parts running now are not outputs
+    names = [n for n in storage.list_entries(out) if not n.startswith(".plan") and not atomic.is_temp_name(n)]
     mode = "new"
-    if entries:
-        previous = json.loads(claim_path.read_text()) if claim_path.is_file() else None
+    if names:
+        previous = json.loads(storage.path(claim_path).read_bytes()) if CLAIM_NAME in names else None
         if previous == claim:
             return "resume"
         if not overwrite:
@@ -186,13 +223,25 @@ def _claim_out_dir(out: Path, claim: dict, *, overwrite: bool) -> str:
                        if previous.get(k) != claim[k]]
             raise OutputExistsError(f"{out} holds shards of another run (differs in: {', '.join(changed)}); "
                                     "choose another -o or pass --overwrite")
-        for p in entries:
-            if p.suffix == ".tar" or p.name in OUR_FILES:
-                p.unlink()
+        for n in names:
+            if n.endswith(".tar") or n in OUR_FILES:
+                if remote:
+                    storage.remove(out / n)
+                else:
+                    p = out / n
+                    if p.is_file():
+                        p.unlink()
         mode = "overwrite"
-    out.mkdir(parents=True, exist_ok=True)
+    storage.ensure_dir(out)
     atomic.write_json(claim_path, claim)
     return mode
+
+
+def _is_object(p: Any) -> bool:
+    """Whether a store URL names an object (not a prefix)."""
+    with contextlib.suppress(FileNotFoundError, OSError):
+        return bool(p.fs.isfile(p.path))
+    return False
 
 
 def _remove_dead_plans(out: Path) -> None:
@@ -204,7 +253,7 @@ def _remove_dead_plans(out: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _write_index_files(out: Path, plan: ShardPlan, claim: dict) -> None:
+def _write_index_files(out: Any, plan: ShardPlan, claim: dict) -> None:
     """manifest.json (ours) and sizes.json (open_clip reads it instead of --train-num-samples)."""
     names = [f"{shard_name(i)}.tar" for i in range(len(plan.shard_sizes))]
     atomic.write_json(out / "sizes.json", dict(zip(names, plan.shard_sizes, strict=True)))
@@ -251,9 +300,9 @@ def caption_recipe(ds: Dataset, selection: str, captions: str | list[str] | None
     return {"keys": keys, "probs": probs}
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(path: Any) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

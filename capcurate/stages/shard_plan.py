@@ -34,6 +34,8 @@ class ShardPlan:
     missing: dict[str, int] = field(default_factory=dict)
     missing_examples: list[str] = field(default_factory=list)
     damaged_sources: dict[str, str] = field(default_factory=dict)
+    # source shard -> a local copy of its tar (a dataset in object storage; see stage_sources)
+    staged_sources: dict[str, Path] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -42,6 +44,36 @@ class ShardPlan:
     def rows_dir(self, out_index: int) -> Path:
         """DuckDB's hive-partitioned output: one folder of Parquet files per output shard."""
         return self.plan_dir / "rows" / f"out_shard={out_index}"
+
+    def sources_for(self, shard_ids: list[str]) -> list[str]:
+        """The source shards the given output shards (``00012`` ...) draw their images from."""
+        import pyarrow.parquet as pq
+
+        needed: set[str] = set()
+        for sid in shard_ids:
+            folder = self.rows_dir(int(sid))
+            for f in sorted(folder.glob("*.parquet")) if folder.is_dir() else []:
+                needed.update(v for v in pq.read_table(f, columns=["shard"]).column("shard").to_pylist() if v)
+        return sorted(needed)
+
+
+def stage_sources(ds: Dataset, sources: list[str], folder: Path) -> dict[str, Path]:
+    """Download each source tar of a dataset in object storage once into ``folder`` (one GET per tar).
+
+    The writer then reads members with ``os.pread`` as it does locally: an output shard draws samples
+    from all over the sources (more so with ``--shuffle``), so reading them straight from the store would
+    cost one GET per sample.
+    """
+    from .. import storage
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for shard in sources:
+        src = storage.path(ds.shard_path(shard))
+        dst = folder / f"{shard}.tar"
+        src.fs.get_file(src.path, str(dst))
+        out[shard] = dst
+    return out
 
 
 def build_plan(ds: Dataset, selection: str, work_dir: Path, *, samples_per_shard: int, min_shards: int,
