@@ -18,7 +18,7 @@ STRATEGY_HELP = (
 
 @app.command()
 def mix(
-    dataset: str = typer.Argument(..., help="Dataset directory (made by download/ingest)."),
+    dataset: str = typer.Argument(..., help="Dataset directory (made by download/ingest), local or a URL (s3://bucket/prefix)."),
     strategy: str = typer.Option(..., "--strategy", "-s", help=STRATEGY_HELP),
     score: str = typer.Option(None, "--score", help="Scorer name whose score_<SCORER>_* columns rank and "
                               "threshold captions (as given to `capcurate score --name`). Defaults to the "
@@ -68,9 +68,9 @@ def mix(
 
 @app.command()
 def shard(
-    dataset: str = typer.Argument(..., help="Dataset directory holding the selection and source shards."),
+    dataset: str = typer.Argument(..., help="Dataset directory holding the selection and source shards, local or a URL (s3://bucket/prefix)."),
     selection: str = typer.Option(..., "--selection", help="Selection to write (made by mix or filter)."),
-    out: str = typer.Option(..., "--output", "-o", help="Output folder for 00000.tar ..., manifest.json "
+    out: str = typer.Option(..., "--output", "-o", help="Output folder or URL prefix (s3://...) for 00000.tar ..., manifest.json "
                              "and sizes.json."),
     samples_per_shard: int = typer.Option(10000, "--samples-per-shard", help="Samples per output tar."),
     min_shards: int = typer.Option(1, "--min-shards", help="Write at least this many shards (fewer "
@@ -107,8 +107,8 @@ def shard(
 
 @app.command()
 def report(
-    dataset: str = typer.Argument(..., help="Dataset directory."),
-    out: str = typer.Option("report.html", "--output", "-o", help="HTML file to write."),
+    dataset: str = typer.Argument(..., help="Dataset directory, local or a URL (s3://bucket/prefix)."),
+    out: str = typer.Option("report.html", "--output", "-o", help="HTML file to write, local or a URL (s3://bucket/report.html)."),
     selection: str = typer.Option(None, "--selection", help="Show this selection's samples (and the "
                                   "caption it chose for each)."),
     where: str = typer.Option(None, "--where", help="DuckDB predicate over the samples view, e.g. "

@@ -19,7 +19,7 @@ def download(
     urls: str = typer.Argument(None, help=(
         "URL list: a .parquet, .csv, .tsv, .jsonl or .txt file (one URL per line), optionally .gz, "
         "or a folder of such files. Not needed with --retry-failed.")),
-    output: str = typer.Option(..., "--output", "-o", help="Dataset directory to create (or resume)."),
+    output: str = typer.Option(..., "--output", "-o", help="Dataset directory to create (or resume): a local path or a URL (s3://bucket/prefix, gs://, az://)."),
     url_col: str = typer.Option("url", "--url-col", help="Column holding the image URL."),
     caption_col: str = typer.Option(None, "--caption-col", help=(
         "Column holding the alt-text; default: 'caption' or 'text' when the input has one.")),
@@ -50,6 +50,9 @@ def download(
     only: str = typer.Option(None, "--only", help=(
         "With --retry-failed: only rows failed for these comma-separated reasons, as the summary names "
         "them (e.g. 'timeout,stalled,HTTP 503').")),
+    scratch: str = typer.Option(None, "--scratch", help=(
+        "With -o in object storage: local folder where img2dataset writes each shard before it is checked "
+        "and uploaded (only shards in flight stay there); default: the system temp dir.")),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -66,14 +69,14 @@ def download(
                    timeout=timeout, retries=retries, distributor=distributor,
                    samples_per_shard=samples_per_shard, encode_format=encode_format, max_pixels=max_pixels,
                    force=force, overwrite=overwrite, stall_timeout=stall_timeout, retry_failed=retry_failed,
-                   only=only)
+                   only=only, scratch=scratch)
 
     run_command(go, json_out=json)
 
 
 @app.command()
 def doctor(
-    dataset: str = typer.Argument(..., help="Dataset directory to examine."),
+    dataset: str = typer.Argument(..., help="Dataset directory to examine (a local path or a URL)."),
     repair: bool = typer.Option(False, "--repair", help=(
         "Fix what is safe: remove orphan temps and unfinished files, build missing manifests of whole "
         "shards, remove damaged shards with their manifests (the same download or ingest fetches them "
@@ -94,8 +97,8 @@ def doctor(
 def ingest(
     path: str = typer.Argument(..., help=(
         "What to adopt: an img2dataset output folder, a webdataset .tar (or a folder of them), or a "
-        "folder of images with optional sidecar <name>.txt captions.")),
-    output: str = typer.Option(..., "--output", "-o", help="Dataset directory to create (or resume)."),
+        "folder of images with optional sidecar <name>.txt captions; local, or a URL prefix (s3://...).")),
+    output: str = typer.Option(..., "--output", "-o", help="Dataset directory to create (or resume): a local path or a URL (s3://bucket/prefix, gs://, az://)."),
     kind: str = typer.Option("auto", "--kind", help="auto, img2dataset, webdataset or images."),
     samples_per_shard: int = typer.Option(10000, "--samples-per-shard", help=(
         "Images per output tar when packing an image folder (webdataset tars keep one output per input).")),
@@ -129,7 +132,7 @@ def ingest(
 
 @app.command()
 def query(
-    dataset: str = typer.Argument(..., help="Dataset directory."),
+    dataset: str = typer.Argument(..., help="Dataset directory, local or a URL (s3://bucket/prefix)."),
     sql: str = typer.Argument(..., help=(
         "DuckDB SQL over the views: samples (the wide join: manifest columns, cap_<name>, score_<...>), "
         "manifest, captions_<name>, scores_<name>, selection_<name>.")),
@@ -208,7 +211,7 @@ def _print_table(names: list[str], rows: list[tuple], more: bool, limit: int) ->
 
 @app.command()
 def stats(
-    dataset: str = typer.Argument(..., help="Dataset directory."),
+    dataset: str = typer.Argument(..., help="Dataset directory, local or a URL (s3://bucket/prefix)."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Summarise a dataset: counts, failures, caption and image size distributions, columns and lineage.

@@ -77,7 +77,7 @@ def score(
 
 @app.command("filter")
 def filter_command(
-    dataset: str = typer.Argument(..., help="Dataset directory."),
+    dataset: str = typer.Argument(..., help="Dataset directory, local or a URL (s3://bucket/prefix)."),
     name: str = typer.Option(..., "--name", "-n", help="Selection to write: selections/<name>.parquet."),
     min_score: float = typer.Option(None, "--min-score", help="Keep samples whose --score is at least this."),
     score: str = typer.Option(None, "--score", help=(

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from .. import atomic
+from .. import atomic, storage
 from ..dataset import Dataset
 from ..summary import Summary
 from .download.integrity import drop_duplicate_uids, duplicate_uids, remove_shard_files, shard_problem
@@ -36,9 +35,12 @@ CHECKS = ("orphan_temp_files", "unfinished_shard_files", "shards_without_manifes
 _SID = re.compile(r"^\d+$")
 
 
-def _temps(root: Path) -> tuple[list[Path], list[Path]]:
-    """(temps whose writer is provably gone, temps that must stay) anywhere in the dataset."""
+def _temps(root: Any) -> tuple[list[Path], list[Path]]:
+    """(temps whose writer is provably gone, temps that must stay) anywhere in the dataset (an object store
+    has none: its uploads are all or nothing)."""
     orphan, live = [], []
+    if storage.is_remote(root):
+        return orphan, live
     for f in sorted(root.rglob(".*.tmp")):
         owner = atomic.parse_owner(f.name)
         (orphan if owner is not None and atomic.owner_gone(*owner) else live).append(f)
@@ -47,8 +49,6 @@ def _temps(root: Path) -> tuple[list[Path], list[Path]]:
 
 def _truncated(ds: Dataset, sid: str) -> str | None:
     """Why shard ``sid``'s tar does not hold its manifest's images, or None."""
-    import pyarrow.parquet as pq
-
     from ..shards import index_tar
 
     try:
@@ -58,7 +58,7 @@ def _truncated(ds: Dataset, sid: str) -> str | None:
     images = sum(1 for k in idx.samples if idx.image_ext(k))
     if idx.truncated:
         return f"cut off after {images} images"
-    status = pq.read_table(ds.samples_path(sid), columns=["status"]).column("status").to_pylist()
+    status = storage.read_table(ds.samples_path(sid), columns=["status"]).column("status").to_pylist()
     want = sum(1 for s in status if s == "success")
     if images < want:
         return f"holds {images} images, its manifest counts {want} successes"
@@ -74,18 +74,18 @@ def examine(ds: Dataset) -> dict[str, Any]:
         "live_temp_files": [str(p.relative_to(ds.root)) for p in live],
     }
     unfinished: list[tuple[str, str]] = []
-    finished = finished_shards(ds.shards_dir) if ds.shards_dir.is_dir() else {}
-    if downloaded and ds.shards_dir.is_dir():
-        if (ds.shards_dir / "_tmp").exists():
+    shard_names = storage.list_entries(ds.shards_dir)  # one listing of each folder
+    finished = finished_shards(ds.shards_dir) if shard_names else {}
+    if downloaded and shard_names:
+        if "_tmp" in shard_names:
             unfinished.append(("shards/_tmp", "img2dataset's temp folder"))
-        for p in sorted(ds.shards_dir.iterdir()):
-            m = SHARD_RE.match(p.name)
+        for name in sorted(shard_names):
+            m = SHARD_RE.match(name)
             if m and m.group(1) not in finished:
-                unfinished.append((f"shards/{p.name}", "shard img2dataset did not finish"))
+                unfinished.append((f"shards/{name}", "shard img2dataset did not finish"))
     found["unfinished_shard_files"] = unfinished
-    tars = {p.stem for p in ds.shards_dir.glob("*.tar") if _SID.match(p.stem)} if ds.shards_dir.is_dir() else set()
-    manifests = {p.stem for p in ds.samples_dir.glob("*.parquet") if _SID.match(p.stem)} \
-        if ds.samples_dir.is_dir() else set()
+    tars = {n[:-4] for n in shard_names if n.endswith(".tar") and _SID.match(n[:-4])}
+    manifests = {s for s in ds.shard_ids() if _SID.match(s)}
     unfinished_ids = {Path(f).stem.split("_")[0] for f, _ in unfinished}
     found["shards_without_manifest"] = [
         (f"shards/{s}.tar", "finished, manifest missing" if s in finished else "no manifest")
@@ -94,7 +94,7 @@ def examine(ds: Dataset) -> dict[str, Any]:
                                         for s in sorted(manifests - tars)]
     found["truncated_shards"] = [(f"shards/{s}.tar", why) for s in sorted(tars & manifests)
                                  if (why := _truncated(ds, s)) is not None]
-    per_file, repeated = duplicate_uids(ds.samples_dir) if ds.samples_dir.is_dir() else ({}, 0)
+    per_file, repeated = duplicate_uids(ds.samples_dir) if manifests else ({}, 0)
     found["duplicate_uids"] = repeated
     found["duplicate_rows"] = sum(per_file.values())
     found["duplicate_rows_by_file"] = per_file
@@ -111,20 +111,17 @@ def _repair(ds: Dataset, found: dict[str, Any]) -> dict[str, int]:
             done["orphan_temp_files"] += 1
     for rel, _ in found["unfinished_shard_files"]:
         p = ds.root / rel
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+        if rel.endswith("_tmp"):
+            storage.rmtree(p)
         else:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+            storage.remove(p)
         done["unfinished_shard_files"] += 1
 
     def forget(sid: str) -> None:  # the next download / ingest run fetches this shard again
         if found["_downloaded"]:
             remove_shard_files(ds.shards_dir, sid)
-        with contextlib.suppress(FileNotFoundError):
-            ds.shard_path(sid).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            ds.samples_path(sid).unlink()
+        storage.remove(ds.shard_path(sid))
+        storage.remove(ds.samples_path(sid))
 
     finished = found["_finished"]
     uid_col = (ds.card.lineage("shards", "download")[-1].get("parameters", {}).get("uid_col")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import atomic
+from .. import atomic, storage
 from ..dataset import Dataset, samples_schema
 from ..engines import check_max_retries, run_job
 from ..errors import InputError
@@ -40,7 +40,38 @@ KINDS = ("auto", "img2dataset", "webdataset", "images")
 EXTRA = {"source_key": "string", "source": "string"}
 
 
-def detect_kind(path: Path) -> str:
+def _store_listing(root: Any) -> list[str]:
+    """Every file under a store prefix, as names relative to it (one recursive listing), hidden ones left out."""
+    base = root.path.rstrip("/") + "/"
+    names = [p[len(base):] for p in root.fs.find(root.path) if p.startswith(base)]
+    return sorted(n for n in names if not any(part.startswith(".") for part in n.split("/")))
+
+
+def _rel(src: Any, root: Any) -> str:
+    """``src``'s name relative to the input root (its own name when the input is that one file)."""
+    if str(src) == str(root):
+        return src.name
+    return str(src)[len(str(root).rstrip("/")) + 1:]
+
+
+def detect_kind(path: Any) -> str:
+    if storage.is_remote(path):
+        if path.is_file():
+            if path.suffix.lower() == ".tar":
+                return "webdataset"
+            raise InputError(f"{path}: expected a prefix, or a .tar file of webdataset shards")
+        names = _store_listing(path)
+        if not names:
+            raise InputError(f"{path} does not exist (nothing under that prefix)")
+        if any("/" not in n and n.endswith("_stats.json") for n in names) and any(
+                "/" not in n and n.endswith(".tar") for n in names):
+            return "img2dataset"
+        if any(n.endswith(".tar") for n in names):
+            return "webdataset"
+        if any(n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS for n in names):
+            return "images"
+        raise InputError(f"{path}: found no img2dataset output, .tar shards or image files "
+                         f"({', '.join(IMAGE_EXTS)})")
     if path.is_file():
         if path.suffix.lower() == ".tar":
             return "webdataset"
@@ -57,7 +88,9 @@ def detect_kind(path: Path) -> str:
                      f"({', '.join(IMAGE_EXTS)})")
 
 
-def _image_files(root: Path) -> list[Path]:
+def _image_files(root: Any) -> list[Any]:
+    if storage.is_remote(root):
+        return [root / n for n in _store_listing(root) if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -103,7 +136,7 @@ class IngestJob:
         if self.kind == "img2dataset":
             return self._adopt_img2dataset(shard_id)
         if self.kind == "webdataset":
-            return self._rewrite_tar(shard_id, Path(self.inputs[shard_id]))
+            return self._rewrite_tar(shard_id, storage.path(self.inputs[shard_id]))
         return self._pack_images(shard_id, self.inputs[shard_id])
 
     # -- repeated uids: the first occurrence in (shard, row) order is kept -------------------------
@@ -124,10 +157,10 @@ class IngestJob:
     def _read_input_uids(self, sid: str) -> list[str]:
         if self.kind == "img2dataset":
             return build_samples(self.root / f"{sid}.parquet", sid, uid_col=self.uid_col).column("uid").to_pylist()
-        src = Path(self.inputs[sid])
-        rel = src.name if src == self.root else str(src.relative_to(self.root))
+        src = storage.path(self.inputs[sid])
+        rel = _rel(src, self.root)
         uids = []
-        with open(src, "rb") as fh:
+        with storage.open_read(src) as fh:
             def read(ref) -> bytes:
                 fh.seek(ref.offset)
                 return fh.read(ref.size)
@@ -148,12 +181,15 @@ class IngestJob:
         src_tar = self.root / f"{sid}.tar"
         dst = self.ds.shard_path(sid)
         with atomic.atomic_path(dst) as tmp:
-            try:
-                if not self.link:
-                    raise OSError("copy requested")
-                os.link(src_tar, tmp)
-            except OSError:  # other filesystem, or no --link: copy
-                shutil.copyfile(src_tar, tmp)
+            if storage.is_remote(src_tar):  # one GET into the temp that is then committed
+                src_tar.fs.get_file(src_tar.path, str(tmp))
+            else:
+                try:
+                    if not self.link:
+                        raise OSError("copy requested")
+                    os.link(src_tar, tmp)
+                except OSError:  # other filesystem, or no --link: copy
+                    shutil.copyfile(src_tar, tmp)
         table = build_samples(self.root / f"{sid}.parquet", sid, uid_col=self.uid_col)
         n = table.num_rows
         table = table.filter(keep_first(table.column("uid").to_pylist(), self._seen))
@@ -197,8 +233,8 @@ class IngestJob:
         idx = index_tar(src)
         counts: Counter = Counter(truncated_tars=int(idx.truncated))
         rows: list[dict[str, Any]] = []
-        rel = src.name if src == self.root else str(src.relative_to(self.root))
-        with TarShardWriter(self.ds.shard_path(sid)) as writer, open(src, "rb") as fh:
+        rel = _rel(src, self.root)
+        with TarShardWriter(self.ds.shard_path(sid)) as writer, storage.open_read(src) as fh:
             def read(ref) -> bytes:
                 fh.seek(ref.offset)
                 return fh.read(ref.size)
@@ -272,9 +308,14 @@ def plan_inputs(path: Path, kind: str, samples_per_shard: int) -> dict[str, Any]
     if kind == "img2dataset":
         return {sid: sid for sid in finished_shards(path)}
     if kind == "webdataset":
-        tars = [path] if path.is_file() else sorted(p for p in path.rglob("*.tar") if p.is_file())
+        if path.is_file():
+            tars = [path]
+        elif storage.is_remote(path):
+            tars = [path / n for n in _store_listing(path) if n.endswith(".tar")]
+        else:
+            tars = sorted(p for p in path.rglob("*.tar") if p.is_file())
         return {f"{i:05d}": str(t) for i, t in enumerate(tars)}
-    files = [str(p.relative_to(path)) for p in _image_files(path)]
+    files = [_rel(p, path) for p in _image_files(path)]
     return {f"{i // samples_per_shard:05d}": files[i:i + samples_per_shard]
             for i in range(0, len(files), samples_per_shard)}
 
@@ -297,7 +338,7 @@ def ingest(
     """Adopt an img2dataset folder, webdataset tars or an image folder into a dataset directory."""
     t0 = time.perf_counter()
     check_max_retries(max_retries)
-    path = Path(path)
+    path = storage.path(path)
     if kind not in KINDS:
         raise InputError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
     if samples_per_shard < 1:
@@ -310,7 +351,7 @@ def ingest(
     if not inputs:
         raise InputError(f"{path}: no {kind} input found to ingest (nothing was written)")
 
-    source = {"kind": kind, "path": str(path.resolve())}
+    source = {"kind": kind, "path": str(path) if storage.is_remote(path) else str(path.resolve())}
     ds = Dataset.create(output, force=force, sources=[source])
     params = {"path": source["path"], "kind": kind, "uid_col": uid_col, "max_pixels": max_pixels,
               **({"samples_per_shard": samples_per_shard} if kind == "images" else {})}

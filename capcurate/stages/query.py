@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from .. import atomic, lineage
+from .. import atomic, lineage, storage
 from ..dataset import Dataset
 from ..errors import InputError
 from ..summary import Summary
@@ -85,7 +85,8 @@ def export_query(dataset: str | Path | Dataset, sql: str, output: str | Path, fm
     """Write the result of ``sql`` to a csv/json/parquet file (atomically; format from the suffix if None)."""
     t0 = time.perf_counter()
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    output = Path(output)
+    output = storage.path(output)
+    storage.check_writable(output)
     fmt = fmt or output.suffix.lstrip(".").lower()
     if fmt not in ("csv", "json", "parquet"):
         raise InputError(f"cannot tell the output format of {output}: pass --format csv, json or parquet")

@@ -7,22 +7,26 @@
     stall.py    --stall-timeout: a deadline on each URL's whole download, in img2dataset's workers
     integrity.py a finished shard is whole before it enters the manifest; one row per uid
     retry.py    --retry-failed: the failed rows (by uid) into new shards
+    remote.py   -o s3://...: a local staging folder, each finished shard committed to the store
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from ... import atomic
+from ... import atomic, storage
 from ...dataset import Dataset
 from ...errors import InputError
 from ...images import DEFAULT_MAX_PIXELS
 from ...summary import Summary
 from .integrity import drop_duplicate_uids, remove_shard_files, shard_problem
 from .manifest import build_samples, clean_unfinished, failure_reason, finished_shards
+from .remote import Committer, fetch_url_list, mark_done, staging_folder
 from .runner import Img2DatasetOptions, run_img2dataset
 from .urls import plan_columns, read_url_list
 
@@ -54,16 +58,20 @@ def _check_options(opts: Img2DatasetOptions) -> None:
 
 
 def build_manifests(ds: Dataset, shard_ids: list[str], *, uid_col: str | None,
-                    rejected: dict[str, str] | None = None) -> int:
+                    rejected: dict[str, str] | None = None,
+                    finished: dict[str, dict[str, Any]] | None = None) -> int:
     """Write samples/NNNNN.parquet for finished shards that lack one; returns how many were written.
 
     A shard whose tar is cut off or short of its stats' successes never enters the manifest: its files
     are removed (so the next run downloads it again) and it is listed in ``rejected`` with the reason.
+    ``finished``: the shards' stats when the caller has them (else one listing of shards/).
     """
     written = 0
-    finished = finished_shards(ds.shards_dir)
+    if finished is None:
+        finished = finished_shards(ds.shards_dir)
+    have = set(ds.shard_ids())  # one listing, not one probe per shard
     for sid in shard_ids:
-        if ds.samples_path(sid).exists():
+        if sid in have:
             continue
         problem = shard_problem(ds.shards_dir, sid, finished.get(sid, {}))
         if problem is not None:
@@ -116,6 +124,7 @@ def download(
     stall_timeout: float = 0.0,
     retry_failed: bool = False,
     only: str | list[str] | None = None,
+    scratch: str | Path | None = None,
 ) -> Summary:
     """Download the images of a URL list into a dataset directory (resumes when run again).
 
@@ -124,6 +133,8 @@ def download(
     ``stall_timeout`` (seconds, 0 = off) abandons a URL whose whole download takes longer (reason
     ``stalled``). ``retry_failed`` downloads the failed rows of ``output`` again into new shards (only
     those whose reason is in ``only`` when given); the output options are the dataset's own.
+    ``output`` (and ``urls``) may be URLs (``s3://...``): img2dataset then writes into a local staging
+    folder under ``scratch`` and each finished shard is committed to the store (see ``remote``).
     """
     t0 = time.perf_counter()
     opts = Img2DatasetOptions(
@@ -137,44 +148,72 @@ def download(
     if retry_failed:
         from .retry import retry_failed_rows
 
-        return retry_failed_rows(output, opts, only=only, t0=t0)
+        return retry_failed_rows(output, opts, only=only, t0=t0, scratch=scratch)
     if urls is None:
         raise InputError("download needs a URL list (or --retry-failed to retry the failed rows of -o DATASET)")
-    url_list = read_url_list(urls)
+    storage.check_writable(output)
+    remote_in = storage.is_remote(storage.path(urls))
+    remote_out = storage.is_remote(storage.path(output))
+    with contextlib.ExitStack() as stack:
+        staging = stack.enter_context(staging_folder(scratch)) if remote_in or remote_out else None
+        return _download(urls, output, staging, remote_in=remote_in, remote_out=remote_out, opts=opts,
+                         url_col=url_col, caption_col=caption_col, uid_col=uid_col, force=force,
+                         overwrite=overwrite, t0=t0)
+
+
+def _download(urls: str | Path, output: str | Path, staging: Path | None, *, remote_in: bool, remote_out: bool,
+              opts: Img2DatasetOptions, url_col: str, caption_col: str | None, uid_col: str | None,
+              force: bool, overwrite: bool, t0: float) -> Summary:
+    url_list = read_url_list(fetch_url_list(str(urls), staging) if remote_in and staging else urls)
     if url_list.num_rows == 0:
         raise InputError(f"{urls} has no rows: nothing to download (nothing was written)")
     plan = plan_columns(url_list, url_col, caption_col, uid_col)
 
-    source = {"kind": "urls", "path": str(Path(urls).resolve()), "rows": url_list.num_rows}
+    source = {"kind": "urls", "path": str(urls) if remote_in else str(Path(urls).resolve()),
+              "rows": url_list.num_rows}
     ds = Dataset.create(output, force=force, sources=[source])
     params = {"urls": source["path"], "url_col": plan.url_col, "caption_col": plan.caption_col,
               "uid_col": plan.uid_col, **opts.output_params()}
     entry = ds.claim_images("download", params, overwrite=overwrite)
-    ds.shards_dir.mkdir(parents=True, exist_ok=True)
+    storage.ensure_dir(ds.shards_dir)
     cleaned = clean_unfinished(ds.shards_dir)
     atomic.clean_stale_temps(ds.samples_dir)
 
     expected = [f"{i:05d}" for i in url_list.expected_shards(opts.samples_per_shard)]
     redownload: dict[str, str] = {}
-    for sid, stats in finished_shards(ds.shards_dir).items():  # finished, but never entered the manifest
-        if not ds.samples_path(sid).exists() and (why := shard_problem(ds.shards_dir, sid, stats)):
+    finished = finished_shards(ds.shards_dir)
+    have = set(ds.shard_ids())  # one listing of samples/, not one probe per shard
+    for sid, stats in finished.items():  # finished, but never entered the manifest
+        if sid not in have and (why := shard_problem(ds.shards_dir, sid, stats)):
             remove_shard_files(ds.shards_dir, sid)  # downloaded again by this run
             redownload[sid] = why
-    before = finished_shards(ds.shards_dir)
+    before = {s: v for s, v in finished.items() if s not in redownload}
     todo = [s for s in expected if s not in before]
+    committer = Committer(ds, staging / "shards", uid_col=plan.uid_col) if remote_out and staging else None
     t_dl = time.perf_counter()
     try:
-        if todo:  # skipping the call saves img2dataset's process start-up on a finished dataset
+        if todo and committer is None:  # skipping the call saves img2dataset's start-up on a finished dataset
             run_img2dataset(url_list=url_list.path, input_format=url_list.input_format,
                             output_folder=ds.shards_dir, url_col=plan.url_col, caption_col=plan.caption_col,
                             extra_columns=plan.extra, opts=opts)
+        elif todo and committer is not None:
+            mark_done(committer.staging, before)  # img2dataset skips the shards the store has
+            with committer.running():
+                run_img2dataset(url_list=url_list.path, input_format=url_list.input_format,
+                                output_folder=committer.staging, url_col=plan.url_col,
+                                caption_col=plan.caption_col, extra_columns=plan.extra, opts=opts)
     finally:
         # also after Ctrl-C: shards img2dataset finished are adopted now, the rest on the next run
         download_seconds = time.perf_counter() - t_dl
         t_man = time.perf_counter()
-        after = finished_shards(ds.shards_dir)
         rejected: dict[str, str] = {}
-        build_manifests(ds, [s for s in expected if s in after], uid_col=plan.uid_col, rejected=rejected)
+        if committer is None:
+            after = finished_shards(ds.shards_dir)
+        else:  # the store's shards: those it had, and those committed now (no second listing)
+            after = {**before, **committer.committed}
+            rejected.update(committer.rejected)
+        build_manifests(ds, [s for s in expected if s in after], uid_col=plan.uid_col, rejected=rejected,
+                        finished=after)
         after = {s: v for s, v in after.items() if s not in rejected}
         # a URL list that repeats a row (or a uid) gives each uid one row: the samples view joins on uid
         duplicate_rows = drop_duplicate_uids(ds.samples_dir)

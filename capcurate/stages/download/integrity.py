@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
-from ... import atomic
+from ... import atomic, storage
 from .manifest import STATS_SUFFIX
 
 
-def shard_problem(folder: Path, sid: str, stats: dict[str, Any]) -> str | None:
+def shard_problem(folder: Any, sid: str, stats: dict[str, Any]) -> str | None:
     """Why a shard img2dataset marked finished must not enter the manifest, or None when it is whole:
     its tar is missing or cut off, or holds fewer images than its stats count as successes."""
     from ...shards import index_tar
 
-    tar = folder / f"{sid}.tar"
-    if not tar.is_file():
-        return "tar missing"
+    tar = storage.path(folder) / f"{sid}.tar"
     try:
         idx = index_tar(tar)
+    except FileNotFoundError:
+        return "tar missing"
     except Exception as e:  # unreadable header blocks
         return f"tar unreadable ({type(e).__name__})"
     images = sum(1 for k in idx.samples if idx.image_ext(k))
@@ -36,8 +35,9 @@ def shard_problem(folder: Path, sid: str, stats: dict[str, Any]) -> str | None:
     return None
 
 
-def remove_shard_files(folder: Path, sid: str) -> list[str]:
+def remove_shard_files(folder: Any, sid: str) -> list[str]:
     """Remove one img2dataset shard (stats first: a half-removed shard reads as unfinished)."""
+    folder = storage.path(folder)
     removed = []
     for name in (f"{sid}{STATS_SUFFIX}", f"{sid}.parquet", f"{sid}.tar"):
         with contextlib.suppress(FileNotFoundError):
@@ -46,7 +46,7 @@ def remove_shard_files(folder: Path, sid: str) -> list[str]:
     return removed
 
 
-def duplicate_uids(samples_dir: Path) -> tuple[dict[str, int], int]:
+def duplicate_uids(samples_dir: Any) -> tuple[dict[str, int], int]:
     """(manifest file -> rows to drop, distinct uids that repeat) so each uid keeps one row.
 
     The row kept is the one in the highest shard id (a ``--retry-failed`` shard supersedes the shard
@@ -56,29 +56,29 @@ def duplicate_uids(samples_dir: Path) -> tuple[dict[str, int], int]:
     return {p.name: len(rows) for p, rows in plan.items()}, repeated
 
 
-def drop_duplicate_uids(samples_dir: Path) -> int:
+def drop_duplicate_uids(samples_dir: Any) -> int:
     """Rewrite (atomically) the manifest files that hold superseded copies of a uid; returns rows dropped."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     plan, _ = _drop_plan(samples_dir)
     dropped = 0
-    for path, rows in sorted(plan.items()):
-        table = pq.read_table(path)
+    for path, rows in sorted(plan.items(), key=lambda kv: kv[0].name):
+        table = storage.read_table(path)
         keep = [i for i in range(table.num_rows) if i not in rows]
         atomic.write_parquet(path, table.take(pa.array(keep, pa.int64())))
         dropped += len(rows)
     return dropped
 
 
-def _drop_plan(samples_dir: Path) -> tuple[dict[Path, set[int]], int]:
-    import pyarrow.parquet as pq
-
-    where: dict[str, list[tuple[Path, int]]] = defaultdict(list)
-    for path in sorted(samples_dir.glob("*.parquet")):  # shard ids sort in order: the last copy is the newest
-        for i, uid in enumerate(pq.read_table(path, columns=["uid"]).column("uid").to_pylist()):
+def _drop_plan(samples_dir: Any) -> tuple[dict[Any, set[int]], int]:
+    samples_dir = storage.path(samples_dir)
+    where: dict[str, list[tuple[Any, int]]] = defaultdict(list)
+    # one listing; shard ids sort in order: the last copy is the newest
+    for name in sorted(storage.list_names(samples_dir, ".parquet")):
+        path = samples_dir / name
+        for i, uid in enumerate(storage.read_table(path, columns=["uid"]).column("uid").to_pylist()):
             where[uid].append((path, i))
-    plan: dict[Path, set[int]] = defaultdict(set)
+    plan: dict[Any, set[int]] = defaultdict(set)
     repeated = 0
     for copies in where.values():
         if len(copies) < 2:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ... import storage
 from ...dataset import samples_schema
 from ...uid import make_uid
 
@@ -25,26 +26,49 @@ SHARD_RE = re.compile(r"^(\d+)(?:_stats\.json|\.tar|\.parquet)$")
 DROPPED = {"exif", "md5", "sha512"}
 
 
-def read_stats(path: Path) -> dict[str, Any] | None:
+def read_stats(path: Any) -> dict[str, Any] | None:
     """A shard's stats, or None when the file is missing or was cut off mid-write."""
     try:
-        stats = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return parse_stats(storage.path(path).read_bytes())
+    except OSError:
+        return None
+
+
+def parse_stats(data: bytes | None) -> dict[str, Any] | None:
+    try:
+        stats = json.loads(data) if data is not None else None
+    except ValueError:
         return None
     return stats if isinstance(stats, dict) and "count" in stats else None
 
 
-def finished_shards(folder: Path) -> dict[str, dict[str, Any]]:
-    """Shard id -> stats for every shard img2dataset finished (whole stats, tar and parquet)."""
+def finished_shards(folder: Any) -> dict[str, dict[str, Any]]:
+    """Shard id -> stats for every shard img2dataset finished (whole stats, tar and parquet).
+
+    One listing of ``folder``; on an object store the stats objects are then fetched concurrently.
+    """
+    folder = storage.path(folder)
+    names = storage.list_names(folder)
+    ids = sorted(n[: -len(STATS_SUFFIX)] for n in names if n.endswith(STATS_SUFFIX))
+    ids = [s for s in ids if s.isdigit() and f"{s}.parquet" in names]
+    if not storage.is_remote(folder):
+        done = {}
+        for sid in ids:
+            stats = read_stats(folder / f"{sid}{STATS_SUFFIX}")
+            if stats is not None and (folder / f"{sid}.parquet").is_file():
+                done[sid] = stats
+        return done
+    if not ids:
+        return {}
+    keys = {f"{folder.path.rstrip('/')}/{sid}{STATS_SUFFIX}": sid for sid in ids}
+    blobs = folder.fs.cat(list(keys), on_error="return")
     done = {}
-    for p in sorted(folder.glob(f"*{STATS_SUFFIX}")):
-        sid = p.name[: -len(STATS_SUFFIX)]
-        if not sid.isdigit():
-            continue
-        stats = read_stats(p)
-        if stats is not None and (folder / f"{sid}.parquet").is_file():
+    for key, sid in keys.items():
+        blob = blobs.get(key)
+        stats = parse_stats(blob) if isinstance(blob, bytes) else None
+        if stats is not None:
             done[sid] = stats
-    return done
+    return dict(sorted(done.items()))
 
 
 def clean_unfinished(folder: Path) -> list[str]:
@@ -52,6 +76,15 @@ def clean_unfinished(folder: Path) -> list[str]:
     shards. Returns the removed names. img2dataset writes tars in place (no temp name), so a tar
     without a stats file may be cut off anywhere."""
     removed: list[str] = []
+    folder = storage.path(folder)
+    if storage.is_remote(folder):  # a bucket: shards are committed tar, parquet, stats; no _tmp, no temps
+        done = finished_shards(folder)
+        for name in sorted(storage.list_names(folder)):
+            m = SHARD_RE.match(name)
+            if m and m.group(1) not in done:
+                storage.remove(folder / name)
+                removed.append(name)
+        return removed
     if not folder.is_dir():
         return removed
     if (folder / "_tmp").exists():
@@ -67,7 +100,7 @@ def clean_unfinished(folder: Path) -> list[str]:
     return removed
 
 
-def build_samples(parquet_path: Path, shard_id: str, *, uid_col: str | None = "uid",
+def build_samples(parquet_path: Any, shard_id: str, *, uid_col: str | None = "uid",
                   caption_col: str = "caption"):
     """The manifest table of one shard from img2dataset's per-shard parquet.
 
@@ -75,9 +108,8 @@ def build_samples(parquet_path: Path, shard_id: str, *, uid_col: str | None = "u
     Columns of the input that img2dataset carried through (save_additional_columns) are kept.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    src = pq.read_table(parquet_path)
+    src = storage.read_table(parquet_path)
     n = src.num_rows
     cols = set(src.column_names)
 

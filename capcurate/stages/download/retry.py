@@ -6,6 +6,10 @@ dataset's own output options. When a new shard is whole and in the manifest, the
 its uids are dropped from the older manifest files, so every uid keeps exactly one row: the latest
 attempt. A run killed in between leaves duplicates that the next ``--retry-failed`` (or
 ``capcurate doctor --repair``) resolves the same way before doing anything else.
+
+On a dataset in object storage img2dataset writes into a local staging folder where the store's shards
+have placeholder stats files, so ``extend`` numbers the new shards after the store's last one, and each
+finished shard is committed to the store (``remote.Committer``).
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ... import atomic
+from ... import atomic, storage
 from ...dataset import Dataset, samples_schema
 from ...errors import DatasetError, InputError
 from ...summary import Summary
 from .integrity import drop_duplicate_uids
 from .manifest import clean_unfinished, failure_reason, finished_shards
+from .remote import Committer, mark_done, staging_folder, store_ids
 from .runner import Img2DatasetOptions, run_img2dataset
 
 RETRY_INPUT = ".retry-input.parquet"
@@ -37,9 +42,8 @@ def parse_reasons(only: str | list[str] | None) -> list[str]:
 def manifest_table(ds: Dataset):
     """Every manifest row of the dataset, one table (files read in shard order)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    tables = [pq.read_table(p) for p in sorted(ds.samples_dir.glob("*.parquet"))]
+    tables = [storage.read_table(ds.samples_path(sid)) for sid in ds.shard_ids()]
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="default")
@@ -72,12 +76,20 @@ def failed_rows(ds: Dataset, reasons: list[str]) -> tuple[Any, Counter]:
 
 
 def retry_failed_rows(output: str | Path, opts: Img2DatasetOptions, *, only: str | list[str] | None,
-                      t0: float) -> Summary:
+                      t0: float, scratch: str | Path | None = None) -> Summary:
+    ds = Dataset(output)
+    if not ds.remote:
+        return _retry(ds, opts, only=only, t0=t0, staging=None)
+    with staging_folder(scratch) as staging:
+        return _retry(ds, opts, only=only, t0=t0, staging=staging)
+
+
+def _retry(ds: Dataset, opts: Img2DatasetOptions, *, only: str | list[str] | None, t0: float,
+           staging: Path | None) -> Summary:
     import pyarrow.parquet as pq
 
     from . import build_manifests, failure_counts
 
-    ds = Dataset(output)
     entries = ds.card.lineage("shards", "download")
     if not entries:
         raise DatasetError(f"{ds.root} was not made by capcurate download: nothing to retry")
@@ -87,7 +99,7 @@ def retry_failed_rows(output: str | Path, opts: Img2DatasetOptions, *, only: str
         if key in params:
             setattr(opts, key, params[key])
     reasons = parse_reasons(only)
-    ds.shards_dir.mkdir(parents=True, exist_ok=True)
+    storage.ensure_dir(ds.shards_dir)
     cleaned = clean_unfinished(ds.shards_dir)
     atomic.clean_stale_temps(ds.samples_dir)
     resolved = drop_duplicate_uids(ds.samples_dir)  # what a killed retry left: the newest copy wins
@@ -98,6 +110,7 @@ def retry_failed_rows(output: str | Path, opts: Img2DatasetOptions, *, only: str
                                         "stall_timeout": opts.stall_timeout})
     n = 0 if todo is None else todo.num_rows
     before = finished_shards(ds.shards_dir)
+    committer = Committer(ds, staging / "shards", uid_col="uid") if staging is not None else None
     rejected: dict[str, str] = {}
     t_dl = time.perf_counter()
     try:
@@ -106,20 +119,31 @@ def retry_failed_rows(output: str | Path, opts: Img2DatasetOptions, *, only: str
             extras = [c for c in todo.column_names if c not in base]
             has_caption = params.get("caption_col") is not None
             cols = ["url", "uid", *(["caption"] if has_caption else []), *extras]
-            path = ds.root / RETRY_INPUT
+            path = (staging if staging is not None else ds.root) / RETRY_INPUT
             pq.write_table(todo.select(cols), path)
+            run = dict(url_list=path, input_format="parquet", url_col="url",
+                       caption_col="caption" if has_caption else None, extra_columns=["uid", *extras],
+                       opts=opts, incremental_mode="extend")
             try:
-                run_img2dataset(url_list=path, input_format="parquet", output_folder=ds.shards_dir,
-                                url_col="url", caption_col="caption" if has_caption else None,
-                                extra_columns=["uid", *extras], opts=opts, incremental_mode="extend")
+                if committer is None:
+                    run_img2dataset(output_folder=ds.shards_dir, **run)
+                else:
+                    # new shards are numbered after every shard id the store holds a file of
+                    mark_done(committer.staging, store_ids(ds))
+                    with committer.running():
+                        run_img2dataset(output_folder=committer.staging, **run)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
     finally:
         download_seconds = time.perf_counter() - t_dl
-        after = finished_shards(ds.shards_dir)
+        if committer is None:
+            after = finished_shards(ds.shards_dir)
+        else:
+            after = {**before, **committer.committed}
+            rejected.update(committer.rejected)
         new = sorted(s for s in after if s not in before)
-        build_manifests(ds, new, uid_col="uid", rejected=rejected)
+        build_manifests(ds, new, uid_col="uid", rejected=rejected, finished=after)
         new = [s for s in new if s not in rejected]
         resolved += drop_duplicate_uids(ds.samples_dir)
 
