@@ -59,7 +59,9 @@ def trained(tmp_path_factory, s3_server):
     write_textured_shards(root / "shards", 2, 16)  # crops differ visibly: the augmentation seed shows
     write_eval_set(root / "eval")
     cfg = tiny_clip_config(root)
-    name = "storage-train-shared"
+    import uuid
+
+    name = f"storage-train-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     b = f"s3://{name}"
     upload_tree(root / "shards", f"{b}/shards")
@@ -136,19 +138,33 @@ def test_shard_specs_on_a_bucket_are_listed_not_downloaded(trained, monkeypatch)
     assert folder.num_samples == manifest.num_samples == 32 and pattern.num_samples is None
     with pytest.raises(InputError, match="1 of 3 shards do not exist"):
         resolve_shards(f"{b}/shards/{{00000..00002}}.tar")
-    # the first shard's members are probed from its head: no ranged read past the first MiB
-    import fsspec.spec
+    # the first shard's members are probed from its head: a big shard is not downloaded for it
+    import s3fs.core
+    from train_fixtures import colour_image
 
-    reads = []
-    real = fsspec.spec.AbstractBufferedFile.read
+    from capcurate.shards import TarShardWriter
 
-    def counted(self, length=-1):
-        reads.append(self.loc)
-        return real(self, length)
+    big = trained["root"] / "big.tar"
+    with TarShardWriter(big) as w:
+        for i in range(96):
+            w.write(f"k{i:04d}", {"jpg": colour_image("red"), "txt": b"a red square", "bin": os.urandom(2**17)})
+    storage.upload(big, storage.path(f"{b}/big/00000.tar"))
+    fetched = []
+    real = s3fs.core.S3File._fetch_range
 
-    monkeypatch.setattr(fsspec.spec.AbstractBufferedFile, "read", counted)
-    check_members(want[0])
-    assert reads and max(reads) < 2**20
+    def counted(self, start, end):
+        fetched.append(end - start)
+        return real(self, start, end)
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counted)
+    check_members(f"{b}/big/00000.tar")
+    assert fetched and sum(fetched) < big.stat().st_size / 2, (sum(fetched), big.stat().st_size)
+    check_members(want[0])  # and the training shards pass the probe
+    with TarShardWriter(trained["root"] / "notext.tar") as w:
+        w.write("k0", {"jpg": colour_image("red"), "json": b"{}"})
+    storage.upload(trained["root"] / "notext.tar", storage.path(f"{b}/notext/00000.tar"))
+    with pytest.raises(InputError, match="no text members"):
+        check_members(f"{b}/notext/00000.tar")
 
 
 def test_train_on_missing_bucket_data_creates_no_output(trained, tmp_path):
@@ -221,3 +237,31 @@ def test_an_s3_hf_captioner_captions_like_its_local_copy(bucket, tmp_path, tiny_
 
     entry = Dataset(tiny_dataset).card.lineage("captions", "there")[-1]
     assert entry["model"]["url"] == url and entry["model"]["kind"] == "hf"
+
+
+def test_a_parquet_eval_set_in_a_bucket_evaluates_like_its_local_copy(trained, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from train_fixtures import COLOURS, colour_image
+
+    from capcurate.train.evaluation import evaluate
+
+    root = tmp_path / "pq"
+    (root / "img").mkdir(parents=True)
+    rows = []
+    for c, name in enumerate(COLOURS):
+        (root / "img" / f"{name}.png").write_bytes(colour_image(name, fmt="PNG"))
+        rows.append({"image": f"img/{name}.png", "label": c, "caption": f"a {name} square"})
+    pq.write_table(pa.Table.from_pylist(rows), root / "test.parquet")
+    (root / "classnames.txt").write_text("\n".join(COLOURS))
+    url = f"{trained['bucket']}/evalsets/pq"
+    upload_tree(root, url)
+    model = str(trained["root"] / "run")
+    here = evaluate(model, str(root), device="cpu", precision="fp32").details["results"]
+    there = evaluate(model, url, device="cpu", precision="fp32").details["results"]
+    assert [x["metrics"] for x in there] == [x["metrics"] for x in here]
+    assert there[0]["num_samples"] == len(COLOURS) and there[0]["dataset"] == "pq"
+    storage.remove(storage.path(url) / "test.parquet")  # neither test.parquet nor test/*.tar now
+    storage.upload(root / "test.parquet", storage.path(url) / "test.pq")
+    with pytest.raises(InputError, match="found classnames.txt, img, test.pq"):
+        evaluate(model, url, device="cpu")
