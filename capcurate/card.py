@@ -382,8 +382,9 @@ def _card_bytes(card: dict[str, Any]) -> bytes:
 def _lease_lock(lock: Any) -> Iterator[None]:
     """Mutual exclusion on an object store: a lock object made by create-if-absent, with an expiry.
 
-    A lock whose expiry passed (its holder died mid-edit) is taken over by a compare-and-swap on the
-    version that was read, so two waiters cannot both take it over. Released by deleting it if it is
+    A lock whose expiry passed (its holder died mid-edit), or whose holder is a process of this host that
+    no longer exists, is taken over by a compare-and-swap on the version that was read, so two waiters
+    cannot both take it over. Released by deleting it if it is
     still ours. Waits with jittered backoff; never forever: a lock still held after ten of its leases is
     an error.
     """
@@ -391,13 +392,16 @@ def _lease_lock(lock: Any) -> Iterator[None]:
     deadline = time.time() + 10 * LOCK_SECONDS
     delay = 0.02
     while True:
-        body = json.dumps({"owner": me, "expires": time.time() + LOCK_SECONDS}).encode()
+        body = json.dumps({"owner": me, "host": atomic.host_name(), "pid": os.getpid(),
+                           "expires": time.time() + LOCK_SECONDS}).encode()
         if storage.create_exclusive(lock, body):
             break
         try:
             data, tag = storage.read_versioned(lock)
             held = json.loads(data.decode("utf-8"))
-            expired = float(held.get("expires", 0)) < time.time()
+            # the expiry is the rule; a holder on this host whose process is gone is over at once
+            expired = float(held.get("expires", 0)) < time.time() or atomic.owner_gone(
+                str(held.get("host")), int(held.get("pid", os.getpid())))
         except FileNotFoundError:
             continue  # released between our two calls: try to create it again
         except (ValueError, AttributeError):

@@ -67,7 +67,7 @@ def test_bucket_kill_9_at_random_commits_then_resume_equals_a_sequential_local_r
 
 def test_bucket_overwrite_chain_recomputes_what_changed(world, bucket, tmp_path):  # noqa: F811
     pipe, ds, out = world["pipe"], f"{bucket}/ds", f"{bucket}/out"
-    for stage in STAGES:
+    for stage in STAGES[:-1]:
         finish([cli(pipe.args(stage, world["web"], ds, out))])
     finish([cli([*pipe.args("ingest", world["web_new"], ds, out), "--overwrite"])])
     assert set(stats(ds).details["stale_columns"]) == {"cap_blip", "score_s_raw", "score_s_blip"}

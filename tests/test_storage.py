@@ -116,8 +116,20 @@ def test_a_lock_left_by_a_dead_holder_expires(bucket: str, monkeypatch) -> None:
     lock.write_bytes(json.dumps({"owner": "dead-node~1~x", "expires": time.time() - 1}).encode())
     ds.card.add_source({"kind": "after"})  # takes the expired lock over instead of waiting forever
     assert {"kind": "after"} in ds.card.read()["sources"]
+    # a holder on this host whose process is gone is over before its expiry
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    lock.write_bytes(json.dumps({"owner": "me", "host": atomic.host_name(), "pid": dead,
+                                 "expires": time.time() + 3600}).encode())
+    t0 = time.time()
+    ds.card.add_source({"kind": "after a kill"})
+    assert time.time() - t0 < 5 and {"kind": "after a kill"} in ds.card.read()["sources"]
     monkeypatch.setattr(card_mod, "LOCK_SECONDS", 0.2)
-    lock.write_bytes(json.dumps({"owner": "live~1~x", "expires": time.time() + 3600}).encode())
+    lock.write_bytes(json.dumps({"owner": "live~1~x", "host": "another-host", "pid": 1,
+                                 "expires": time.time() + 3600}).encode())
     with pytest.raises(StageFailed, match="has been held"):
         ds.card.add_source({"kind": "blocked"})
 
