@@ -150,20 +150,31 @@ def bucket(s3_server, request) -> str:
     return f"s3://{name}"
 
 
-@pytest.fixture(scope="session")
-def tiny_quickstart(tmp_path_factory):
-    """One local tiny quickstart for the session, as (output folder, CompletedProcess): test_quickstart.py
-    checks it and test_storage_quickstart.py compares the bucket chain with it (each run takes a minute)."""
+def _run_tiny_quickstart(tmp, fetch: str):
     import subprocess
 
-    from test_quickstart import QUICKSTART, TINY_STRATEGIES, _env, _has_command
+    from test_quickstart import QUICKSTART, TINY_STRATEGIES, _env, _failing_download, _has_command
 
     missing = [c for c in ("synth", "download", "train", "recaption", "score", "filter", "mix", "shard", "eval")
                if not _has_command(c)]
     if missing:
         pytest.skip(f"stage commands not registered yet: {', '.join(missing)}")
-    tmp = tmp_path_factory.mktemp("quickstart")
-    env = _env(tmp, QUICKSTART_SCALE="tiny", QUICKSTART_STRATEGIES=TINY_STRATEGIES)
+    env = _env(tmp, QUICKSTART_SCALE="tiny", QUICKSTART_STRATEGIES=TINY_STRATEGIES, QUICKSTART_FETCH=fetch)
+    if fetch == "ingest":  # for machines without img2dataset: a download there would fail
+        env = _failing_download(tmp, env, "no img2dataset here")
     res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return tmp / "demo", res
+
+
+@pytest.fixture(scope="session")
+def tiny_quickstart(tmp_path_factory):
+    """One local tiny quickstart (download mode) for the session, as (output folder, CompletedProcess)."""
+    return _run_tiny_quickstart(tmp_path_factory.mktemp("quickstart"), "download")
+
+
+@pytest.fixture(scope="session")
+def tiny_quickstart_ingest(tmp_path_factory):
+    """The same in ingest mode (the world's own uids): test_quickstart checks it, test_storage_quickstart
+    runs the chain again with everything in a bucket and compares the two output by output."""
+    return _run_tiny_quickstart(tmp_path_factory.mktemp("quickstart_ingest"), "ingest")

@@ -11,13 +11,15 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
-from test_quickstart import QUICKSTART, TINY_STRATEGIES, _env
+from test_quickstart import QUICKSTART, TINY_STRATEGIES, _env, _failing_download
 
 STRATEGIES = TINY_STRATEGIES
 
 
 def _run(tmp: Path, **extra: str) -> Path:
-    env = _env(tmp, QUICKSTART_SCALE="tiny", QUICKSTART_STRATEGIES=STRATEGIES, **extra)
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = _failing_download(tmp, _env(tmp, QUICKSTART_SCALE="tiny", QUICKSTART_STRATEGIES=STRATEGIES,
+                                      QUICKSTART_FETCH="ingest", **extra), "no img2dataset here")
     res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     return tmp / "demo"
@@ -43,36 +45,54 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _images(tars: list[Path]) -> list[tuple[str, str]]:
+    """(member name, sha256) of every member but the json (which names the input path) of some tars."""
+    import tarfile
+
+    out = []
+    for t in tars:
+        with tarfile.open(t) as tf:
+            out += [(m.name, hashlib.sha256(tf.extractfile(m).read()).hexdigest()) for m in tf.getmembers()
+                    if not m.name.endswith(".json")]
+    return sorted(out)
+
+
 @pytest.mark.slow
-def test_tiny_quickstart_on_a_bucket_equals_the_local_run(tmp_path: Path, bucket: str, tiny_quickstart) -> None:
-    local, _ = tiny_quickstart
+def test_tiny_quickstart_on_a_bucket_equals_the_local_run(tmp_path: Path, bucket: str,
+                                                         tiny_quickstart_ingest) -> None:
+    """Both runs ingest the world's pool shards (the world's uids), so every output can be compared exactly."""
+    local, _ = tiny_quickstart_ingest
     store = f"{bucket}/qs"
     remote = _run(tmp_path / "bucket", QUICKSTART_STORE=store)
     assert (remote / "store.txt").read_text().strip() == store
     assert not (remote / "dataset").exists() and not (remote / "runs").exists()  # nothing local by mistake
     got = _fetch(store, tmp_path / "fetched")
 
-    # the dataset: manifest (urls differ: each run served the world on its own port), captions, scores, selections
+    # the dataset: manifest (less the input path), captions, scores, selections, image bytes
     ds_l, ds_b = local / "dataset", got / "dataset"
-    assert _rows(ds_l / "samples", ("url", "error_message")) == _rows(ds_b / "samples", ("url", "error_message"))
+    # (the url names the port each run picked for its base URL, never served in ingest mode)
+    assert _rows(ds_l / "samples", ("source", "url")) == _rows(ds_b / "samples", ("source", "url"))
     for sub in ("captions/coca", "scores/clip"):
         assert _rows(ds_l / sub) == _rows(ds_b / sub), sub
-    for sel in sorted((ds_l / "selections").glob("*.parquet")):
-        assert _rows(sel) == _rows(ds_b / "selections" / sel.name), sel.name
-    assert sorted(_digest(p) for p in (ds_l / "shards").glob("*.tar")) == \
-        sorted(_digest(p) for p in (ds_b / "shards").glob("*.tar"))
+    sels = sorted(p.name for p in (ds_l / "selections").glob("*.parquet"))
+    assert len(sels) == 5 and sels == sorted(p.name for p in (ds_b / "selections").glob("*.parquet"))
+    for sel in sels:
+        assert _rows(ds_l / "selections" / sel) == _rows(ds_b / "selections" / sel), sel
+    assert _images(sorted((ds_l / "shards").glob("*.tar"))) == _images(sorted((ds_b / "shards").glob("*.tar")))
 
-    # the training shards, byte for byte, and what train and eval made of them
+    # the training shards byte for byte, and what train and eval made of them
     for s in STRATEGIES.split():
         tars = sorted((local / "shards" / s).glob("*.tar"))
         assert tars and [_digest(p) for p in tars] == [_digest(got / "shards" / s / p.name) for p in tars]
         assert json.loads((local / "shards" / s / "sizes.json").read_text()) == \
             json.loads((got / "shards" / s / "sizes.json").read_text())
-        assert (got / "runs" / s / "run.json").is_file()
-        assert json.loads((local / "evals" / f"{s}.json").read_text()) == \
-            json.loads((remote / "evals" / f"{s}.json").read_text()), s
+        assert (got / "runs" / s / "checkpoints").is_dir() and (got / "runs" / s / "run.json").is_file()
+        evals = [[{k: v for k, v in r.items() if k != "model"} for r in json.loads((d / "evals" / f"{s}.json")
+                                                                              .read_text())] for d in (local, remote)]
+        assert evals[0] == evals[1] and evals[0], s
     res_l, res_b = (json.loads((d / "results.json").read_text()) for d in (local, remote))
     assert res_l["rows"] == res_b["rows"] and res_l["pool_caption_accuracy"] == res_b["pool_caption_accuracy"]
+    assert res_b["pool_caption_accuracy"]["synthetic"]["colour_and_shape"] is not None
 
 
 def test_quickstart_refuses_a_store_prefix_that_is_not_empty(tmp_path: Path, bucket: str) -> None:
