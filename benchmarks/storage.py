@@ -20,47 +20,28 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("CAPCURATE_PROGRESS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the local S3 server the tests start too
 
 from photo_like import make_jpeg  # noqa: E402
+from s3_fixtures import create_bucket, start_local_s3  # noqa: E402
+
+from capcurate import storage  # noqa: E402
 
 TINY_CLIP = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-
-
-def start_s3() -> subprocess.Popen:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-    return proc
 
 
 def write_webdataset(folder: Path, n: int, per_shard: int, size: tuple[int, int]) -> None:
@@ -115,18 +96,6 @@ def run_chain(web: Path, ds: str, out: str, cfg: Path, weights: Path, batch_size
     return t
 
 
-def fetch(url: str, dest: Path) -> Path:
-    import fsspec
-
-    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
-    prefix = url.removeprefix("s3://")
-    for key in fs.find(prefix):
-        target = dest / key[len(prefix):].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(key, str(target))
-    return dest
-
-
 def check_same(local_ds: Path, local_out: Path, bucket_ds: Path, bucket_out: Path) -> list[str]:
     """Differences between the local run's outputs and the bucket run's (empty when they agree)."""
     import numpy as np
@@ -174,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     size = tuple(int(v) for v in args.size.split("x"))
 
     work = Path(tempfile.mkdtemp(prefix="capcurate-bench-storage-"))
-    server = start_s3()
+    server, _ = start_local_s3()
+    create_bucket("bench")
     try:
         write_webdataset(work / "web", args.images, args.per_shard, size)
         cfg, weights = tiny_clip(work)
@@ -182,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         run_chain(work / "web", str(work / "warm"), str(work / "warm_out"), cfg, weights, args.batch_size)
         local = run_chain(work / "web", str(work / "ds"), str(work / "out"), cfg, weights, args.batch_size)
         bucket = run_chain(work / "web", "s3://bench/ds", "s3://bench/out", cfg, weights, args.batch_size)
-        bad = check_same(work / "ds", work / "out", fetch("s3://bench/ds", work / "b_ds"),
-                         fetch("s3://bench/out", work / "b_out"))
+        bad = check_same(work / "ds", work / "out", storage.download_tree("s3://bench/ds", work / "b_ds"),
+                         storage.download_tree("s3://bench/out", work / "b_out"))
         print(f"capcurate storage benchmark, commit {commit()}, {args.images} images of {args.size} in "
               f"{-(-args.images // args.per_shard)} shards, local S3 server (moto) on 127.0.0.1")
         print(f"{'stage':8s} {'local s':>9s} {'bucket s':>9s} {'bucket/local':>13s}  target <= 1.5x")

@@ -303,6 +303,21 @@ def local_copy(p: Any, scratch: str | os.PathLike | None = None) -> Iterator[Pat
         shutil.rmtree(d, ignore_errors=True)
 
 
+def download_tree(p: Any, dest: str | os.PathLike) -> Path:
+    """Copy every file under folder/prefix ``p`` into the local folder ``dest`` (made if missing)."""
+    q, out = path(p), Path(dest)
+    if not is_remote(q):
+        shutil.copytree(q, out, dirs_exist_ok=True)
+        return out
+    base = q.path.rstrip("/") + "/"
+    for key in q.fs.find(q.path):
+        if key.startswith(base):
+            target = out / key[len(base):]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            q.fs.get_file(key, str(target))
+    return out
+
+
 # -- Parquet ---------------------------------------------------------------------------------------
 def read_table(p: Any, columns: list[str] | None = None, **kwargs: Any) -> Any:
     """``pyarrow.parquet.read_table`` of a local path or URL (on a store: ranged reads via fsspec)."""

@@ -94,37 +94,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # -- object storage: a local S3 server (moto's server mode) on loopback, started once per test session --
 @pytest.fixture(scope="session")
 def s3_server():
-    """Start ``moto.server`` on 127.0.0.1 and point boto3/s3fs at it through the usual AWS_* variables.
+    """A local S3 server for the session (tests/s3_fixtures.py); the AWS_* variables it sets are restored
+    afterwards. Yields the endpoint URL."""
+    from s3_fixtures import AWS_VARS, start_local_s3
 
-    The variables are set in this process's environment, so CLI subprocesses started by tests inherit them.
-    Yields the endpoint URL.
-    """
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start") from None
-            time.sleep(0.1)
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    saved = {k: os.environ.get(k) for k in AWS_VARS}
+    proc, endpoint = start_local_s3()
     try:
         yield endpoint
     finally:
@@ -143,11 +118,10 @@ def bucket(s3_server, request) -> str:
     import re
     import uuid
 
-    import boto3
+    from s3_fixtures import create_bucket
 
-    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
-    return f"s3://{name}"
+    return create_bucket(re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-"
+                         + uuid.uuid4().hex[:8])
 
 
 def _run_tiny_quickstart(tmp, fetch: str):

@@ -14,6 +14,7 @@ import fsspec
 from test_chaos import STAGES, content, finish, world  # noqa: F401, F811  (world: the module fixture, reused)
 from test_chaos import cli as local_cli
 
+from capcurate import storage
 from capcurate.stages.query import stats
 
 
@@ -28,14 +29,7 @@ def cli(args: list[str], *, kill: str | None = None):
 
 def download(url: str, dest: Path) -> Path:
     """A local copy of a bucket prefix, to compare with content() exactly as the local tests do."""
-    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
-    prefix = url.removeprefix("s3://")
-    dest.mkdir(parents=True, exist_ok=True)
-    for key in fs.find(prefix):
-        rel = key[len(prefix):].lstrip("/")
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(key, str(dest / rel))
-    return dest
+    return storage.download_tree(url, dest)
 
 
 def test_bucket_concurrent_parts_of_every_stage_equal_a_sequential_local_run(world, bucket, tmp_path):  # noqa: F811

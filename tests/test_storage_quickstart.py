@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from test_quickstart import QUICKSTART, TINY_STRATEGIES, _env, _failing_download
 
+from capcurate import storage
+
 STRATEGIES = TINY_STRATEGIES
 
 
@@ -23,16 +25,6 @@ def _run(tmp: Path, **extra: str) -> Path:
     res = subprocess.run(["bash", str(QUICKSTART)], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-4000:]
     return tmp / "demo"
-
-
-def _fetch(url: str, dest: Path) -> Path:
-    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
-    prefix = url.removeprefix("s3://")
-    for key in fs.find(prefix):
-        target = dest / key[len(prefix):].lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(key, str(target))
-    return dest
 
 
 def _rows(folder: Path, drop: tuple[str, ...] = ()) -> list[dict]:
@@ -66,7 +58,7 @@ def test_tiny_quickstart_on_a_bucket_equals_the_local_run(tmp_path: Path, bucket
     remote = _run(tmp_path / "bucket", QUICKSTART_STORE=store)
     assert (remote / "store.txt").read_text().strip() == store
     assert not (remote / "dataset").exists() and not (remote / "runs").exists()  # nothing local by mistake
-    got = _fetch(store, tmp_path / "fetched")
+    got = storage.download_tree(store, tmp_path / "fetched")
 
     # the dataset: manifest (less the input path), captions, scores, selections, image bytes
     ds_l, ds_b = local / "dataset", got / "dataset"
