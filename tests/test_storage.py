@@ -195,3 +195,21 @@ def test_cli_errors_for_storage_are_one_line_exit_2(s3_server: str, bucket: str)
         res = runner.invoke(app, args)
         assert res.exit_code == 2, (args, res.output)
         assert expected in res.output and "Traceback" not in res.output
+
+
+def test_a_denied_write_is_a_one_line_error_with_exit_2(bucket: str, tmp_path: Path, monkeypatch) -> None:
+    """moto's server does not enforce IAM, so the store's answer to a PUT is simulated: s3fs raises
+    PermissionError for 403 AccessDenied, and that must reach the user as one line, exit 2."""
+    from typer.testing import CliRunner
+
+    from capcurate.cli import app
+
+    ds = Dataset.create(f"{bucket}/pool")
+
+    def denied(local_file, dest):
+        raise PermissionError(f"Access Denied: PutObject on {dest}")
+
+    monkeypatch.setattr(storage, "upload", denied)
+    res = CliRunner().invoke(app, ["query", str(ds.root), "SELECT 1 AS one", "-o", f"{bucket}/out/one.csv"])
+    assert res.exit_code == 2 and "permission denied by the storage" in res.output
+    assert "Traceback" not in res.output and not storage.path(f"{bucket}/out/one.csv").exists()
