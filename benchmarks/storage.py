@@ -117,7 +117,7 @@ def check_same(local_ds: Path, local_out: Path, bucket_ds: Path, bucket_out: Pat
             if not ok:
                 bad.append(f"{sub}.{col} differs")
     for f in sorted(local_out.glob("*")):
-        if f.name == "manifest.json":
+        if f.name == "manifest.json" or f.name.startswith("."):  # these name the dataset's path
             continue
         g = bucket_out / f.name
         if not g.exists() or g.read_bytes() != f.read_bytes():
