@@ -14,7 +14,8 @@ Object storage (a dataset and/or ``-o`` that is a URL): the output prefix is lis
 shards, the claim) instead of one existence check per shard, each output tar is uploaded whole when
 written (invisible until complete, so a killed run resumes the same way), and the plan lives in a
 private local scratch folder. Source tars in a bucket are staged once each to local scratch (one GET
-per source tar, see ``shard_plan.stage_sources``) and then read with ``os.pread`` exactly as local ones:
+per source tar, see ``shard_plan.stage_sources``), indexed there and then read with ``os.pread`` exactly as
+local ones:
 a selection, shuffled or not, draws every output shard from all over the sources, so reading members
 straight from the bucket would cost one GET per sample. Scratch must hold the source tars the
 selection uses (put ``TMPDIR`` on a large disk); with ``--engine ray`` the workers must share that
@@ -39,7 +40,7 @@ from ..engines import check_max_retries, parse_part, run_job, select_part
 from ..errors import InputError, OutputExistsError, StageFailed
 from ..shards import TarShardWriter
 from ..summary import Summary
-from .shard_plan import ShardPlan, build_plan, stage_sources
+from .shard_plan import ShardPlan, build_plan
 
 CLAIM_NAME = ".capcurate-shard.json"
 OUR_FILES = ("manifest.json", "sizes.json", CLAIM_NAME)
@@ -164,8 +165,10 @@ def shard(
         ids = [shard_name(i) for i in range(len(plan.shard_sizes))]
         job = ShardWriteJob(ds.root, out, plan)
         todo = [i for i in select_part(ids, parse_part(part)) if not job.is_done(i)]
-        if ds.remote and todo:
-            plan.staged_sources = stage_sources(ds, plan.sources_for(todo), work / "sources")
+        if plan.staged_sources:  # keep only the source tars this run's shards read (bounded scratch)
+            keep = set(plan.sources_for(todo))
+            for sid in [s for s in plan.staged_sources if s not in keep]:
+                plan.staged_sources.pop(sid).unlink(missing_ok=True)
         result = run_job(job, ids, engine=engine, part=part, description="shards", max_retries=max_retries)
     finally:
         shutil.rmtree(work, ignore_errors=True)

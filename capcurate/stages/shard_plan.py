@@ -60,7 +60,7 @@ class ShardPlan:
 def stage_sources(ds: Dataset, sources: list[str], folder: Path) -> dict[str, Path]:
     """Download each source tar of a dataset in object storage once into ``folder`` (one GET per tar).
 
-    The writer then reads members with ``os.pread`` as it does locally: an output shard draws samples
+    The plan indexes the local copies, and the writer reads members with ``os.pread`` as it does locally: an output shard draws samples
     from all over the sources (more so with ``--shuffle``), so reading them straight from the store would
     cost one GET per sample.
     """
@@ -71,7 +71,10 @@ def stage_sources(ds: Dataset, sources: list[str], folder: Path) -> dict[str, Pa
     for shard in sources:
         src = storage.path(ds.shard_path(shard))
         dst = folder / f"{shard}.tar"
-        src.fs.get_file(src.path, str(dst))
+        try:
+            src.fs.get_file(src.path, str(dst))
+        except FileNotFoundError:
+            continue  # indexed as missing: its samples are counted, not fatal
         out[shard] = dst
     return out
 
@@ -97,7 +100,8 @@ def build_plan(ds: Dataset, selection: str, work_dir: Path, *, samples_per_shard
         )
         sources = [r[0] for r in con.execute(
             "SELECT DISTINCT shard FROM wanted WHERE shard IS NOT NULL ORDER BY 1").fetchall()]
-        damaged = _index_sources(ds, sources, work_dir / "index")
+        staged = stage_sources(ds, sources, work_dir / "sources") if ds.remote else {}
+        damaged = _index_sources(ds, sources, work_dir / "index", staged)
         index = (f"read_parquet({sql_string(work_dir / 'index' / '*.parquet')})" if sources else
                  "(SELECT NULL::VARCHAR AS shard, NULL::VARCHAR AS key, NULL::VARCHAR AS ext, "
                  "NULL::BIGINT AS byte_offset, NULL::BIGINT AS byte_size WHERE false)")
@@ -136,18 +140,20 @@ def build_plan(ds: Dataset, selection: str, work_dir: Path, *, samples_per_shard
         con.close()
     n_out = math.ceil(total / per_shard) if total else 0
     sizes_list = [min(per_shard, total - i * per_shard) for i in range(n_out)]
-    return ShardPlan(work_dir, per_shard, sizes_list, missing, examples, damaged)
+    return ShardPlan(work_dir, per_shard, sizes_list, missing, examples, damaged, staged)
 
 
-def _index_sources(ds: Dataset, sources: list[str], index_dir: Path) -> dict[str, str]:
-    """Index each needed source tar once (image members only); returns damaged tars and why."""
+def _index_sources(ds: Dataset, sources: list[str], index_dir: Path,
+                   staged: dict[str, Path] | None = None) -> dict[str, str]:
+    """Index each needed source tar once (image members only; its staged copy when the dataset is in a
+    store); returns damaged tars and why."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     damaged = {}
     index_dir.mkdir(parents=True, exist_ok=True)
     for shard in sources:
-        path = ds.shard_path(shard)
+        path = (staged or {}).get(shard) or ds.shard_path(shard)
         if not path.is_file():
             damaged[shard] = "tar file missing"
             continue
