@@ -1,10 +1,13 @@
 """DataComp's basic filtering as SQL predicates (Gadre et al. 2023, ``baselines/apply_filter.py``).
 
 DataComp keeps a sample when its caption is English (fastText lid.176 top-1 == 'en'), has more than
-two words (``len(text.split()) > 2``) and more than five characters, and its image's smaller side is at
-least 200 pixels with an aspect ratio (longer / shorter side) of at most 3, measured on
-``original_width``/``original_height``. Here the language comes from py3langid, which ships its model;
-every bound is a field so a user can move it.
+two words and more than five characters, and its image's smaller side is at least 200 pixels with an
+aspect ratio (longer / shorter side) of at most 3, measured on ``original_width``/``original_height``.
+Here the language comes from py3langid, which ships its model; every bound is a field so a user can move
+it. Words are counted by ``caption_words`` (fastText's tokeniser), the same count as ``--cluster``'s
+caption rule; DataComp's basic-filter script itself used ``len(text.split())``, which differs only on
+non-ASCII white space (3 words in "red\\u00a0circle left" there, 2 here) and line ends (each "\\n" is
+a token here).
 """
 
 from __future__ import annotations
@@ -12,29 +15,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .caption_words import word_count_sql
+
 LANG_FUNCTION = "capcurate_language"
-
-
-def _python_whitespace_class() -> str:
-    """An RE2 class of every character Python's ``str.split()`` splits on.
-
-    RE2's ``\\s`` is ASCII only, so a caption joined by non-breaking (U+00A0) or ideographic (U+3000)
-    spaces would count as one word in SQL and as several in DataComp's Python.
-    """
-    import sys
-
-    spaces = [c for c in range(sys.maxunicode + 1) if chr(c).isspace()]
-    return "".join(f"\\x{{{c:x}}}" for c in spaces)
-
-
-# one word = a maximal run of characters that are not Python whitespace
-WORD_PATTERN = f"[^{_python_whitespace_class()}]+"
 
 
 @dataclass(frozen=True)
 class BasicFilter:
     language: str | None = "en"     # ISO 639-1 code py3langid must predict; None skips the rule
-    min_words: int = 3              # at least this many whitespace-separated words (DataComp: > 2)
+    min_words: int = 3              # at least this many words (caption_words; DataComp: > 2)
     min_chars: int = 6              # at least this many characters (DataComp: > 5)
     min_side: int = 200             # smaller image side in pixels, at least
     max_aspect_ratio: float = 3.0   # longer side / shorter side, at most
@@ -49,9 +38,8 @@ class BasicFilter:
             # the language of each distinct caption is computed once into __capcurate_lang (see below)
             rules.append((f"basic: caption language = {self.language}",
                           f"{caption} IN (SELECT text FROM __capcurate_lang WHERE lang = '{self.language}')"))
-        # counts words exactly as DataComp's Python ``len(text.split())`` does (Unicode spaces too)
         rules.append((f"basic: caption words >= {self.min_words}",
-                      f"len(regexp_extract_all({caption}, '{WORD_PATTERN}')) >= {int(self.min_words)}"))
+                      f"{word_count_sql(caption)} >= {int(self.min_words)}"))
         rules.append((f"basic: caption chars >= {self.min_chars}", f"length({caption}) >= {int(self.min_chars)}"))
         rules.append((f"basic: min(width, height) >= {self.min_side}",
                       f"least({width}, {height}) >= {int(self.min_side)}"))

@@ -2,7 +2,7 @@
 ``baselines/apply_filter.py`` of mlfoundations/datacomp), on a scorer's saved float16 embeddings.
 
 1. a light caption filter: English, at least 2 words and 6 characters (DataComp: more than 1 word and
-   more than 5 characters);
+   more than 5 characters; words are fastText's tokens, ``caption_words``, as DataComp counts them);
 2. k-means (faiss, ``NITER`` Lloyd iterations, seeded) on the image embeddings of a sample of the rows
    that pass it (``sample_ratio`` of them, at most ``train_size``);
 3. target clusters: the centroid with the largest dot product for each target embedding (DataComp: the
@@ -27,6 +27,7 @@ import numpy as np
 from .. import storage
 from ..dataset import Dataset
 from ..errors import InputError
+from .caption_words import word_count_sql
 from .dedup.embeddings import EmbeddingStore, peak_memory_mb
 from .dedup.kmeans import CentroidIndex, assign_shards, gather_sample, train_kmeans
 
@@ -61,7 +62,7 @@ class ClusterFilter:
 
     def caption_rules(self, caption: str) -> list[tuple[str, str]]:
         rules = [(f"cluster: caption words >= {self.min_words}",
-                  f"len(regexp_extract_all({caption}, '\\S+')) >= {int(self.min_words)}"),
+                  f"{word_count_sql(caption)} >= {int(self.min_words)}"),
                  (f"cluster: caption chars >= {self.min_chars}", f"length({caption}) >= {int(self.min_chars)}")]
         if self.language:
             rules.insert(0, (f"cluster: caption language = {self.language}",
