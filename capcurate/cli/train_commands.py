@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import typer
 
-from .app import DEVICE_HELP, JSON_HELP, PRECISION_HELP, app, run_command
+from .app import DECODE_HELP, DEVICE_HELP, JSON_HELP, PRECISION_HELP, WORKERS_HELP, app, run_command
 
 _BOOL_FLAGS = {  # TrainConfig field -> (on flag, off flag)
     "shuffle_shards": ("--shuffle-shards", "--no-shuffle-shards"),
@@ -161,10 +161,12 @@ def eval_command(
                              "(test/*.tar with .cls/.txt, classnames.txt, zeroshot_classification_templates.txt, as "
                              "`capcurate synth` writes it) or test.parquet (image path/bytes, label, caption)."),
     pretrained: str | None = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
-    batch_size: str = typer.Option("auto", "--batch-size", help="Images (and texts) encoded per batch, or auto: "
-                                   "256 on a GPU, 64 on the CPU."),
+    batch_size: str = typer.Option("auto", "--batch-size", help=(
+        "Images (and texts) per forward pass, or auto: 256 on a GPU, 64 on the CPU.")),
+    workers: str = typer.Option("auto", "--workers", help=WORKERS_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    decode: str = typer.Option("auto", "--decode", help=DECODE_HELP),
     output: str | None = typer.Option(None, "--output", "-o", help="Also write the clip_benchmark-shaped "
                                          "results ({dataset, model, task, metrics}) to this JSON file, local or "
                                          "a URL (s3://bucket/evals/x.json)."),
@@ -176,5 +178,5 @@ def eval_command(
     """
     from ..train import evaluate
 
-    run_command(lambda: evaluate(model, data, pretrained=pretrained, batch_size=batch_size, device=device,
-                                 precision=precision, output=output), json_out=json)
+    run_command(lambda: evaluate(model, data, pretrained=pretrained, batch_size=batch_size, workers=workers,
+                                 device=device, precision=precision, decode=decode, output=output), json_out=json)

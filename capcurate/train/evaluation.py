@@ -68,10 +68,11 @@ def evaluate_encoders(eval_set: EvalSet, preprocess: Callable[[Any], torch.Tenso
                       encode_texts: Callable[[Sequence[str]], torch.Tensor],
                       *, batch_size: int = 64, model_name: str = "",
                       spec: Any = None) -> list[dict[str, Any]]:
-    """Embed the eval set once and compute every task it supports; clip_benchmark-shaped records.
+    """Embed the eval set once, serially in this process, and compute every task it supports.
 
-    With ``spec`` (a ``capcurate.inputs.ImageSpec``) images take the shared input path: libjpeg-turbo
-    decode and uint8 resize per image, normalisation per batch (``encode_images`` gets the normalised
+    The reference the streamed path (``evaluate_streamed``) is tested against, and what the trainer's
+    in-training eval calls. With ``spec`` (a ``capcurate.inputs.ImageSpec``) each image is decoded by
+    libjpeg-turbo and resized as uint8, and batches are normalised (``encode_images`` gets the normalised
     float batch); without it, PIL and ``preprocess`` per image.
     """
     from PIL import Image
@@ -88,10 +89,9 @@ def evaluate_encoders(eval_set: EvalSet, preprocess: Callable[[Any], torch.Tenso
         x = torch.stack(batch)
         return encode_images(spec.normalize(x) if spec is not None else x).float()
 
-    img_embs, labels, texts, text_img = [], [], [], []
+    img_embs, labels, texts = [], [], []
     pending: list[torch.Tensor] = []
     bad = 0
-    n = 0
     for s in eval_set.samples():
         try:
             pending.append(prepare(s.image))
@@ -99,18 +99,63 @@ def evaluate_encoders(eval_set: EvalSet, preprocess: Callable[[Any], torch.Tenso
             bad += 1  # an undecodable eval image is left out and counted
             continue
         labels.append(-1 if s.label is None else s.label)
-        for t in s.texts:
-            texts.append(t)
-            text_img.append(n)
-        n += 1
+        texts.append(s.texts)
         if len(pending) == batch_size:
             img_embs.append(encode(pending))
             pending = []
     if pending:
         img_embs.append(encode(pending))
-    if n == 0:
+    if not labels:
         raise InputError(f"eval set {eval_set.root} holds no decodable images")
-    images = torch.nn.functional.normalize(torch.cat(img_embs), dim=-1)
+    return task_results(eval_set, torch.cat(img_embs), labels, texts, encode_texts, skipped=bad,
+                        batch_size=batch_size, model_name=model_name)
+
+
+@torch.no_grad()
+def evaluate_streamed(eval_set: EvalSet, pre: Any, encode_images: Callable[[torch.Tensor], torch.Tensor],
+                      encode_texts: Callable[[Sequence[str]], torch.Tensor], *, batch_size: int = 64,
+                      workers: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                      decode: str = "cpu", model_name: str = "", scratch: str | None = None,
+                      timing: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """``evaluate_encoders`` through the one image input pipeline: ``workers`` processes decode and resize
+    (``decode`` cpu, draft, or gpu: nvJPEG batches), batches are normalised on ``device`` in ``dtype`` and
+    handed to ``encode_images``; ``pre`` is a ``capcurate.inputs.Preprocess``. ``timing``, when given, gets
+    ``image_seconds`` (first batch asked for to last image embedded) and ``images``."""
+    from ..inputs import ImageStream
+    from .eval_inputs import eval_works
+
+    with eval_works(eval_set, scratch) as ew:
+        rows: list[int] = []
+        embs: list[torch.Tensor] = []
+        bad = 0
+        t0 = time.perf_counter()
+        stream = ImageStream(ew.works, pre, batch_size=batch_size, workers=workers, device=device, dtype=dtype,
+                             decode=decode)
+        for batch in stream:
+            bad += len(batch.failed)  # an undecodable eval image is left out and counted
+            if batch.items:
+                embs.append(encode_images(batch.pixels).float().cpu())
+                rows.extend(int(rid) for _, rid in batch.items)
+        if timing is not None:
+            timing.update(image_seconds=time.perf_counter() - t0, images=len(rows))
+        if not rows:
+            raise InputError(f"eval set {eval_set.root} holds no decodable images")
+        # back in the serial reader's order: equal inputs give equal metrics, ties included
+        order = torch.tensor(rows).argsort()
+        images = torch.cat(embs)[order]
+        kept = [rows[i] for i in order.tolist()]
+        return task_results(eval_set, images, [ew.labels[r] for r in kept], [ew.texts[r] for r in kept],
+                            encode_texts, skipped=bad, batch_size=batch_size, model_name=model_name)
+
+
+def task_results(eval_set: EvalSet, image_emb: torch.Tensor, labels: list[int], texts: list[list[str]],
+                 encode_texts: Callable[[Sequence[str]], torch.Tensor], *, skipped: int, batch_size: int,
+                 model_name: str) -> list[dict[str, Any]]:
+    """clip_benchmark-shaped records of every task the eval set supports, from the embeddings of its
+    decodable images (row i: ``labels[i]``, -1 when unlabelled, and the texts ``texts[i]``)."""
+    images = torch.nn.functional.normalize(image_emb, dim=-1)
+    flat = [t for ts in texts for t in ts]
+    text_img = [i for i, ts in enumerate(texts) for _ in ts]
     results = []
     lab = torch.tensor(labels)
     base = {"dataset": eval_set.name, "model": model_name, "language": "en"}
@@ -122,24 +167,34 @@ def evaluate_encoders(eval_set: EvalSet, preprocess: Callable[[Any], torch.Tenso
         m = zeroshot_metrics(images[keep], cls, lab[keep])
         results.append({**base, "task": "zeroshot_classification", "metrics": m,
                         "num_samples": int(keep.sum())})
-    if texts:
-        t_emb = torch.cat([encode_texts(texts[i:i + batch_size]).float() for i in range(0, len(texts), batch_size)])
+    if flat:
+        t_emb = torch.cat([encode_texts(flat[i:i + batch_size]).float() for i in range(0, len(flat), batch_size)])
         m = retrieval_metrics(images, torch.nn.functional.normalize(t_emb, dim=-1), torch.tensor(text_img))
         results.append({**base, "task": "zeroshot_retrieval", "metrics": m,
-                        "num_samples": n, "num_texts": len(texts)})
+                        "num_samples": len(texts), "num_texts": len(flat)})
     if not results:
         raise InputError(f"eval set {eval_set.root} has neither labels with classnames.txt nor captions (.txt)")
     for r in results:
-        r["skipped_images"] = bad
+        r["skipped_images"] = skipped
     return results
 
 
 def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size: int | str = "auto",
-             device: str = "auto", precision: str = "auto", output: str | None = None) -> Summary:
+             workers: int | str = "auto", device: str = "auto", precision: str = "auto", decode: str = "auto",
+             output: str | None = None) -> Summary:
     """``capcurate eval``: load any CLIP-style reference (open_clip, run dir, hf:, or one of those in a bucket)
-    and evaluate it; ``data`` and ``output`` may be URLs too."""
+    and evaluate it; ``data`` and ``output`` may be URLs too. Images go through the image input pipeline
+    that score uses: ``workers`` decode processes, ``decode`` cpu/gpu/draft, batches of ``batch_size``."""
     from .. import atomic
-    from ..devices import parse_batch_size, resolve_device, resolve_precision
+    from ..devices import (
+        model_threads,
+        parse_batch_size,
+        resolve_decode,
+        resolve_device,
+        resolve_precision,
+        resolve_workers,
+    )
+    from ..inputs import Preprocess
     from ..models.scorers import load_scorer
 
     t0 = time.time()
@@ -148,6 +203,8 @@ def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size
     batch_size = parse_batch_size(batch_size)
     if batch_size == "auto":
         batch_size = 256 if device.startswith("cuda") else 64
+    workers = resolve_workers(workers)
+    decode = resolve_decode(decode, device)
     if output:  # a read-only scheme or a missing bucket: one line before the model loads
         from .. import storage
 
@@ -155,21 +212,22 @@ def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size
         storage.check_container(output)
     eval_set = open_eval_set(data)
     scorer = load_scorer(model, pretrained=pretrained, device=device, precision=precision)
-    # bf16/fp16 models keep some parameters fp32: pixels go in the dtype of the layer that takes them
-    pixel_dtype = getattr(scorer, "input_dtype", None)
-
-    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        return scorer.encode_images(pixels if pixel_dtype is None else pixels.to(pixel_dtype))
-
-    results = evaluate_encoders(eval_set, scorer.preprocess, encode_images, scorer.encode_texts,
-                                batch_size=batch_size, model_name=model, spec=scorer.spec)
+    # bf16/fp16 models keep some parameters fp32: the stream hands pixels over in the dtype of the layer
+    # that takes them
+    timing: dict[str, float] = {}
+    with model_threads(device, workers):
+        results = evaluate_streamed(eval_set, Preprocess(scorer.spec, scorer.preprocess), scorer.encode_images,
+                                    scorer.encode_texts, batch_size=batch_size, workers=workers, device=device,
+                                    dtype=scorer.input_dtype, decode=decode, model_name=model, timing=timing)
     if pretrained:
         for r in results:
             r["pretrained"] = pretrained
     if output:
         atomic.write_json(output, results if len(results) > 1 else results[0])
     flat = {f"{r['task']}/{k}": round(v, 6) for r in results for k, v in r["metrics"].items()}
+    images_per_s = timing["images"] / timing["image_seconds"] if timing.get("image_seconds") else None
     return Summary("eval", counts={"images": results[0]["num_samples"], **flat},
                    details={"results": results, "output": output, "device": device, "precision": precision,
-                            "batch_size": batch_size}, seconds=time.time() - t0,
+                            "batch_size": batch_size, "workers": workers, "decode": decode,
+                            "images_per_s": images_per_s}, seconds=time.time() - t0,
                    message=f"evaluated {model} on {eval_set.name}")
