@@ -33,6 +33,7 @@ from ..images import DEFAULT_MAX_PIXELS
 from ..shards import IMAGE_EXTS, TarShardWriter, index_tar
 from ..summary import Summary
 from ..uid import keep_first, make_uid
+from ..uid_index import FirstSeen, SeenBefore
 from .download.header import inspect_header
 from .download.manifest import build_samples, finished_shards
 
@@ -120,8 +121,15 @@ class IngestJob:
     link: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     _schema: Any = field(default=None, repr=False)
-    _input_uids: dict[str, list[str]] = field(default_factory=dict, repr=False)
-    _seen: set[str] = field(default_factory=set, repr=False)  # uids already in the dataset for this shard
+    # uid -> first input shard, on local disk: filled once per process, in shard order (capcurate.uid_index)
+    _index: FirstSeen | None = field(default=None, repr=False)
+    _order: list[str] = field(default_factory=list, repr=False)
+    _cursor: int = 0  # every input shard before _order[_cursor] is in _index
+    _seen: Any = field(default=None, repr=False)  # SeenBefore of the shard being written
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a job travels to Ray actors before it runs; each process builds its own index
+        return {**self.__dict__, "_index": None, "_order": [], "_cursor": 0, "_seen": None}
 
     def output_path(self, shard_id: str) -> Path:
         return self.ds.samples_path(shard_id)
@@ -134,25 +142,31 @@ class IngestJob:
     def process(self, shard_id: str) -> dict[str, int]:
         self._seen = self.uids_before(shard_id)
         if self.kind == "img2dataset":
-            return self._adopt_img2dataset(shard_id)
-        if self.kind == "webdataset":
-            return self._rewrite_tar(shard_id, storage.path(self.inputs[shard_id]))
-        return self._pack_images(shard_id, self.inputs[shard_id])
+            counts = self._adopt_img2dataset(shard_id)
+        elif self.kind == "webdataset":
+            counts = self._rewrite_tar(shard_id, storage.path(self.inputs[shard_id]))
+        else:
+            return self._pack_images(shard_id, self.inputs[shard_id])
+        if self._index is not None and shard_id not in self._index.shards:
+            # every input uid of this shard went through _seen: a later shard need not read it again
+            self._index.add(shard_id, self._seen.own)
+        return counts
 
     # -- repeated uids: the first occurrence in (shard, row) order is kept -------------------------
-    def uids_before(self, shard_id: str) -> set[str]:
-        """uids of every input row of the shards before ``shard_id``, read from the inputs (not from the
-        dataset: another --part may be writing those shards now), so any part decides alike."""
+    def uids_before(self, shard_id: str) -> SeenBefore:
+        """The uids of every input row of the shards before ``shard_id``, read from the inputs (not from
+        the dataset: another --part may be writing those shards now), so any part decides alike. Each
+        input shard is read once per process into an on-disk index; each uid is then one lookup."""
         if self.kind == "images":  # uid = hash(relative path, caption): never repeated
-            return set()
-        out: set[str] = set()
-        for sid in sorted(self.inputs):
-            if sid >= shard_id:
-                break
-            if sid not in self._input_uids:
-                self._input_uids[sid] = self._read_input_uids(sid)
-            out.update(self._input_uids[sid])
-        return out
+            return SeenBefore(None, shard_id)
+        if self._index is None:
+            self._index, self._order, self._cursor = FirstSeen(), sorted(self.inputs), 0
+        while self._cursor < len(self._order) and self._order[self._cursor] < shard_id:
+            sid = self._order[self._cursor]
+            if sid not in self._index.shards:
+                self._index.add(sid, self._read_input_uids(sid))
+            self._cursor += 1
+        return SeenBefore(self._index, shard_id)
 
     def _read_input_uids(self, sid: str) -> list[str]:
         if self.kind == "img2dataset":

@@ -71,22 +71,42 @@ def drop_duplicate_uids(samples_dir: Any) -> int:
 
 
 def _drop_plan(samples_dir: Any) -> tuple[dict[Any, set[int]], int]:
+    """One DuckDB query over every manifest file's uid column (a hash aggregate in bounded memory, not a
+    Python dict of every uid): the (file, row) of each superseded copy, and how many uids repeat."""
+    import duckdb
+
+    from ...views import sql_string
+
     samples_dir = storage.path(samples_dir)
-    where: dict[str, list[tuple[Any, int]]] = defaultdict(list)
-    # one listing; shard ids sort in order: the last copy is the newest
-    for name in sorted(storage.list_names(samples_dir, ".parquet")):
-        path = samples_dir / name
-        for i, uid in enumerate(storage.read_table(path, columns=["uid"]).column("uid").to_pylist()):
-            where[uid].append((path, i))
+    names = sorted(storage.list_names(samples_dir, ".parquet"))  # one listing; ids sort in shard order
+    if len(names) == 0:
+        return {}, 0
+    files = {str(samples_dir / n): samples_dir / n for n in names}
+    rank = {f: i for i, f in enumerate(files)}  # the file's position: higher is newer
+    con = duckdb.connect()
+    try:
+        storage.register_duckdb(con, samples_dir)
+        con.execute("CREATE TEMP TABLE rank (filename VARCHAR, pos INTEGER)")
+        con.executemany("INSERT INTO rank VALUES (?, ?)", list(rank.items()))
+        listing = ", ".join(sql_string(f) for f in files)
+        rows = con.execute(f"""
+            WITH copies AS (
+                SELECT c.uid, c.filename, c.file_row_number AS row, r.pos,
+                       count(*) OVER (PARTITION BY c.uid) AS n,
+                       -- kept: the newest shard's copy, the first one within it
+                       row_number() OVER (PARTITION BY c.uid ORDER BY r.pos DESC, c.file_row_number) AS k
+                FROM read_parquet([{listing}], filename = true, file_row_number = true) c
+                JOIN rank r USING (filename)
+                WHERE c.uid IN (SELECT uid FROM read_parquet([{listing}]) GROUP BY uid HAVING count(*) > 1)
+            )
+            SELECT filename, row, k FROM copies WHERE n > 1""").fetchall()
+    finally:
+        con.close()
     plan: dict[Any, set[int]] = defaultdict(set)
     repeated = 0
-    for copies in where.values():
-        if len(copies) < 2:
-            continue
-        repeated += 1
-        newest = copies[-1][0]
-        keep = next(c for c in copies if c[0] == newest)  # the first copy within the newest shard
-        for c in copies:
-            if c != keep:
-                plan[c[0]].add(c[1])
+    for filename, row, k in rows:
+        if k == 1:
+            repeated += 1
+        else:
+            plan[files[filename]].add(int(row))
     return dict(plan), repeated
