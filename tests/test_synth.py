@@ -67,23 +67,53 @@ def test_noise_rates_that_cannot_sum_to_one_are_refused() -> None:
     assert resolve_rates("clean").correct == 1.0
 
 
+def _described(text: str) -> dict[str, set]:
+    """The attribute values a text names, read from its words alone (never from the noise model's code)."""
+    from capcurate.world.noise import POSITION_PHRASES
+    from capcurate.world.scene import SIZES, plural
+
+    words = set(text.lower().replace(",", " ").split())
+    shapes = {s for s in SHAPES if s in words or plural(s, 2) in words}
+    return {
+        "shape": shapes,
+        "count": {1 for s in SHAPES if s in words} | {2 for s in SHAPES if plural(s, 2) in words},
+        "colour": words & set(COLOURS),
+        "size": words & set(SIZES),
+        "position": {p for p, phrase in POSITION_PHRASES.items() if phrase in text},
+    }
+
+
 def test_each_noise_kind_says_what_its_name_says() -> None:
+    """correct: every attribute, all true; partial: only true values, at least one attribute missing;
+    wrong_attribute: the right shape and exactly one of colour/size/position/count wrong; wrong_object:
+    another shape, the rest right; boilerplate: no shape and no colour at all. Every kind is drawn."""
     rng = random.Random(1)
     rates = resolve_rates("web", {"decorate": 0.0})
+    seen: Counter = Counter()
     for _ in range(2000):
         scene = sample_scene(rng)
         text, kind = alt_text(scene, rates, rng)
-        words = set(text.lower().replace(",", " ").split())
-        shape_words = {scene.shape, scene.shape + "s", "crosses" if scene.shape == "cross" else ""}
+        seen[kind] += 1
+        said = _described(text)
+        truth = {"shape": scene.shape, "count": scene.count, "colour": scene.colour, "size": scene.size,
+                 "position": scene.position}
+        named = {a for a, v in said.items() if v}
+        assert all(len(v) <= 1 for v in said.values()), (kind, text, said)
+        wrong = {a for a in named if said[a] != {truth[a]}}
         if kind == "boilerplate":
-            assert not words & set(SHAPES) and scene.colour not in words, text
+            assert not said["shape"] and not said["colour"], text
+        elif kind == "correct":
+            assert named == set(truth) and not wrong, (text, scene)
+        elif kind == "partial":
+            assert named and not wrong and named != set(truth), (text, scene)
+        elif kind == "wrong_attribute":
+            assert named == set(truth) and len(wrong) == 1 and wrong <= {"colour", "size", "position", "count"}, \
+                (text, scene)
         elif kind == "wrong_object":
-            assert not words & shape_words, text
-        elif kind in ("correct", "wrong_attribute"):
-            assert words & shape_words, text
-            assert (scene.colour in words) == (kind == "correct") or kind == "wrong_attribute", text
-        if kind == "correct":
-            assert {scene.size, scene.colour} <= words, text
+            assert named == set(truth) and wrong == {"shape"}, (text, scene)
+        else:
+            raise AssertionError(f"unknown kind {kind}")
+    assert set(seen) == set(KINDS), seen
 
 
 def test_every_world_text_tokenizes_without_unknown_words(world: Path) -> None:
