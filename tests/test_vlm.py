@@ -154,7 +154,8 @@ def test_vlm_recaption_through_the_cli_records_template_and_is_batch_independent
     assert DEFAULT_INSTRUCTIONS["dense"] in entry["model"]["template_text"]
     assert "You caption images." in entry["model"]["template_text"]
     assert entry["model"]["generate_kwargs"]["max_new_tokens"] == 5
-    assert entry["model"]["pixel_budget"] == {"min_pixels": 784, "max_pixels": 3136}
+    budget = entry["model"]["pixel_budget"]
+    assert (budget["min_pixels"], budget["max_pixels"], budget["source"]) == (784, 3136, "--max-pixels")
     # sampling: each image draws from a hash of (seed, uid), so batch size and order do not matter
     kw = dict(model=ref, decoding="nucleus", top_p=0.9, temperature=1.5, num_captions=2, max_new_tokens=5,
               workers=0)

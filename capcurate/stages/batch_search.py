@@ -101,6 +101,17 @@ def uncompiled(captioner: Any) -> Iterator[None]:
             captioner.static_cache = static
 
 
+def probe_image(captioner: Any) -> Any:
+    """A VLM's cost grows with image size: the probe is a square image of the most pixels the budget the
+    captioner runs at lets one image keep (``--max-pixels`` or its default), never a fixed guess."""
+    import math
+
+    import torch
+
+    side = max(28, math.isqrt(int(captioner.probe_pixels)))
+    return torch.full((3, side, side), 127, dtype=torch.uint8)
+
+
 def probe_batch_size(captioner: Any, config: Any, limit: int) -> int:
     """Search the largest batch that fits on the GPU with a worst-case (max_new_tokens) generation."""
     with uncompiled(captioner):
@@ -113,10 +124,7 @@ def _probe(captioner: Any, config: Any, limit: int) -> int:
     spec = captioner.image_spec
     probe = type(config)(**{**config.__dict__, "min_new_tokens": config.max_new_tokens})
     if captioner.input_kind == "images":
-        # a VLM's cost grows with image size: probe with the largest image its pixel budget allows
-        budget = config.max_pixels or 1024 * 1024
-        side = max(28, int(budget ** 0.5))
-        grey = torch.full((3, side, side), 127, dtype=torch.uint8)
+        grey = probe_image(captioner)
 
         def try_images(n: int) -> None:
             captioner.caption([grey] * n, probe)

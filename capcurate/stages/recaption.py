@@ -14,6 +14,7 @@ so a killed run resumes by skipping finished shards; ``--part i/N`` and ``--engi
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,15 @@ from ..dataset import Dataset, check_name
 from ..engines import process_via_many
 from ..errors import InputError
 from ..summary import Summary
-from .batch_search import caption_with_backoff, probe_batch_size
+from .batch_search import probe_batch_size
+from .caption_retry import caption_rows
+
+log = logging.getLogger(__name__)
 
 FAMILY = "captions"
 CPU_BATCH_SIZE = 16  # --batch-size auto on CPU: large enough to amortise Python overhead, small for latency
+# --style dense asks for a paragraph: 80-150 tokens with the VLMs we run; below this most would be cut
+DENSE_MIN_NEW_TOKENS = 160
 
 
 def captions_schema():
@@ -175,13 +181,14 @@ class RecaptionJob:
                     seeds = [image_seed(cfg.seed, rows_of[pos][int(rid)]["uid"]) for pos, rid in batch.items] \
                         if cfg.sampling else None
                     inputs = batch.images if batch.images is not None else batch.pixels
-                    caps = caption_with_backoff(self._captioner, inputs, cfg, self._state, seeds)
-                except Exception as e:  # the shards of this batch fail; the others go on
+                    # an image the model refuses is a row with the reason; the rest of its batch is captioned
+                    rows = caption_rows(self._captioner, inputs, cfg, self._state, seeds)
+                except Exception as e:  # the model itself fails: the shards of this batch fail, others go on
                     for pos, _ in batch.items:
                         broken.setdefault(pos, e)
                 else:
-                    for (pos, rid), c in zip(batch.items, caps, strict=True):
-                        results[pos][int(rid)] = (c, None)
+                    for (pos, rid), row in zip(batch.items, rows, strict=True):
+                        results[pos][int(rid)] = row
             for pos in batch.completed:
                 sid = works[pos].shard_id
                 done = results.pop(pos)
@@ -198,7 +205,8 @@ class RecaptionJob:
         import pyarrow as pa
 
         out: dict[str, list[Any]] = {"uid": [], "caption": [], "captions": [], "error": []}
-        counts = {"images_captioned": 0, "images_failed": 0, "not_downloaded": 0}
+        counts = {"images_captioned": 0, "images_failed": 0, "not_downloaded": 0, "tokens_generated": 0,
+                  "captions_truncated": 0}
         for i, r in enumerate(rows):
             caps, err = results.get(i, (None, None))
             if r["status"] != "success":
@@ -209,9 +217,11 @@ class RecaptionJob:
                 counts["images_failed"] += 1
             else:
                 counts["images_captioned"] += 1
+                counts["tokens_generated"] += sum(getattr(caps, "tokens", None) or ())
+                counts["captions_truncated"] += getattr(caps, "truncated", 0)
             out["uid"].append(r["uid"])
             out["caption"].append(caps[0] if caps else None)
-            out["captions"].append(caps)
+            out["captions"].append(list(caps) if caps else None)
             out["error"].append(err)
         table = pa.Table.from_pydict(out, schema=captions_schema())
         atomic.write_parquet(self.output_path(shard_id), lineage.stamp(table, self._inputs.pop(shard_id, {})))
@@ -274,6 +284,12 @@ def recaption(
                          num_captions=num_captions, length_penalty=length_penalty, prompt=prompt, seed=seed,
                          system=system, style=style, max_pixels=max_pixels, min_pixels=min_pixels)
     ref = parse_model_ref(model, pretrained)
+    warnings = []
+    if style == "dense" and max_new_tokens < DENSE_MIN_NEW_TOKENS:
+        warnings.append(f"--style dense with --max-new-tokens {max_new_tokens}: most dense captions will be cut "
+                        f"(give them {DENSE_MIN_NEW_TOKENS} or more)")
+    for w in warnings:
+        log.warning("warning: %s", w)
     ds = Dataset(dataset)
     shard_ids = ds.shard_ids()
     if not shard_ids:
@@ -314,11 +330,19 @@ def recaption(
     n_img = counts.get("images_captioned", 0)
     ok = not failed
     msg = (f"captioned {n_img:,} images into captions/{name} ({mode}); "
-           f"{counts.get('images_failed', 0):,} undecodable, {len(failed)} shard(s) failed")
+           f"{counts.get('images_failed', 0):,} failed (undecodable or refused: see the error column), "
+           f"{len(failed)} shard(s) failed")
+    if counts.get("captions_truncated"):
+        msg += f"; {counts['captions_truncated']:,} captions hit --max-new-tokens {max_new_tokens}"
     return Summary(
         stage="recaption", ok=ok, counts=counts, seconds=seconds, message=msg,
         details={"name": name, "mode": mode, "model": model, "decoding": cfg.decoding,
                  "batch_size": job._batch or batch_size, "batch_size_note": job.batch_note,
                  "images_per_second": round(n_img / seconds, 2) if seconds > 0 else None,
+                 # generated tokens over the run's wall clock (loading included, as images_per_second)
+                 "tokens_per_second": round(counts.get("tokens_generated", 0) / seconds, 1)
+                 if seconds > 0 and counts.get("tokens_generated") else None,
+                 **({"pixel_budget": model_info["pixel_budget"]} if model_info.get("pixel_budget") else {}),
+                 **({"warnings": warnings} if warnings else {}),
                  **({"failed_shards": failed} if failed else {})},
     )

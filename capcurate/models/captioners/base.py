@@ -132,6 +132,21 @@ def image_seed(seed: int, uid: str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+class ImageCaptions(list):
+    """The ``num_captions`` strings of one image (a plain ``list`` to every caller), plus what generation
+    cost: ``tokens`` generated per caption, and how many of them stopped at ``--max-new-tokens``."""
+
+    def __init__(self, captions: list[str], tokens: list[int] | None = None, truncated: int = 0):
+        super().__init__(captions)
+        self.tokens = tokens
+        self.truncated = truncated
+
+
+class ImageRejected(Exception):
+    """The model's processor refuses this image (e.g. an aspect ratio beyond its limit): the image gets a
+    row with this reason, its batch is captioned without it."""
+
+
 class Captioner(ABC):
     """One loaded captioning model. Subclasses: ``HFCaptioner`` (transformers), ``CocaCaptioner``."""
 

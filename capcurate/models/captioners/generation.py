@@ -129,3 +129,34 @@ def recordable(kwargs: dict[str, Any]) -> dict[str, Any]:
     if "logits_processor" in kwargs:
         out["sampler"] = "capcurate SeededSampler (Gumbel-max, per-image seeds)"
     return out
+
+
+def answer_lengths(ids: torch.Tensor, stop_ids: set[int], *, skip: int = 0) -> list[tuple[int, bool]]:
+    """Per generated row: (tokens before its first stop token, whether it stopped at the length limit).
+
+    ``ids`` holds the generated tokens only (``skip`` leading ones are not the model's: an encoder-decoder's
+    start token). ``generate`` ends a row at an end-of-sequence token and pads it after; a row without one
+    ran until ``max_new_tokens``: that caption was cut."""
+    rows = ids[:, skip:].tolist()
+    out = []
+    for row in rows:
+        end = next((i for i, t in enumerate(row) if t in stop_ids), None)
+        out.append((len(row) if end is None else end, end is None))
+    return out
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every id that ends a row: the generation config's end-of-sequence ids and the tokenizer's."""
+    ids: set[int] = set()
+    for v in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if v is not None:
+            ids.update(v if isinstance(v, (list, tuple)) else [v])
+    return ids
+
+
+def group_captions(texts: list[str], lengths: list[tuple[int, bool]], k: int) -> list[Any]:
+    """``texts`` of ``n * k`` rows -> one ``ImageCaptions`` of ``k`` per image, with their token counts."""
+    from .base import ImageCaptions
+
+    return [ImageCaptions(texts[i * k:(i + 1) * k], [n for n, _ in lengths[i * k:(i + 1) * k]],
+                          sum(cut for _, cut in lengths[i * k:(i + 1) * k])) for i in range(len(texts) // k)]

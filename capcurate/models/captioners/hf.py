@@ -17,7 +17,14 @@ from ...errors import ModelLoadError
 from ..openclip_loader import input_dtype
 from ..ref import ModelRef
 from .base import Captioner, DecodingConfig, clean_caption
-from .generation import can_use_static_cache, generate_kwargs, recordable
+from .generation import (
+    answer_lengths,
+    can_use_static_cache,
+    generate_kwargs,
+    group_captions,
+    recordable,
+    stop_token_ids,
+)
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -105,6 +112,7 @@ class HFCaptioner(Captioner):
         self.tokenizer = self.processor.tokenizer
         self._transform = HFImageTransform(self.processor.image_processor)
         self._prompt_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._stop_ids = stop_token_ids(self.model, self.tokenizer)
 
     @property
     def preprocess(self) -> Any:
@@ -160,8 +168,12 @@ class HFCaptioner(Captioner):
         out, echoed = self.generate_ids(pixels, config, seeds)
         texts = self.tokenizer.batch_decode(out[:, echoed:], skip_special_tokens=True)
         texts = [clean_caption(t, config.prompt) for t in texts]
-        k = config.num_captions
-        return [texts[i * k:(i + 1) * k] for i in range(pixels.shape[0])]
+        new = out[:, echoed:]
+        # BLIP and GIT start their output with the start token they were given, not a generated one
+        start = {self.tokenizer.bos_token_id, self.tokenizer.cls_token_id} - {None}
+        skip = int(new.shape[1] > 0 and bool(torch.isin(new[:, 0], torch.tensor(sorted(start))).all())) \
+            if start else 0
+        return group_captions(texts, answer_lengths(new, self._stop_ids, skip=skip), config.num_captions)
 
     def describe_request(self, config: DecodingConfig) -> dict[str, Any]:
         return {"generate_kwargs": recordable(self.generate_kwargs(config, [0] if config.sampling else None))}

@@ -1,5 +1,6 @@
-"""Chat-template VLM captioners through transformers: Qwen2-VL / Qwen2.5-VL, LLaVA, Idefics3 / SmolVLM,
-PaliGemma, Florence-2 and other ``AutoModelForImageTextToText`` models with a processor.
+"""Chat-template VLM captioners through transformers: Qwen2-VL / Qwen2.5-VL / Qwen3-VL, LLaVA / LLaVA-NeXT,
+Idefics3 / SmolVLM, Gemma3, InternVL, Mistral3 (Pixtral), Llama 4, PaliGemma, Florence-2 and other
+``AutoModelForImageTextToText`` models with a processor.
 
 A VLM's text holds as many image tokens as its vision tower makes features for *that* image (Qwen2-VL:
 one per 28x28 pixels; LLaVA: one per patch), so the inputs of a batch are built by the model's own
@@ -7,11 +8,12 @@ processor from the decoded images and the instruction together, per batch, left-
 starts at the same position. The instruction is the user turn of the model's chat template (after an
 optional system turn); models without a chat template (PaliGemma, Florence-2) take it as their plain
 task prompt. Only the generated answer is stored: decoder-only models echo the whole templated prompt,
-which is cut off at the padded input length.
+which is cut off at the padded input length. How many pixels each image keeps is ``pixel_budget.py``.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,32 @@ import torch
 from ...errors import InputError
 from ..openclip_loader import input_dtype
 from ..ref import ModelRef
-from .base import DEFAULT_INSTRUCTIONS, Captioner, DecodingConfig, clean_caption
-from .generation import can_use_static_cache, generate_kwargs, recordable
+from .base import DEFAULT_INSTRUCTIONS, Captioner, DecodingConfig, ImageRejected, clean_caption
+from .generation import (
+    answer_lengths,
+    can_use_static_cache,
+    generate_kwargs,
+    group_captions,
+    recordable,
+    stop_token_ids,
+)
+from .pixel_budget import PixelBudget, apply_pixel_budget, snapshot
 
 # families without a chat template have their own words for the two --style instructions
 PLAIN_PROMPTS = {
     "paligemma": {"short": "caption en", "dense": "describe en"},
     "florence2": {"short": "<CAPTION>", "dense": "<MORE_DETAILED_CAPTION>"},
 }
-# processors that want one list of images per text (several images may share a sample)
-NESTED_IMAGES = ("idefics", "smolvlm", "mllama")
+# Florence-2's tasks that answer with a caption; the others (<OD>, <OCR_WITH_REGION>, grounding...) answer
+# with boxes, polygons or OCR text, which are not captions
+FLORENCE_CAPTION_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
+# what --batch-size auto probes with when the processor has a fixed input size (it resizes anyway)
+FIXED_PROBE_PIXELS = 1024 * 1024
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
 
 
 def takes_device(image_processor: Any) -> bool:
@@ -56,8 +74,9 @@ class VLMCaptioner(Captioner):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.chat_template = getattr(self.processor, "chat_template", None)
         self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
-        self._nested = any(n in self.model_type for n in NESTED_IMAGES)
-        self._budget: tuple[int | None, int | None] = (None, None)
+        self._original_size = snapshot(self.processor.image_processor)
+        self.pixel_budget: PixelBudget | None = None
+        self._stop_ids = stop_token_ids(self.model, self.tokenizer)
         # a VLM's image tower sees a new shape per image size; --compile goes to its decoding step instead
         if compile and not can_use_static_cache(self.model):
             raise InputError(f"--compile: transformers cannot compile the decoding step of {type(self.model).__name__} "
@@ -67,15 +86,40 @@ class VLMCaptioner(Captioner):
         # the model's device: on a GPU that takes the processor off the CPU, where it cost as much time as
         # the 2B model's generate (Qwen2-VL, 512 images of 512x384: ~108 images/s per core)
         self._processor_kwargs = {"device": str(self.device)} if takes_device(self.processor.image_processor) else {}
+        self._nested = self._images_nested()
+
+    def _images_nested(self) -> bool:
+        """Whether this processor takes one list of images per text (transformers' layout for several images
+        per sample), asked of the processor itself on two small grey images rather than read off a list of
+        names: processors that count images per sample (Gemma3, SmolVLM, Mllama) need it and the others
+        tested accept it, so it is used unless only the flat list works."""
+        grey = [torch.full((3, 64, 64), 127, dtype=torch.uint8)] * 2
+        try:
+            text = [self.prompt_text(self._default_request(DecodingConfig(decoding="greedy")))] * 2
+        except InputError:  # no chat template and no default prompt: the layout does not depend on the text
+            text = [""] * 2
+        for nested in (True, False):
+            try:
+                self.processor(images=[[g] for g in grey] if nested else grey, text=text, padding=True,
+                               return_tensors="pt")
+                return nested
+            except Exception:  # this layout is not the processor's: try the other
+                continue
+        return True
 
     # -- the request -------------------------------------------------------------------------------
     def prepare(self, config: DecodingConfig) -> DecodingConfig:
-        from dataclasses import replace
-
         if config.system and not self.chat_template:
             raise InputError(f"--system needs a chat template; {self.ref.text} ({self.model_type}) has none")
-        if config.max_pixels is not None or config.min_pixels is not None:
-            self._set_pixel_budget(config.min_pixels, config.max_pixels)
+        # every request sets the processor's resolution: --max-pixels, else the default budget
+        self.pixel_budget = apply_pixel_budget(self.processor.image_processor, self._original_size,
+                                               config.max_pixels, config.min_pixels, where=self.ref.text)
+        config = self._default_request(config)
+        self._check_task(config.prompt or "")
+        return config
+
+    def _default_request(self, config: DecodingConfig) -> DecodingConfig:
+        """The request with the default instruction of its --style when no --prompt is given."""
         if config.prompt:
             return config
         style = config.style or "short"  # the style is spent on the prompt: the request keeps the words
@@ -88,25 +132,20 @@ class VLMCaptioner(Captioner):
                              "prompt: pass --prompt")
         return replace(config, prompt=prompt, style=None)
 
-    def _set_pixel_budget(self, min_pixels: int | None, max_pixels: int | None) -> None:
-        """Qwen2-VL-style processors resize each image to a pixel count within [min, max] (in their
-        ``size`` as shortest_edge/longest_edge); other processors have no such budget."""
-        ip = self.processor.image_processor
-        size = getattr(ip, "size", None)
-        keys = dict(size) if isinstance(size, dict) else {k: v for k, v in vars(size or object()).items()
-                                                           if v is not None}
-        if not (hasattr(ip, "merge_size") and keys.get("longest_edge") and keys.get("shortest_edge")):
-            raise InputError(f"--max-pixels/--min-pixels: {type(ip).__name__} of {self.ref.text} has no pixel "
-                             "budget (only dynamic-resolution processors such as Qwen2-VL's take one)")
-        if min_pixels is not None:
-            keys["shortest_edge"] = min_pixels
-        if max_pixels is not None:
-            keys["longest_edge"] = max_pixels
-        if keys["shortest_edge"] > keys["longest_edge"]:
-            raise InputError(f"--min-pixels {keys['shortest_edge']} exceeds the pixel budget "
-                             f"{keys['longest_edge']}")
-        ip.size = type(size)(**keys) if not isinstance(size, dict) else keys
-        self._budget = (keys["shortest_edge"], keys["longest_edge"])
+    def _check_task(self, prompt: str) -> None:
+        """Florence-2-style processors map task tokens to tasks; only the captioning ones give captions."""
+        tasks = {**getattr(self.processor, "task_prompts_without_inputs", {}),
+                 **getattr(self.processor, "task_prompts_with_input", {})}
+        other = [t for t in tasks if t in prompt and t not in FLORENCE_CAPTION_TASKS]
+        if other:
+            raise InputError(f"--prompt {other[0]} is a {self.model_type} task whose answer is not a caption "
+                             f"(boxes, regions or OCR text); use one of {', '.join(FLORENCE_CAPTION_TASKS)}")
+
+    @property
+    def probe_pixels(self) -> int:
+        """The image area --batch-size auto probes with: the most pixels the budget lets one image keep."""
+        budget = self.pixel_budget.max_pixels if self.pixel_budget else None
+        return budget or FIXED_PROBE_PIXELS
 
     def prompt_text(self, config: DecodingConfig) -> str:
         """The exact text of one sample before the processor expands its image placeholder."""
@@ -122,8 +161,12 @@ class VLMCaptioner(Captioner):
         """The processor's inputs for a batch: images at native size, one templated text each, left padding."""
         text = self.prompt_text(config)
         imgs: list[Any] = [[im] for im in images] if self._nested else list(images)
-        out = self.processor(images=imgs, text=[text] * len(images), padding=True, return_tensors="pt",
-                             **self._processor_kwargs)
+        try:
+            out = self.processor(images=imgs, text=[text] * len(images), padding=True, return_tensors="pt",
+                                 **self._processor_kwargs)
+        except (ValueError, TypeError, IndexError, ZeroDivisionError) as e:
+            # a processor validates and resizes each image: what it refuses is that image's, not the model's
+            raise ImageRejected(f"rejected by {type(self.processor).__name__}: {_first_line(e)}") from e
         out.pop("labels", None)  # PaliGemma adds labels when it builds a training suffix
         return {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                 for k, v in out.items() if isinstance(v, torch.Tensor)}
@@ -148,8 +191,9 @@ class VLMCaptioner(Captioner):
             return []
         ids = self.generate_ids(images, config, seeds)
         texts = [clean_caption(t) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
-        k = config.num_captions
-        return [texts[i * k:(i + 1) * k] for i in range(len(images))]
+        # an encoder-decoder's output starts with its decoder start token, which it did not generate
+        lengths = answer_lengths(ids, self._stop_ids, skip=1 if self.encoder_decoder else 0)
+        return group_captions(texts, lengths, config.num_captions)
 
     # -- lineage -----------------------------------------------------------------------------------
     def describe_request(self, config: DecodingConfig) -> dict[str, Any]:
@@ -157,8 +201,8 @@ class VLMCaptioner(Captioner):
             "prompt": config.prompt,
             "template_text": self.prompt_text(config),
             "chat_template": "model's own" if self.chat_template else None,
-            "pixel_budget": dict(zip(("min_pixels", "max_pixels"), self._budget, strict=True))
-            if any(self._budget) else None,
+            "pixel_budget": self.pixel_budget.describe() if self.pixel_budget else None,
+            "images_nested": self._nested,
             "generate_kwargs": recordable(self.generate_kwargs(config, [0] if config.sampling else None)),
         }
 
