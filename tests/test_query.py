@@ -90,3 +90,23 @@ def test_stats_of_an_empty_dataset(tmp_path):
     s = stats(tmp_path / "ds")
     assert s.counts["samples"] == 0 and s.details["caption_chars"] is None
     assert runner.invoke(app, ["stats", str(tmp_path / "ds")]).exit_code == 0
+
+
+def test_query_is_read_only_copy_attach_set_and_outside_files_refused(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for sql in ("COPY (SELECT 1) TO 'f.csv'", f"COPY (SELECT 1) TO '{tiny_dataset}/f.csv'", "ATTACH 'x.db'",
+                "INSTALL httpfs", "CREATE TABLE t AS SELECT 1", "SELECT 1; COPY (SELECT 1) TO 'g.csv'",
+                "SET enable_external_access = true", "PRAGMA enable_profiling"):
+        r = runner.invoke(app, ["query", str(tiny_dataset), sql])
+        assert r.exit_code == 2 and "read-only" in r.output and len(r.output.strip().splitlines()) == 1, sql
+    # a SELECT cannot reach files outside the dataset either (DuckDB's external access is off)
+    (tmp_path / "secret.csv").write_text("a\n1\n")
+    r = runner.invoke(app, ["query", str(tiny_dataset), f"SELECT * FROM read_csv('{tmp_path}/secret.csv')"])
+    assert r.exit_code == 2 and "disabled by configuration" in r.output
+    r = runner.invoke(app, ["query", str(tiny_dataset), "SELECT 1 AS one", "-o", str(tmp_path / "o.csv")])
+    assert r.exit_code == 0
+    r = runner.invoke(app, ["query", str(tiny_dataset), "COPY (SELECT 1) TO 'h.csv'", "-o", str(tmp_path / "p.csv")])
+    assert r.exit_code == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p != tiny_dataset) == ["o.csv", "secret.csv"]
+    assert not (tiny_dataset / "f.csv").exists()
+    assert runner.invoke(app, ["query", str(tiny_dataset), "DESCRIBE samples"]).exit_code == 0

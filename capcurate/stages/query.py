@@ -2,6 +2,12 @@
 
 Query results stream from DuckDB in record batches, so writing a billion-row CSV or Parquet file
 takes bounded memory; the table format shows the first rows only.
+
+``query`` is read-only SQL over the views, held twice: only SELECT-like statements (SELECT, WITH,
+FROM, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN) are accepted, and the connection runs them with DuckDB's
+``enable_external_access`` off, so no function (``read_csv``, ``COPY``, ``ATTACH``) reaches a file
+outside the dataset. The dataset itself stays readable through ``allowed_directories`` (writing there
+is what the statement check refuses: DuckDB's setting allows writes as well as reads).
 """
 
 from __future__ import annotations
@@ -24,15 +30,54 @@ QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
 QUANTILE_NAMES = ("min", "p05", "p25", "p50", "p75", "p95", "max")
 
 
+# statement types that only read: DESCRIBE, SHOW and SUMMARIZE parse as SELECT
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse SQL that could change anything (COPY, ATTACH, INSTALL, CREATE, SET, PRAGMA, ...), by the
+    statement types DuckDB's own parser gives, before a connection is opened."""
+    import duckdb
+
+    statements = duckdb.extract_statements(sql)
+    if not statements:
+        raise InputError("the SQL is empty: expected a SELECT statement")
+    for st in statements:
+        kind = st.type.name
+        if kind not in READ_ONLY_STATEMENTS:
+            raise InputError(f"query is read-only SQL over the views: a {kind} statement is refused "
+                             "(use SELECT, DESCRIBE, SHOW, SUMMARIZE or EXPLAIN; -o writes a result to a file)")
+
+
+def read_only_connect(ds: Dataset, sql: str):
+    """The dataset's views on a connection that can read nothing outside the dataset and write nothing."""
+    check_read_only(sql)
+    con = ds.connect()
+    try:
+        # after the views are defined: they read the dataset's files when a query runs
+        root = str(ds.root) if ds.remote else str(Path(ds.root).resolve())
+        con.execute("SET allowed_directories = [?]", [root.rstrip("/") + "/"])
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")  # no statement may switch it back
+    except Exception:
+        con.close()
+        raise
+    return con
+
+
 def query(dataset: str | Path | Dataset, sql: str):
-    """Run SQL over the dataset's views and return a pyarrow Table (the whole result in memory)."""
+    """Run read-only SQL over the dataset's views and return a pyarrow Table (the whole result in memory)."""
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    return ds.query(sql)
+    con = read_only_connect(ds, sql)
+    try:
+        return con.sql(sql).to_arrow_table()
+    finally:
+        con.close()
 
 
 def _batches(ds: Dataset, sql: str):
     """(schema, iterator of RecordBatches) for ``sql``; the connection closes when the iterator ends."""
-    con = ds.connect()
+    con = read_only_connect(ds, sql)
     try:
         # the relation API streams; an execute() result would be copied whole before the first batch
         rel = con.sql(sql)
@@ -85,6 +130,7 @@ def export_query(dataset: str | Path | Dataset, sql: str, output: str | Path, fm
     """Write the result of ``sql`` to a csv/json/parquet file (atomically; format from the suffix if None)."""
     t0 = time.perf_counter()
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
+    check_read_only(sql)  # before the output is touched
     output = storage.path(output)
     storage.check_writable(output)
     fmt = fmt or output.suffix.lstrip(".").lower()
@@ -110,7 +156,7 @@ def export_query(dataset: str | Path | Dataset, sql: str, output: str | Path, fm
 def preview_query(dataset: str | Path | Dataset, sql: str, limit: int = 50):
     """(column names, the first ``limit`` rows, whether more rows follow) for the table format."""
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
-    con = ds.connect()
+    con = read_only_connect(ds, sql)
     try:
         cur = con.execute(sql)
         names = [d[0] for d in cur.description] if cur.description else []
