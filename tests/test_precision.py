@@ -8,9 +8,11 @@ the low-precision scores with float32 ones.
 Tolerances: a CLIP score is a cosine in [-1, 1]. bf16 keeps 8 significant bits (unit roundoff
 2**-9 ~ 2e-3) and fp16 11 bits (~5e-4); through the few layers of these tiny models the error of a
 normalised embedding stays within a few roundoffs: measured here, at most 4.7e-3 (bf16) and 6.5e-4
-(fp16) over 16 image-text pairs of both backends. 2e-2 for bf16 and 5e-3 for fp16 leave a margin of
-4x to 8x without hiding a real error (a wrong input cast or a missing normalisation moves scores by
-0.1 or more).
+(fp16) over 16 image-text pairs of both backends; eval's normalised image embeddings moved by at most
+7.8e-3 (bf16) and 9.2e-4 (fp16) from fp32's (this 2-core CPU box), and no eval metric changed. 2e-2 for
+bf16 and 5e-3 for fp16 leave a margin of 2.5x to 8x without hiding a real error (a wrong input cast or a
+missing normalisation moves scores by 0.1 or more). Options are passed by name, never filtered: a renamed
+option fails with a TypeError instead of silently running every "precision" at the default.
 """
 
 from __future__ import annotations
@@ -54,18 +56,9 @@ def small_dataset(tmp_path):
     return build_dataset(tmp_path / "ds", samples, per_shard=3)
 
 
-def _kw(fn, **options):
-    """The options ``fn`` takes: the stages' keyword names are being unified (dtype -> precision,
-    num_workers -> workers); pass both spellings and keep what the current signature accepts."""
-    import inspect
-
-    names = inspect.signature(fn).parameters
-    return {k: v for k, v in options.items() if k in names}
-
-
 def _score(ds, ref, name, p, pretrained=None):
-    return score(ds, ref, name, pretrained=pretrained, captions="raw", batch_size=4,
-                 **_kw(score, precision=p, num_workers=0, workers=0))
+    # keywords passed as such: a renamed option is a TypeError here, never a silent default precision
+    return score(ds, ref, name, pretrained=pretrained, captions="raw", batch_size=4, precision=p, workers=0)
 
 
 def _scores(ds_root, name):
@@ -90,6 +83,7 @@ def test_score_at_every_precision_is_close_to_fp32(models, small_dataset, backen
         assert {u for u, v in got[p].items() if v is not None} == set(ok)
         worst = max(abs(got[p][u] - v) for u, v in ok.items())
         assert worst <= SCORE_TOL[p], f"{backend} {p}: max |score - fp32 score| = {worst:.4f}"
+        assert worst > 0, f"{backend} {p} equals fp32 to the bit: the model did not run at {p}"
 
 
 def test_input_dtype_is_the_patch_embeddings_not_the_first_parameters(models):
@@ -126,14 +120,14 @@ def test_recaption_at_every_precision(models, small_dataset, backend):
     for p in PRECISIONS:
         s = recaption(small_dataset, model=ref, pretrained=pretrained, name=f"c_{p}", decoding="greedy",
                       max_new_tokens=5, batch_size=4,
-                      **_kw(recaption, precision=p, dtype=p, workers=0, num_workers=0, device="cpu"))
+                      precision=p, workers=0, device="cpu")
         assert s.ok, (p, s.details)
         assert s.counts["images_captioned"] == 5 and s.counts["images_failed"] == 1, (p, s.counts)
         t = pq.read_table(small_dataset / "captions" / f"c_{p}").to_pylist()
         captions[p] = {r["uid"]: r["caption"] for r in t if r["caption"] is not None}
         assert len(captions[p]) == 5 and all(c.strip() for c in captions[p].values()), (p, captions[p])
         entry = Dataset(small_dataset).card.lineage("captions", f"c_{p}")[-1]
-        assert entry["parameters"].get("precision", entry["parameters"].get("dtype")) == p
+        assert entry["parameters"]["precision"] == p
 
 
 def test_coca_low_precision_decoding_follows_fp32(models):
@@ -165,19 +159,48 @@ def test_coca_low_precision_decoding_follows_fp32(models):
         assert err <= rel * scale, f"{p}: first-step logits differ by {err:.4f} (scale {scale:.2f})"
 
 
-@pytest.mark.parametrize("backend", ["run", "hf"])
-def test_eval_cli_at_every_precision(models, tmp_path, backend):
-    evalset = write_eval_set(tmp_path / "eval", per_class=1)
-    ref, _ = models[backend]
-    results = {}
+def eval_at_every_precision(ref: str, evalset, monkeypatch, *extra: str) -> tuple[dict, dict]:
+    """``capcurate eval`` at each precision: (the --json counts, the normalised image embeddings the metrics
+    were computed from) per precision."""
+    from capcurate.train import evaluation
+
+    seen: dict[str, torch.Tensor] = {}
+    task_results = evaluation.task_results
+
+    def recording(eval_set, image_emb, *args, **kwargs):
+        seen["images"] = torch.nn.functional.normalize(image_emb.float(), dim=-1)
+        return task_results(eval_set, image_emb, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "task_results", recording)
+    counts, images = {}, {}
     for p in PRECISIONS:
-        r = CliRunner().invoke(app, ["eval", ref, "--data", str(evalset), "--precision", p, "--json"])
+        r = CliRunner().invoke(app, ["eval", ref, "--data", str(evalset), "--precision", p, "--json", *extra])
         assert r.exit_code == 0, (p, r.output[-2000:])
-        results[p] = json.loads(r.stdout)["counts"]
+        out = json.loads(r.stdout)
+        assert out["details"]["precision"] == p
+        counts[p], images[p] = out["counts"], seen.pop("images")
+    return counts, images
+
+
+def check_close_to_fp32(counts: dict, images: dict, n_images: int) -> None:
+    """Each low precision's image embeddings within the score tolerance of fp32's (a cosine score moves by
+    at most the distance between unit vectors), and its metrics within one image of fp32's."""
     for p in ("bf16", "fp16"):
-        assert set(results[p]) == set(results["fp32"])
-        assert results[p]["images"] == results["fp32"]["images"] == 8
-        assert all(0.0 <= v <= 1.0 for k, v in results[p].items() if "/" in k)
+        assert set(counts[p]) == set(counts["fp32"])
+        assert counts[p]["images"] == counts["fp32"]["images"] == n_images
+        worst = (images[p] - images["fp32"]).norm(dim=-1).max().item()
+        assert worst <= SCORE_TOL[p], f"{p}: image embedding moved by {worst:.4f} from fp32"
+        assert worst > 0, f"{p} equals fp32 to the bit: the model did not run at {p}"
+        # a near tie may turn over at low precision: one image's outcome, never more
+        moved = {k: abs(v - counts["fp32"][k]) for k, v in counts[p].items() if "/" in k}
+        assert all(d <= 1 / n_images + 1e-9 for d in moved.values()), (p, moved)
+
+
+@pytest.mark.parametrize("backend", ["run", "hf"])
+def test_eval_cli_at_every_precision_is_close_to_fp32(models, tmp_path, backend, monkeypatch):
+    evalset = write_eval_set(tmp_path / "eval", per_class=1)
+    counts, images = eval_at_every_precision(models[backend][0], evalset, monkeypatch)
+    check_close_to_fp32(counts, images, n_images=8)
 
 
 # -- lineage: a run that wrote nothing does not hold its name ---------------------------------------
