@@ -53,6 +53,23 @@ PART_HELP = ("Only shards i, i+N, ... of the sorted list, as i/N with 0 <= i < N
              "of N); run every part to finish.")
 
 
+def _check_part(value: str | None) -> str | None:
+    """--part is checked while the command line is parsed: a bad one stops before any work or write."""
+    from ..engines import parse_part
+    from ..errors import InputError
+
+    try:
+        parse_part(value)
+    except InputError as e:
+        raise fail(str(e), e.exit_code) from None
+    return value
+
+
+def part_option(help: str = PART_HELP) -> Any:
+    """The one --part option of every per-shard command (validated by ``engines.parse_part``)."""
+    return typer.Option(None, "--part", help=help, callback=_check_part)
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
     from rich.markup import escape
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from .app import ENGINE_HELP, JSON_HELP, MAX_RETRIES_HELP, PART_HELP, app, run_command
+from .app import ENGINE_HELP, JSON_HELP, MAX_RETRIES_HELP, PART_HELP, app, part_option, run_command
 
 STRATEGY_HELP = (
     "How to pair each image with a caption: raw (alt-text only), synthetic (one captioner's caption), "
@@ -87,7 +87,7 @@ def shard(
                                  "one key each (raw = the alt-text, else a recaption --name), e.g. raw,blip, for "
                                  "`train --caption-keys`; the .txt keeps the selection's caption. Default: the "
                                  "recipe of a `mix --strategy sample` selection, else none."),
-    part: str = typer.Option(None, "--part", help=f"{PART_HELP} The last part to finish writes manifest.json."),
+    part: str = part_option(f"{PART_HELP} The last part to finish writes manifest.json."),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write a selection as webdataset training shards, copying image bytes without re-encoding.

@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from .app import ENGINE_HELP, JSON_HELP, MAX_RETRIES_HELP, PART_HELP, app, run_command, stdout
+from .app import ENGINE_HELP, JSON_HELP, MAX_RETRIES_HELP, app, part_option, run_command, stdout
 
 FORCE_HELP = "Write into OUTPUT even though it exists, is not empty and is not a capcurate dataset."
 OVERWRITE_HELP = ("Delete the dataset's shards and manifest and start again when a previous run used other "
@@ -111,7 +111,7 @@ def ingest(
         "Images whose header declares more pixels than this are counted as failed, never decoded.")),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
     max_retries: int = typer.Option(2, "--max-retries", help=MAX_RETRIES_HELP),
-    part: str = typer.Option(None, "--part", help=PART_HELP),
+    part: str = part_option(),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),

@@ -10,11 +10,11 @@ from .app import (
     ENGINE_HELP,
     JSON_HELP,
     MAX_RETRIES_HELP,
-    PART_HELP,
     PRECISION_HELP,
     RECAPTION_COMPILE_HELP,
     WORKERS_HELP,
     app,
+    part_option,
     run_command,
 )
 
@@ -86,7 +86,7 @@ def recaption(
         help="Allow a transformers model to run code shipped with it (only for models you trust)."),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
     max_retries: int = typer.Option(2, "--max-retries", help=MAX_RETRIES_HELP),
-    part: str = typer.Option(None, "--part", help=PART_HELP),
+    part: str = part_option(),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing caption set NAME made with other parameters."),
     scratch: str = typer.Option(None, "--scratch", help=(

@@ -11,10 +11,10 @@ from .app import (
     ENGINE_HELP,
     JSON_HELP,
     MAX_RETRIES_HELP,
-    PART_HELP,
     PRECISION_HELP,
     WORKERS_HELP,
     app,
+    part_option,
     run_command,
 )
 
@@ -49,7 +49,7 @@ def score(
         "clustering, and so a caption column added later reuses the image embeddings).")),
     engine: str = typer.Option("local", "--engine", help=ENGINE_HELP),
     max_retries: int = typer.Option(2, "--max-retries", help=MAX_RETRIES_HELP),
-    part: str = typer.Option(None, "--part", help=PART_HELP),
+    part: str = part_option(),
     num_actors: int = typer.Option(None, "--num-actors", help="Ray actors (default: one per GPU, else per CPU)."),
     overwrite: bool = typer.Option(False, "--overwrite", help=(
         "Replace scores/<name> made with other parameters (otherwise refused; same parameters resume).")),

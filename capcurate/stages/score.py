@@ -378,11 +378,12 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
           max_retries: int = 2, scratch: str | None = None) -> Summary:
     """Score every image against each selected caption column; writes ``scores/<name>/``."""
     from ..devices import parse_batch_size, resolve_placement, resolve_workers
-    from ..engines import check_max_retries
+    from ..engines import check_max_retries, parse_part
     from ..models.ref import parse_model_ref
 
     t0 = time.time()
     check_max_retries(max_retries)
+    parse_part(part)  # before the model loads or the card changes
     ds = Dataset(dataset)
     check_name(name, "scorer name")
     if num_captions < 1:

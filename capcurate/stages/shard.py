@@ -131,6 +131,7 @@ def shard(
     """Write ``selection`` of ``dataset`` as training shards ``out/00000.tar ...`` (see module docstring)."""
     t0 = time.time()
     check_max_retries(max_retries)
+    parse_part(part)  # before -o is created
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     check_name(selection, "selection name")
     if selection not in ds.selection_names():
