@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "capcurate.cli.curate_commands",     # mix, shard, report
     "capcurate.cli.train_commands",      # train, eval
     "capcurate.cli.synth_commands",      # synth
+    "capcurate.cli.launch_commands",     # launch slurm, launch finalize
 ]
 
 # --help lists commands in pipeline order, then the tools to look at a dataset, then the demo world.
