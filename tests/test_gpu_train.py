@@ -53,6 +53,26 @@ def test_trains_on_cuda(shards, precision, decode, workers):
     assert rows[-1]["skipped"] >= 1  # the first shard's truncated JPEG (sample 10)
 
 
+@pytest.mark.parametrize("decode", ["gpu", "cpu"])
+def test_loss_decreases_on_cuda(tmp_path, decode):
+    """The CPU test's learnable task (solid colours captioned with their colour, tests/test_train.py) at the
+    GPU's default precision: the mean of the last 3 of 12 losses under 0.7x the first 3's."""
+    from train_fixtures import write_shards
+
+    from capcurate.train import train
+
+    write_shards(tmp_path / "shards", n_shards=4, per_shard=16)
+    run = tmp_path / "run"
+    s = train(str(tmp_path / "shards"), str(run), model_config=str(tiny_clip_config(tmp_path)), batch_size=16,
+              epochs=3, lr=2e-3, workers=0, decode=decode, device="cuda")
+    assert s.ok and s.counts["steps"] == 12
+    rec = json.loads((run / "run.json").read_text())
+    assert rec["image_path"] == decode and rec["config"]["precision"] in ("bf16", "fp16")
+    losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+
+
 def test_auto_defaults_pick_the_gpu(shards):
     from capcurate.train.config import TrainConfig
 
@@ -61,9 +81,42 @@ def test_auto_defaults_pick_the_gpu(shards):
     assert cfg.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
 
 
+def test_nvjpeg_decodes_like_libjpeg_turbo(tmp_path):
+    """The decoder alone. Without chroma subsampling (4:4:4) only the IDCT's rounding differs: a few levels
+    at most. With 4:2:0 (most web JPEGs) the chroma upsampling differs too (libjpeg-turbo's triangle filter
+    against nvJPEG's), which on noisy chroma moves single pixels by tens of levels, so there the bound is
+    torchvision's own for nvJPEG (mean < 2). Bounds derived, not yet measured on a GPU here."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from capcurate.inputs.decode import as_tensor, decode_cpu, decode_jpegs_gpu
+
+    rng = np.random.default_rng(0)
+    for subsampling, worst in ((0, 8), (2, None)):
+        datas = []
+        for w, h in ((48, 40), (64, 64), (97, 33)):
+            x = np.linspace(0, 255, w)[None, :, None] + rng.normal(0, 25, (h, w, 3))
+            buf = io.BytesIO()
+            Image.fromarray(x.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90, subsampling=subsampling)
+            datas.append(buf.getvalue())
+        on_gpu = decode_jpegs_gpu([as_tensor(d) for d in datas], torch.device("cuda"))
+        for data, img in zip(datas, on_gpu, strict=True):
+            assert not isinstance(img, str) and img.is_cuda, img
+            diff = (img.cpu().float() - decode_cpu(data).float()).abs()
+            assert diff.mean() < 2, (subsampling, float(diff.mean()))
+            if worst is not None:
+                assert diff.max() <= worst, (subsampling, float(diff.max()))
+
+
 def test_nvjpeg_batches_match_the_cpu_decode(shards):
-    """The same packed batch (JPEG bytes + boxes, PNGs as uint8) decoded on the GPU and on the CPU:
-    nvJPEG's IDCT and chroma upsampling and the GPU resize differ from libjpeg-turbo's by a few levels."""
+    """The same packed batch (JPEG bytes + boxes, PNGs as uint8) decoded on the GPU and on the CPU: nvJPEG's
+    IDCT and 4:2:0 chroma upsampling and the GPU resize differ from libjpeg-turbo's. On these noisy
+    textures (sigma 25 per channel) the upsampling difference is about a quarter of a chroma step
+    between neighbours (sigma ~6 levels in RGB), so single pixels reach ~25 levels (4 sigma) while the
+    mean stays under 3 and 99% of pixels within 16. A shifted crop box or a wrong colour conversion moves
+    the mean by 20 or more. Bounds derived, not yet measured on a GPU here."""
     import open_clip
 
     from capcurate.train.data import TrainStream
@@ -82,7 +135,8 @@ def test_nvjpeg_batches_match_the_cpu_decode(shards):
         assert on_gpu.is_cuda and f_cpu == f_gpu == 0
         std = torch.tensor(aug.std).view(1, 3, 1, 1)
         diff = ((on_gpu.cpu() - on_cpu) * std * 255).abs()
-        assert diff.mean() < 3 and diff.max() < 64, (float(diff.mean()), float(diff.max()))
+        p99 = float(diff.flatten().quantile(0.99))
+        assert diff.mean() < 3 and p99 <= 16 and diff.max() <= 40, (float(diff.mean()), p99, float(diff.max()))
     assert n_jpeg > 20
 
 
