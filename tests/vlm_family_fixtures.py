@@ -46,7 +46,10 @@ def build_tiny_gemma3(root: Path) -> str:
         image_token_index=ids["<image_soft_token>"], tie_word_embeddings=False)
     cfg.eos_token_id, cfg.pad_token_id = ids["<eos>"], ids["<pad>"]
     torch.manual_seed(0)
-    return _save(Gemma3ForConditionalGeneration(cfg), proc, d)
+    model = Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # its projector starts near zero: random image features would not reach the text
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=1.0)
+    return _save(model, proc, d)
 
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -181,7 +184,10 @@ def build_tiny_mistral3(root: Path) -> str:
                                                                      eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])),
         image_token_index=ids["[IMG]"], spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False)
     torch.manual_seed(0)
-    return _save(Mistral3ForConditionalGeneration(cfg), proc, root / "tiny-mistral3")
+    model = Mistral3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # scaled up so the random image features reach the random text model
+        model.model.multi_modal_projector.linear_2.weight.normal_(std=1.0)
+    return _save(model, proc, root / "tiny-mistral3")
 
 
 def build_tiny_llama4(root: Path) -> str:
@@ -208,7 +214,10 @@ def build_tiny_llama4(root: Path) -> str:
         boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"],
         image_token_index=ids["<|patch|>"], tie_word_embeddings=False)
     torch.manual_seed(0)
-    return _save(Llama4ForConditionalGeneration(cfg), proc, root / "tiny-llama4")
+    model = Llama4ForConditionalGeneration(cfg)
+    with torch.no_grad():  # scaled up so the random image features reach the random text model
+        model.multi_modal_projector.linear_1.weight.normal_(std=1.0)
+    return _save(model, proc, root / "tiny-llama4")
 
 
 def build_tiny_smolvlm(root: Path) -> str:
@@ -224,7 +233,8 @@ def build_tiny_smolvlm(root: Path) -> str:
 
     sp = ["<|im_start|>", "<end_of_utterance>", "<pad>", "<image>", "<fake_token_around_image>", "<global-img>"]
     tok = byte_tokenizer(sp, bos="<|im_start|>", eos="<end_of_utterance>", pad="<pad>")
-    ip = SmolVLMImageProcessor(do_image_splitting=False, size={"longest_edge": 32},
+    # image splitting on, as in HuggingFaceTB/SmolVLM-*: up to 2x2 tiles of 32 plus the whole image
+    ip = SmolVLMImageProcessor(do_image_splitting=True, size={"longest_edge": 64},
                                max_image_size={"longest_edge": 32})
     proc = SmolVLMProcessor(image_processor=ip, tokenizer=tok, video_processor=SmolVLMVideoProcessor(),
                             image_seq_len=4, chat_template=IDEFICS3_TEMPLATE)
