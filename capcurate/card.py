@@ -54,6 +54,8 @@ def normalise_params(params: dict[str, Any]) -> dict[str, Any]:
 
 # lineage entries this process started and has not finished: entry id -> the starting thread's ident
 _RUNNING: dict[str, int] = {}
+# ... and the card each is on, so an interrupted process can close them (close_interrupted)
+_RUNNING_CARDS: dict[str, Card] = {}
 
 
 def _epoch(iso: str) -> float:
@@ -226,6 +228,7 @@ class Card:
 
     def _running(self, entry_id: str) -> None:
         _RUNNING[entry_id] = threading.get_ident()
+        _RUNNING_CARDS[entry_id] = self
         if self.remote:
             _LeaseKeeper.keep(self, entry_id)
 
@@ -242,6 +245,7 @@ class Card:
     def abandon_entry(self, entry_id: str) -> None:
         """Remove an entry whose run wrote nothing (it failed before its first output): the name is free."""
         _RUNNING.pop(entry_id, None)
+        _RUNNING_CARDS.pop(entry_id, None)
         with self.editing() as card:
             card["lineage"] = [e for e in card["lineage"] if e.get("id") != entry_id]
 
@@ -315,6 +319,7 @@ class Card:
 
     def finish_entry(self, entry_id: str, counts: dict[str, Any], **extra: Any) -> None:
         _RUNNING.pop(entry_id, None)
+        _RUNNING_CARDS.pop(entry_id, None)
         with self.editing() as card:
             for e in card["lineage"]:
                 if e["id"] == entry_id:
@@ -335,6 +340,19 @@ class Card:
         with self.editing() as card:
             if source not in card["sources"]:
                 card["sources"].append(source)
+
+
+def close_interrupted(signal_name: str) -> list[str]:
+    """Close the lineage entries this process left unfinished because it was interrupted (SIGINT, SIGTERM):
+    ``finished`` is set with ``interrupted: <signal>`` so the card says the run is over and why; its
+    finished shards are kept and the same command resumes. Returns the closed entry ids."""
+    closed = []
+    for entry_id in list(_RUNNING):
+        card = _RUNNING_CARDS.get(entry_id)
+        if card is not None:
+            card.finish_entry(entry_id, {}, interrupted=signal_name)
+            closed.append(entry_id)
+    return closed
 
 
 def _decide(family: str, name: str, params: dict[str, Any], previous: list[dict[str, Any]], *,

@@ -1,7 +1,8 @@
 """The Typer application and the one place that turns results and errors into output and exit codes.
 
-Exit codes: 0 success; 1 the stage ran but failed; 2 bad input; 3 output exists (use --overwrite /
---force); 4 model could not be loaded; 130 interrupted (re-run the same command to resume).
+Exit codes: 0 success; 1 the stage ran but failed (a full disk too); 2 bad input (an output that is
+read-only or denied too); 3 output exists (use --overwrite / --force); 4 model could not be loaded;
+130 interrupted by Ctrl-C, 143 by SIGTERM (re-run the same command to resume).
 """
 
 from __future__ import annotations
@@ -83,23 +84,45 @@ def run_command(fn: Callable[[], Any], *, json_out: bool = False,
     """Call a library function; print its summary; map known errors to one line and an exit code."""
     import duckdb
 
-    try:
-        result = fn()
-    except CapcurateError as e:
-        raise fail(str(e), e.exit_code) from None
-    except duckdb.Error as e:
-        raise fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 2) from None
-    except KeyboardInterrupt:
-        stderr.print("interrupted; finished shards are kept, re-run the same command to resume")
-        raise typer.Exit(130) from None
-    except Exception as e:
-        # object storage: missing credentials, a bucket that does not exist, a denied write -> one line
-        from ..storage import explain
+    from ..oserrors import explain_os_error, explain_unicode_error
+    from .interrupts import EXIT_SIGINT, EXIT_SIGTERM, close_lineage, sigterm_as_interrupt
 
-        msg = explain(e)
-        if msg is None:
+    with sigterm_as_interrupt() as signals:
+        try:
+            try:
+                result = fn()
+            except Exception:
+                if signals:  # SIGTERM arrived and a worker's death surfaced first: still an interrupt
+                    raise KeyboardInterrupt from None
+                raise
+        except CapcurateError as e:
+            raise fail(str(e), e.exit_code) from None
+        except duckdb.Error as e:
+            known = explain_os_error(e)  # COPY ... TO on a full disk is no SQL error
+            if known is not None:
+                raise fail(*known) from None
+            raise fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 2) from None
+        except KeyboardInterrupt:
+            name = "SIGTERM" if signals else "SIGINT"
+            close_lineage(name)  # the card says the run is over, and why
+            stderr.print(f"interrupted ({name}); finished shards are kept, re-run the same command to resume",
+                         soft_wrap=True)
+            raise typer.Exit(EXIT_SIGTERM if signals else EXIT_SIGINT) from None
+        except Exception as e:
+            # object storage: missing credentials, a bucket that does not exist, a denied write -> one line
+            from ..storage import explain
+
+            msg = explain(e)
+            if msg is not None:
+                raise fail(msg, 2) from None
+            # a full disk, a read-only or denied output, a file that is not UTF-8 -> one line
+            known = explain_os_error(e)
+            if known is not None:
+                raise fail(*known) from None
+            msg = explain_unicode_error(e)
+            if msg is not None:
+                raise fail(msg, 2) from None
             raise
-        raise fail(msg, 2) from None
     if result is None:
         return None
     if json_out and hasattr(result, "to_json"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from ..oserrors import stops_every_shard
 from ..progress import progress_bar
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ def run_local(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *,
         with progress_bar(len(shard_ids), description) as advance:
             for sid, outcome in _streamed(many, list(shard_ids)):
                 if isinstance(outcome, BaseException):
-                    if fail_fast or isinstance(outcome, KeyboardInterrupt):
+                    # a full disk or read-only output would fail every shard after this one too
+                    if fail_fast or isinstance(outcome, KeyboardInterrupt) or stops_every_shard(outcome):
                         raise outcome
                     result.failed[sid] = f"{type(outcome).__name__}: {outcome}"
                 else:
@@ -46,7 +48,7 @@ def run_local(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *,
             except KeyboardInterrupt:
                 raise
             except Exception as e:
-                if fail_fast:
+                if fail_fast or stops_every_shard(e):
                     raise
                 result.failed[sid] = f"{type(e).__name__}: {e}"
             else:
