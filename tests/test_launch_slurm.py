@@ -120,7 +120,7 @@ def test_slurm_array_of_shard_equals_one_process_run(mixed, tmp_path, fake_slurm
     assert logs == [f"capcurate-shard-{info['array_job']}_{i}.out" for i in range(3)] + [
         f"capcurate-shard-finalize-{info['finalize_job']}.out"]
     final_log = (tmp_path / "sl" / "logs" / logs[-1]).read_text()
-    assert "3 shard(s) already written" in final_log and "manifest.json written" in " ".join(final_log.split())
+    assert "4 shard(s) already written" in final_log and "lineage" not in final_log and "manifest.json written" in " ".join(final_log.split())
     got, want = read_tree(tmp_path / "out"), read_tree(tmp_path / "one")
     assert sorted(got) == sorted(want) and len([n for n in got if n.endswith(".tar")]) == 4
     for name in want:

@@ -45,21 +45,19 @@ def finalize(call: StageCall, *, since: str | None = None, python: str | None = 
     card = _card(call.dataset)
     before = {e["id"] for e in card.read().get("lineage", [])} if card is not None else set()
     completion = run_completion(call, python=python)
-    closed: dict[str, Any] = {"closed": 0, "parts": 0}
-    if card is not None:
-        closed = close_lineage(card, call.stage, before, since=since)
+    closed = close_lineage(card, call.stage, before, since=since) if card is not None else None
     counts = completion.get("counts", {})
     computed = int(counts.get("shards_processed", 0) or 0)
     message = (f"capcurate {call.stage}: {counts.get('shards_skipped', 0):,} shard(s) already written"
                + (f", {computed:,} written by the finalize job itself (the array missed them)" if computed else "")
-               + f"; lineage: {closed['parts']} part tr{'y' if closed['parts'] == 1 else 'ies'}, "
-               f"{closed['closed']} unfinished one(s) closed")
+               + (f"; lineage: {closed['parts']} part tr{'y' if closed['parts'] == 1 else 'ies'}, "
+                  f"{closed['closed']} unfinished one(s) closed" if closed is not None else ""))
     if call.stage == "shard":
         message += ("; manifest.json written" if completion.get("details", {}).get("complete")
                     else "; manifest.json NOT written (shards missing)")
     return Summary(stage="launch finalize", ok=bool(completion.get("ok", True)),
-                   counts={"shards_computed_here": computed, "part_entries": closed["parts"],
-                           "entries_closed": closed["closed"]},
+                   counts={"shards_computed_here": computed,
+                           **({"part_entries": closed["parts"], "entries_closed": closed["closed"]} if closed else {})},
                    details={"completion": completion}, seconds=time.time() - t0, message=message)
 
 
@@ -94,15 +92,16 @@ def _epoch(iso: str | None) -> float | None:
         return None
 
 
-def close_lineage(card: Card, stage: str, before: set[str], *, since: str | None) -> dict[str, int]:
+def close_lineage(card: Card, stage: str, before: set[str], *, since: str | None) -> dict[str, int] | None:
     """Close the unfinished ``--part`` entries of the run the completion run just resumed (same family and
-    name), started at or after ``since``; record them on the completion entry. Returns counts."""
+    name), started at or after ``since``; record them on the completion entry. Returns counts, or None
+    when the stage keeps no lineage in this card (shard records its run in the output's claim file)."""
     start = _epoch(since)
     with card.editing() as data:
         lineage = data.get("lineage", [])
         new = [e for e in lineage if e.get("id") not in before and e.get("stage") == stage]
         if not new:
-            return {"closed": 0, "parts": 0}
+            return None
         final = new[-1]
         parts = [
             e for e in lineage
