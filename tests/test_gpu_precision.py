@@ -82,3 +82,13 @@ def test_gpu_eval_at_every_precision_is_close_to_fp32(gpu_models, tmp_path, back
     worst = (images["fp32"] - cpu_images["fp32"]).norm(dim=-1).max().item()
     assert worst <= SCORE_TOL["fp16"], f"fp32 on cuda moved image embeddings by {worst:.4f} from the CPU's"
     assert all(abs(v - cpu_counts["fp32"][k]) <= 1 / 8 + 1e-9 for k, v in counts["fp32"].items() if "/" in k)
+
+
+def test_tests_marked_gpu_see_the_gpu():
+    """conftest hides CUDA from every test not marked gpu, and from none that is."""
+    import os
+
+    import torch
+
+    assert torch.cuda.is_available() and torch.cuda.device_count() >= 1
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") != ""

@@ -172,3 +172,19 @@ def test_batch_probing_runs_uncompiled_then_compile_is_back(blip_ref):
         seen["tower"], seen["static"] = cap.model.vision_model, cap.static_cache
     assert seen["tower"] is compiled._orig_mod and seen["static"] is False
     assert cap.model.vision_model is compiled and cap.static_cache is True
+
+
+def test_tests_not_marked_gpu_see_no_gpu():
+    """conftest's autouse fixture: in process and in subprocesses, device auto is the CPU (fp32)."""
+    import os
+    import subprocess
+    import sys
+
+    from capcurate.devices import resolve_device, resolve_precision
+
+    assert torch.cuda.is_available() is False and torch.cuda.device_count() == 0
+    assert resolve_device("auto") == "cpu" and resolve_precision("auto", "cpu") == "fp32"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    child = subprocess.run([sys.executable, "-c", "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"],
+                           capture_output=True, text=True, check=True)
+    assert child.stdout.strip() == "''"
