@@ -270,3 +270,19 @@ def test_finalize_refuses_a_bad_since_and_passes_on_the_stage_exit_code(mixed, t
     res = invoke(["launch", "finalize", "shard", str(mixed), "--selection", "nope", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no selection named 'nope'" in res.stderr, res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_cost_table_is_computed_from_the_measured_rows():
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("cost_table", root / "benchmarks" / "cost_table.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    card, rows = cost.read_rows(root / "docs" / "benchmarks.md")
+    assert card and {r.key for r in rows} == {"recaption", "VLM", "score", "train"}
+    recaption = next(r for r in rows if r.key == "recaption")
+    assert cost.gpu_hours(recaption, 1_280_000_000, 0) == pytest.approx(1_280_000_000 / recaption.per_second / 3600)
+    assert cost.gpu_hours(recaption, 0, 10) == pytest.approx(10 * recaption.startup_s / 3600)
+    text = cost.table(card, rows, tasks=0, usd=2.0)
+    assert f"{1_280_000_000 / recaption.per_second / 3600:,.1f}" in text and "USD 1.28B" in text
