@@ -278,6 +278,7 @@ def test_cost_table_is_computed_from_the_measured_rows():
     root = Path(__file__).resolve().parent.parent
     spec = importlib.util.spec_from_file_location("cost_table", root / "benchmarks" / "cost_table.py")
     cost = importlib.util.module_from_spec(spec)
+    sys.modules["cost_table"] = cost  # dataclasses look their module up there
     spec.loader.exec_module(cost)
     card, rows = cost.read_rows(root / "docs" / "benchmarks.md")
     assert card and {r.key for r in rows} == {"recaption", "VLM", "score", "train"}
