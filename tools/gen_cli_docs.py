@@ -33,6 +33,9 @@ def render() -> str:
     for name in sorted(group.commands):
         parts.append(f"## capcurate {name}\n")
         parts.append("```text\n" + _help(runner, app, [name]) + "```\n")
+        for sub in sorted(getattr(group.commands[name], "commands", {})):  # a group: `launch slurm`, ...
+            parts.append(f"## capcurate {name} {sub}\n")
+            parts.append("```text\n" + _help(runner, app, [name, sub]) + "```\n")
     return "\n".join(parts)
 
 
