@@ -103,7 +103,8 @@ def test_eval_cli_on_an_open_clip_config_writes_clip_benchmark_json(tmp_path):
     evalset = write_eval_set(tmp_path / "eval", per_class=1)
     cfg = tiny_clip_config(tmp_path)
     out = tmp_path / "results.json"
-    r = CliRunner().invoke(app, ["eval", f"openclip:{cfg}", "--data", str(evalset), "--output", str(out), "--json"])
+    r = CliRunner().invoke(app, ["eval", f"openclip:{cfg}", "--pretrained", "random", "--data", str(evalset),
+                                  "--output", str(out), "--json"])
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     written = json.loads(out.read_text())

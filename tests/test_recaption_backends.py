@@ -177,4 +177,4 @@ def test_unloadable_references_say_which_and_why(tmp_path):
         cfg.write_text('{"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, '
                        '"patch_size": 16, "head_width": 16}, "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, '
                        '"heads": 2, "layers": 1}}')
-        load_captioner(f"openclip:{cfg}")
+        load_captioner(f"openclip:{cfg}", pretrained="random")

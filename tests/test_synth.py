@@ -148,13 +148,13 @@ def test_tiny_configs_load_in_open_clip_offline_and_coca_loss_runs(world: Path) 
 
     torch.manual_seed(0)
     images = torch.randn(4, 3, 32, 32)
-    clip = load_openclip(parse_model_ref(f"openclip:{world}/models/tiny_clip.json"))
+    clip = load_openclip(parse_model_ref(f"openclip:{world}/models/tiny_clip.json", pretrained="random"))
     text = clip.tokenizer(["a small red circle on the left", "IMG_0042.jpg"])
     assert text.shape == (2, 32) and text[0, 0] == 1 and text.max() < clip.model_cfg["text_cfg"]["vocab_size"]
     with torch.no_grad():
         assert clip.model.encode_text(text).shape == (2, 128)
         assert clip.model.encode_image(images).shape == (4, 128)
-    coca = load_openclip(parse_model_ref(f"openclip:{world}/models/tiny_coca.json"))
+    coca = load_openclip(parse_model_ref(f"openclip:{world}/models/tiny_coca.json", pretrained="random"))
     coca.model.train()
     out = coca.model(images, coca.tokenizer(["a red circle", "two blue stars", "ring", "logo"]))
     losses = open_clip.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0, pad_id=0)(**out, output_dict=True)
@@ -174,7 +174,7 @@ def test_tiny_configs_load_in_open_clip_offline_and_coca_loss_runs(world: Path) 
     assert all(row[int((row > 0).sum()) - 1] == eos for row in ids)
     # the GPU scale's bigger models load and run the same way
     for name, dim in (("small_clip", 256), ("small_coca", 256)):
-        m = load_openclip(parse_model_ref(f"openclip:{world}/models/{name}.json"))
+        m = load_openclip(parse_model_ref(f"openclip:{world}/models/{name}.json", pretrained="random"))
         with torch.no_grad():
             assert m.model.encode_image(images).shape == (4, dim)
 

@@ -11,6 +11,7 @@ from .app import (
     JSON_HELP,
     MAX_RETRIES_HELP,
     PRECISION_HELP,
+    PRETRAINED_HELP,
     RECAPTION_COMPILE_HELP,
     WORKERS_HELP,
     app,
@@ -31,8 +32,7 @@ def recaption(
     name: str = typer.Option(
         ..., "--name", "-n",
         help="Name of this caption set: files go to captions/NAME/, the query column is cap_NAME."),
-    pretrained: str = typer.Option(
-        None, "--pretrained", help="open_clip weights: a pretrained tag or a local .pt/.safetensors file."),
+    pretrained: str = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     decoding: str = typer.Option(
         "beam", "--decoding",
         help="greedy (most likely token each step), beam (beam search), nucleus (sample from the top-p "

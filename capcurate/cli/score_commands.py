@@ -12,6 +12,7 @@ from .app import (
     JSON_HELP,
     MAX_RETRIES_HELP,
     PRECISION_HELP,
+    PRETRAINED_HELP,
     WORKERS_HELP,
     app,
     part_option,
@@ -29,7 +30,7 @@ def score(
         "training run directory.")),
     name: str = typer.Option(..., "--name", "-n", help=(
         "Name of this scorer; columns are called score_<name>_<source> (e.g. score_l14_raw).")),
-    pretrained: str = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
+    pretrained: str = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     captions: str = typer.Option(None, "--captions", help=(
         "Comma-separated caption columns to score: 'raw' (the alt-text) and/or recaption names "
         "(e.g. raw,blip). Default: raw and every captions/<name> that exists. Re-running with a new name "

@@ -7,7 +7,16 @@ from dataclasses import fields
 
 import typer
 
-from .app import DECODE_HELP, DEVICE_HELP, JSON_HELP, PRECISION_HELP, WORKERS_HELP, app, run_command
+from .app import (
+    DECODE_HELP,
+    DEVICE_HELP,
+    JSON_HELP,
+    PRECISION_HELP,
+    PRETRAINED_HELP,
+    WORKERS_HELP,
+    app,
+    run_command,
+)
 
 _BOOL_FLAGS = {  # TrainConfig field -> (on flag, off flag)
     "shuffle_shards": ("--shuffle-shards", "--no-shuffle-shards"),
@@ -160,7 +169,7 @@ def eval_command(
     data: str = typer.Option(..., "--data", help="Eval set directory, local or a URL: clip_benchmark's webdataset layout "
                              "(test/*.tar with .cls/.txt, classnames.txt, zeroshot_classification_templates.txt, as "
                              "`capcurate synth` writes it) or test.parquet (image path/bytes, label, caption)."),
-    pretrained: str | None = typer.Option(None, "--pretrained", help="open_clip pretrained tag or weights file."),
+    pretrained: str | None = typer.Option(None, "--pretrained", help=PRETRAINED_HELP),
     batch_size: str = typer.Option("auto", "--batch-size", help=(
         "Images (and texts) per forward pass, or auto: 256 on a GPU, 64 on the CPU.")),
     workers: str = typer.Option("auto", "--workers", help=WORKERS_HELP),

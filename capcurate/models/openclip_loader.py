@@ -8,7 +8,9 @@ files, custom JSON configs (registered with ``add_model_config``) and its ``loca
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 
 from .. import atomic
 from ..errors import ModelLoadError
-from .ref import OPENCLIP_CONFIG, ModelRef
+from .ref import OPENCLIP_CONFIG, ModelRef, check_weights, random_seed
 
 
 @dataclass
@@ -158,6 +160,18 @@ def model_config(model_name: str) -> dict[str, Any]:
     return cfg
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """``--pretrained random:SEED``: the same random weights on every run, without touching the caller's
+    random state (only the CPU generator draws them: open_clip builds on the CPU, then moves the model)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def load_openclip(ref: ModelRef, *, device: str | torch.device = "cpu", precision: str = "fp32") -> OpenClipBundle:
     """Load an open_clip model in eval mode with its transforms and tokenizer."""
     import open_clip
@@ -168,16 +182,20 @@ def load_openclip(ref: ModelRef, *, device: str | torch.device = "cpu", precisio
     if name.endswith(".json"):
         name = register_config_file(Path(name))
     cfg = model_config(name)
-    pretrained = ref.pretrained
+    seed = random_seed(check_weights(ref).pretrained)
+    pretrained = None if seed is not None else ref.pretrained
     from .conv_stem import wants_conv_stem
 
     if wants_conv_stem(cfg):
         return _load_with_conv_stem(ref, name, cfg, device, precision)
     try:
-        model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device, precision=precision,
-            load_weights=True,
-        )
+        with _seeded(seed):
+            model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device, precision=precision,
+                load_weights=True,
+            )
+            if seed is not None:
+                init_coca_decoder(model)  # open_clip leaves a random CoCa's decoder projection uninitialised
         tokenizer = open_clip.get_tokenizer(name)
     except RuntimeError as e:
         raise ModelLoadError(f"cannot load {ref.text}: {str(e).splitlines()[0]}") from None
@@ -201,7 +219,8 @@ def _load_with_conv_stem(ref: ModelRef, name: str, cfg: dict[str, Any], device: 
 
     from .conv_stem import apply_conv_stem
 
-    weights: str | None = ref.pretrained
+    seed = random_seed(ref.pretrained)
+    weights: str | None = None if seed is not None else ref.pretrained
     preprocess_cfg: dict[str, Any] = {}
     if name.startswith("local-dir:"):
         folder = Path(name[len("local-dir:"):])
@@ -215,8 +234,11 @@ def _load_with_conv_stem(ref: ModelRef, name: str, cfg: dict[str, Any], device: 
     if weights is not None and not Path(weights).is_file():
         raise ModelLoadError(f"cannot load {ref.text}: a conv-stem model loads from a weights file, not {weights!r}")
     try:
-        model = open_clip.create_model(name, pretrained=None, precision="fp32", device="cpu")
-        apply_conv_stem(model)
+        with _seeded(seed):
+            model = open_clip.create_model(name, pretrained=None, precision="fp32", device="cpu")
+            apply_conv_stem(model)
+            if seed is not None:
+                init_coca_decoder(model)
         if weights is not None:
             open_clip.load_checkpoint(model, weights)
         tokenizer = open_clip.get_tokenizer(name)

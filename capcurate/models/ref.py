@@ -2,6 +2,7 @@
 
     hf:<hub-id-or-local-dir>          transformers model (captioner or CLIP-style scorer)
     openclip:<arch>                   open_clip architecture, weights from --pretrained (tag or file)
+                                      (--pretrained random[:SEED]: random weights, asked for explicitly)
     openclip:<arch>/<tag>             open_clip architecture with a pretrained tag
     openclip:<config.json>            a custom open_clip model config file (tiny models)
     <run dir> | <open_clip dir>       a capcurate training run (RUN/model) or a folder holding
@@ -28,10 +29,32 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadError
+from ..errors import InputError, ModelLoadError
 
 OPENCLIP_CONFIG = "open_clip_config.json"
 CACHE_ENV = "CAPCURATE_CACHE"
+RANDOM = "random"  # --pretrained random[:SEED]: a randomly initialised model, seeded (tests, CapWorld demos)
+
+
+def random_seed(pretrained: str | None) -> int | None:
+    """The seed of ``--pretrained random`` (0) or ``random:SEED``; None for real weights."""
+    if pretrained is None or not (pretrained == RANDOM or pretrained.startswith(RANDOM + ":")):
+        return None
+    tail = pretrained[len(RANDOM) + 1:] if pretrained != RANDOM else "0"
+    if not tail.isdigit():
+        raise InputError(f"--pretrained {pretrained}: expected random or random:SEED (a non-negative integer)")
+    return int(tail)
+
+
+def check_weights(ref: ModelRef) -> ModelRef:
+    """Refuse an open_clip model that would load without weights: open_clip then initialises it at random
+    and says so only to a logger nobody configured, so scores and captions would be noise, exit 0."""
+    if ref.kind == "openclip" and ref.local_dir is None and not ref.pretrained:
+        raise InputError(
+            f"{ref.text} has no weights: pass --pretrained FILE_OR_TAG (or openclip:ARCH/TAG); "
+            "--pretrained random (or random:SEED) builds it with seeded random weights, for tests and demos")
+    random_seed(ref.pretrained)  # a malformed random:SEED is refused here too
+    return ref
 
 
 @dataclass(frozen=True)
@@ -62,9 +85,13 @@ def parse_model_ref(text: str, pretrained: str | None = None) -> ModelRef:
     """Turn a reference string into a ``ModelRef``; raise ModelLoadError with the accepted forms."""
     if not text:
         raise ModelLoadError("empty model reference; use hf:<id-or-dir>, openclip:<arch>[/<tag>] or a run dir")
+    return check_weights(_parse(text, pretrained))
+
+
+def _parse(text: str, pretrained: str | None) -> ModelRef:
     if _is_url(text):
         folder, version = fetch_model_folder(text)
-        return replace(parse_model_ref(str(folder), pretrained), text=text, url=text, version=version)
+        return replace(_parse(str(folder), pretrained), text=text, url=text, version=version)
     if text.startswith("hf:"):
         name = text[3:]
         if not name:
