@@ -11,7 +11,7 @@ recaption  BLIP-large shape (ViT-L/16 at 384 px + BERT-base decoder, vocab 30,52
            512x384 JPEGs: ``capcurate.recaption`` with its defaults except greedy decoding of exactly 20
            new tokens; vs ``model.generate`` on ready bf16 CUDA tensors at the batch capcurate chose and
            at 512; and the vision tower alone.
-score      ViT-L-14 (``openclip:ViT-L-14``, no pretrained tag: random weights) on the same JPEGs:
+score      ViT-L-14 (``openclip:ViT-L-14 --pretrained random``: random weights) on the same JPEGs:
            ``capcurate.score`` with its defaults (and, when the default device is not CUDA, once more
            with ``device='cuda', precision='bf16'``); vs the image tower alone, bf16, batch 512.
 train      ViT-B-32, batch 512, bf16, 12 workers, one epoch over 65,536 256x256 JPEGs in webdataset
@@ -844,15 +844,16 @@ def stage_score(cfg: Cfg, tmp: Path, ds: Path, bound: float | None, limit: float
     # "auto"/None picks CUDA when there is one; an explicit "cpu" default means a user gets the CPU
     on_cuda_by_default = default_dev in (None, "", "auto") or str(default_dev).startswith("cuda")
     runs = {}
+    random = {"pretrained": "random"}  # random weights by choice: speed does not depend on them
     first_limit = limit if (on_cuda_by_default or cfg.smoke) else min(limit, 40.0)
-    runs["defaults"] = run_capcurate(tmp, "score-defaults", "score", [str(ds), ref, "bench"], {},
+    runs["defaults"] = run_capcurate(tmp, "score-defaults", "score", [str(ds), ref, "bench"], dict(random),
                                      first_limit, cfg.smoke)
     if not on_cuda_by_default and torch.cuda.is_available() and not cfg.smoke:
         runs["cuda_bf16"] = run_capcurate(tmp, "score-cuda", "score", [str(ds), ref, "bench_cuda"],
-                                          {"device": "cuda", "precision": "bf16"}, limit, cfg.smoke)
+                                          {**random, "device": "cuda", "precision": "bf16"}, limit, cfg.smoke)
     if cfg.score_variants:  # which input path and batch feed the tower best, measured side by side
         for tag, kw in (("decode_cpu", {"decode": "cpu"}), ("batch_512", {"batch_size": 512})):
-            runs[tag] = run_capcurate(tmp, f"score-{tag}", "score", [str(ds), ref, f"bench_{tag}"], kw, limit,
+            runs[tag] = run_capcurate(tmp, f"score-{tag}", "score", [str(ds), ref, f"bench_{tag}"], {**random, **kw}, limit,
                                       cfg.smoke)
     res["capcurate"] = runs
 
