@@ -227,3 +227,13 @@ def test_florence2_tasks_that_are_not_captions_are_refused_with_exit_2(tiny_data
         last = r.output.strip().splitlines()[-1]
         assert r.exit_code == 2 and last.startswith("error:") and "not a caption" in last, r.output
     assert caps["florence2"].prepare(DecodingConfig(prompt="<DETAILED_CAPTION>")).prompt == "<DETAILED_CAPTION>"
+
+
+def test_a_processor_missing_its_package_is_a_one_line_load_error(refs, tiny_dataset, monkeypatch):
+    import transformers.models.smolvlm.processing_smolvlm as smolvlm
+
+    monkeypatch.setattr(smolvlm, "num2words", None)  # as where num2words is not installed
+    r = CliRunner().invoke(app, ["recaption", str(tiny_dataset), "--model", refs["smolvlm"], "--name", "s"])
+    assert r.output.strip(), (r.exit_code, repr(r.exception), r.stderr_bytes)
+    last = r.output.strip().splitlines()[-1]
+    assert r.exit_code == 4 and last.startswith("error:") and "num2words" in last and "capcurate[vlm]" in last

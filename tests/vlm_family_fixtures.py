@@ -27,7 +27,12 @@ def _ids(tok, names):
 
 
 def build_tiny_gemma3(root: Path) -> str:
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+    )
 
     d = root / "tiny-gemma3"
     sp = ["<bos>", "<eos>", "<pad>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]
@@ -57,9 +62,8 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
 
 
 def _qwen_parts(processor_cls, video_cls, *, patch: int):
-    from transformers import Qwen2VLImageProcessor
-
     from captioner_fixtures import QWEN_TEMPLATE
+    from transformers import Qwen2VLImageProcessor
 
     tok = byte_tokenizer(QWEN_SPECIALS, eos="<|im_end|>", pad="<|endoftext|>")
     side = patch * 2
@@ -95,7 +99,12 @@ def build_tiny_qwen2_5_vl(root: Path) -> str:
 
 
 def build_tiny_qwen3_vl(root: Path) -> str:
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+    from transformers import (
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
 
     tok, proc, ids, tokens = _qwen_parts(Qwen3VLProcessor, Qwen3VLVideoProcessor, patch=16)
     cfg = Qwen3VLConfig(
@@ -169,7 +178,12 @@ def build_tiny_internvl(root: Path) -> str:
 def build_tiny_mistral3(root: Path) -> str:
     """Mistral3 (Mistral-Small-3.1 shape): a Pixtral vision tower and PixtralProcessor, which resizes to a
     longest edge and tiles image tokens by rows ([IMG] ... [IMG_BREAK] ... [IMG_END])."""
-    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, PixtralProcessor
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        PixtralImageProcessor,
+        PixtralProcessor,
+    )
 
     sp = ["<s>", "</s>", "<pad>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
     tok = byte_tokenizer(sp, bos="<s>", eos="</s>", pad="<pad>")
@@ -191,7 +205,12 @@ def build_tiny_mistral3(root: Path) -> str:
 
 
 def build_tiny_llama4(root: Path) -> str:
-    from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessor, Llama4Processor
+    from transformers import (
+        Llama4Config,
+        Llama4ForConditionalGeneration,
+        Llama4ImageProcessor,
+        Llama4Processor,
+    )
 
     sp = ["<|begin_of_text|>", "<|eot|>", "<|finetune_right_pad|>", "<|image_start|>", "<|image_end|>",
           "<|image|>", "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>", "<|header_start|>",

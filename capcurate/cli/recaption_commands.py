@@ -45,7 +45,10 @@ def recaption(
     repetition_penalty: float = typer.Option(
         1.0, "--repetition-penalty", help="Divide the scores of tokens already used by this (1 = off)."),
     min_new_tokens: int = typer.Option(0, "--min-new-tokens", help="Forbid ending a caption before this."),
-    max_new_tokens: int = typer.Option(30, "--max-new-tokens", help="Longest caption, in tokens."),
+    max_new_tokens: int = typer.Option(
+        30, "--max-new-tokens",
+        help="Longest caption, in tokens (30 fits --style short; give --style dense 160 or more: below that "
+             "a warning). Captions that hit it are counted in the summary (captions_truncated)."),
     num_captions: int = typer.Option(
         1, "--num-captions",
         help="Captions per image (beam: the N best beams; nucleus/topk: N samples). All are kept in "
@@ -65,17 +68,20 @@ def recaption(
              "paragraph); the exact instruction is in docs/recaption.md and the lineage."),
     max_pixels: int = typer.Option(
         None, "--max-pixels",
-        help="Dynamic-resolution VLMs (Qwen2-VL, Qwen2.5-VL): largest image area the processor keeps, in "
-             "pixels (fewer image tokens: faster); refused by processors without a pixel budget."),
+        help="VLMs: most pixels of each image the processor keeps (fewer image tokens: faster), set on its "
+             "resolution control: the area (Qwen2-VL/2.5-VL/3-VL), the longest edge (Idefics3/SmolVLM, "
+             "Pixtral/Mistral3) or the tile count (InternVL, Llama 4). Default: 448x448 = 200704 where that is "
+             "below the processor's own; refused where the input size is fixed (LLaVA, Gemma3...)."),
     min_pixels: int = typer.Option(
-        None, "--min-pixels", help="Dynamic-resolution VLMs: smallest image area, in pixels."),
+        None, "--min-pixels", help="Area-budget VLMs (the Qwen-VL family): smallest image area, in pixels."),
     seed: int = typer.Option(
         0, "--seed", help="Seed for sampling: each image draws from a hash of (seed, uid), so the same seed gives "
                           "the same captions whatever the batch size, order or --part."),
     batch_size: str = typer.Option(
         "auto", "--batch-size",
         help="Images per model call, or 'auto': on a GPU the largest batch up to 512 that fits (searched "
-             "once, with back-off on out-of-memory); on the CPU 16."),
+             "once at the pixel budget in use, with back-off on out-of-memory); on the CPU 16. A batch that "
+             "fails is split down to the image at fault, which gets a row with the reason."),
     workers: str = typer.Option("auto", "--workers", help=WORKERS_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
@@ -96,8 +102,9 @@ def recaption(
 ) -> None:
     """Caption every image with an image captioner; one captions/NAME/<shard>.parquet per shard.
 
-    Re-running the same command resumes: finished shards are skipped. Undecodable images get a row
-    with an empty caption and the reason in the error column.
+    Re-running the same command resumes: finished shards are skipped. Undecodable images, and images
+    the model's processor refuses, get a row with an empty caption and the reason in the error column.
+    The summary counts generated tokens (tokens/s) and captions cut at --max-new-tokens.
 
     Example: capcurate recaption mydata --model hf:Salesforce/blip-image-captioning-large --name blip
     """

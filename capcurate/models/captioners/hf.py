@@ -82,6 +82,9 @@ def load_hf_parts(name: str, *, dtype: str, trust_remote_code: bool) -> tuple[An
         ) from None
     except OSError as e:
         raise ModelLoadError(f"cannot load {where}: {_first_line(e)}") from None
+    except ImportError as e:  # a processor that needs a package capcurate does not depend on (num2words)
+        raise ModelLoadError(f"cannot load {where}: {_first_line(e)} (pip install 'capcurate[vlm]' brings "
+                             "what the VLM processors need)") from None
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise ModelLoadError(f"cannot load {where}: its processor has no image processor and tokenizer")
     return config, model, processor
