@@ -3,7 +3,8 @@
 Kinds run in this order, each over what the previous ones kept:
 
 - exact: the same sha256 of the image bytes (recorded by download and ingest);
-- near: pHash within ``hamming`` bits (resized and re-encoded copies; ``phash.py``);
+- near: crop-tolerant pHashes within ``hamming`` bits, confirmed by colour (resized, re-encoded,
+  cropped and brightened copies; ``phash.py``);
 - captions: the same alt-text after lower-casing and collapsing white space (boilerplate);
 - semantic: SemDeDup on a scorer's saved image embeddings (``semantic.py``).
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -142,26 +144,36 @@ def _removed(base: np.ndarray, found: list[Found]) -> np.ndarray:
 
 def _near(ds: Dataset, pool: Pool, removed: np.ndarray, threshold: int, workers: int, advance: Any,
           counts: dict[str, Any]) -> Found:
-    from .phash import LONG_BYTES, ROW_BYTES, hamming, hash_shards, near_pairs, split
+    from .phash import ROW_BYTES, hash_shards, near_pairs
 
-    keys, shards = pool.table.column("key").to_pylist(), pool.table.column("shard").to_pylist()
-    todo: dict[str, list[int]] = {}
-    for i in np.flatnonzero(~removed):
-        todo.setdefault(shards[i], []).append(int(i))
+    # rows to hash, grouped by shard, without a Python string per pool row
+    shard = pool.table.column("shard").dictionary_encode().combine_chunks()
+    codes, names = shard.indices.to_numpy(zero_copy_only=False), shard.dictionary.to_pylist()
+    cand = np.flatnonzero(~removed)
+    todo = {names[c]: cand[codes[cand] == c] for c in np.unique(codes[cand])}
     sids = sorted(todo)
-    results = hash_shards([(str(ds.shard_path(s)), [keys[i] for i in todo[s]]) for s in sids], workers, advance)
-    rows = np.concatenate([np.array(todo[s], np.int64) for s in sids]) if sids else np.zeros(0, np.int64)
-    hashes = np.concatenate([h for h, _ in results]) if results else np.zeros((0, ROW_BYTES), np.uint8)
-    ok = np.concatenate([o for _, o in results]) if results else np.zeros(0, bool)
-    counts["near: images not hashed"] = int((~ok).sum())
-    rows, hashes = rows[ok], hashes[ok]
-    a, b, _ = near_pairs(hashes, threshold)
+    keys = pool.table.column("key")
+    n = len(cand)
+    del cand, codes
+    # the hash rows (ROW_BYTES an image) go to a temp file: only the candidates' rows are read back
+    with tempfile.TemporaryDirectory(prefix="capcurate-near-") as tmp:
+        hashes = np.lib.format.open_memmap(Path(tmp) / "rows.npy", mode="w+", dtype=np.uint8,
+                                           shape=(max(n, 1), ROW_BYTES))
+        rows, at = [], 0
+        tasks = [(str(ds.shard_path(s)), keys.take(todo[s]).to_pylist()) for s in sids]
+        for s, (h, ok) in zip(sids, hash_shards(tasks, workers, advance), strict=True):
+            hashes[at:at + int(ok.sum())] = h[ok]
+            at += int(ok.sum())
+            rows.append(todo[s][ok].astype(np.int64))
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        counts["near: images not hashed"] = n - at
+        a, b, sim = near_pairs(hashes[:at], threshold)
+        del hashes
     f = keep_largest_stars("near", rows, a, b, pool.pixels)
-    # similarity: 1 - (differing bits of the 256-bit pHash of the kept member) / 256
-    where = np.full(len(pool), -1, np.int64)
-    where[rows] = np.arange(len(rows))
-    long = split(hashes)[1]
-    f.similarity = (1 - hamming(long[where[f.rows]], long[where[f.of]]) / (8 * LONG_BYTES)).astype(np.float32)
+    # similarity of each removed row to its kept row: 1 - differing bits / 256 of the long hashes (matched window)
+    pos = {(int(x), int(y)): float(s) for x, y, s in zip(rows[a], rows[b], sim, strict=True)}
+    f.similarity = np.array([pos[(min(r, o), max(r, o))] for r, o in zip(f.rows.tolist(), f.of.tolist(), strict=True)],
+                            np.float32)
     return f
 
 
