@@ -109,7 +109,7 @@ class Card:
 
     def read(self) -> dict[str, Any]:
         try:
-            return self._parse(self.path.read_bytes())
+            return self._parse(storage.read_bytes(self.path))
         except FileNotFoundError:
             raise DatasetError(f"{self.root} is not a capcurate dataset (no {CARD_NAME})") from None
 

@@ -50,7 +50,7 @@ def fingerprint(path: str | os.PathLike) -> str | None:
     fp = _CACHE.get(key)
     if fp is None:
         try:
-            fp = fingerprint_bytes(path.read_bytes())
+            fp = fingerprint_bytes(storage.read_bytes(path))
         except FileNotFoundError:
             return None
         _CACHE[key] = fp
@@ -62,7 +62,7 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> t
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = storage.path(path).read_bytes()
+    data = storage.read_bytes(path)
     return pq.read_table(pa.BufferReader(data), columns=columns), fingerprint_bytes(data)
 
 

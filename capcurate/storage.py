@@ -11,13 +11,16 @@ plain :class:`pathlib.Path`, so everything local behaves exactly as before; a UR
 - **conditional writes** (:func:`create_exclusive`, :func:`read_versioned`, :func:`replace_if_match`):
   create-if-absent and compare-and-swap on the object's ETag (S3 ``If-None-Match``/``If-Match``). The
   card and its lock use them instead of ``fcntl``; liveness is a lease with an expiry (``card.py``).
-- **reads**: ranged GETs for tar members (:func:`read_range`), pyarrow/DuckDB through the same fsspec
-  filesystem (:func:`arrow_filesystem`, :func:`register_duckdb`).
+- **reads**: ranged GETs for tar members (:func:`read_range`); a small file (sidecar Parquet, JSON) in one
+  GET with no HEAD first (:func:`read_bytes`, :func:`read_table`); DuckDB through the same fsspec
+  filesystem, each listing and small object fetched once per connection (:func:`register_duckdb`).
 - **errors**: an unknown scheme, a missing backend package, missing credentials, a bucket that does not
   exist or a denied write become one-line ``InputError``s (exit 2), see :func:`explain`.
 
-Listings are never cached (``use_listings_cache=False``): many processes write one prefix at once, and a
-cached listing would call a shard unfinished (or finished) after another process changed it.
+Listings are never cached across calls (``use_listings_cache=False``): many processes write one prefix at
+once, and a cached listing would call a shard unfinished (or finished) after another process changed it.
+The one exception is a DuckDB connection's snapshot, which lives for that connection's queries and is
+dropped on every write this process makes.
 """
 
 from __future__ import annotations
@@ -149,18 +152,6 @@ def filesystem(p: Any) -> tuple[Any, str]:
     return fsspec.filesystem("file"), str(q.absolute())
 
 
-def arrow_filesystem(p: Any) -> tuple[Any, str]:
-    """(pyarrow filesystem, path) for heavy Parquet reads and writes; local paths use pyarrow's own."""
-    q = path(p)
-    if not is_remote(q):
-        from pyarrow import fs as pafs
-
-        return pafs.LocalFileSystem(), str(q)
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    return PyFileSystem(FSSpecHandler(q.fs)), q.path
-
-
 def ensure_dir(p: Any) -> None:
     """Create a local folder (with parents); object stores have no folders, so nothing is done there.
 
@@ -180,6 +171,7 @@ def rmtree(p: Any) -> None:
         return
     with contextlib.suppress(FileNotFoundError):
         q.fs.rm(q.path, recursive=True)
+    _wrote()
 
 
 def remove(p: Any) -> None:
@@ -187,6 +179,8 @@ def remove(p: Any) -> None:
     q = path(p)
     with contextlib.suppress(FileNotFoundError):
         q.unlink()
+    if is_remote(q):
+        _wrote()
 
 
 def list_names(p: Any, suffix: str = "") -> set[str]:
@@ -261,6 +255,14 @@ def size(p: Any) -> int:
     return int(path(p).stat().st_size)
 
 
+def read_bytes(p: Any) -> bytes:
+    """A whole file's bytes: on a store one GET (``cat_file``), no HEAD first as ``open`` makes."""
+    q = path(p)
+    if not is_remote(q):
+        return q.read_bytes()
+    return q.fs.cat_file(q.path)
+
+
 def open_read(p: Any) -> IO[bytes]:
     """A binary, seekable reader (a local file, or a store object read in blocks by ranged GETs)."""
     q = path(p)
@@ -283,6 +285,14 @@ def upload(local_file: Path, dest: Any) -> None:
     q = path(dest)
     check_writable(q)
     q.fs.put_file(str(local_file), q.path)
+    _wrote()
+
+
+def _wrote() -> None:
+    """A write to a store: DuckDB connections of this process must not answer from an older listing."""
+    from .duckdb_store import invalidate_all
+
+    invalidate_all()
 
 
 @contextlib.contextmanager
@@ -326,8 +336,14 @@ def read_table(p: Any, columns: list[str] | None = None, **kwargs: Any) -> Any:
     q = path(p)
     if not is_remote(q):
         return pq.read_table(q, columns=columns, **kwargs)
-    fs, inner = arrow_filesystem(q)
-    return pq.read_table(inner, columns=columns, filesystem=fs, **kwargs)
+    # Per-shard sidecar files are small: one GET of the whole object beats a HEAD plus ranged reads.
+    return pq.read_table(_buffer(q), columns=columns, **kwargs)
+
+
+def _buffer(q: Any) -> Any:
+    import pyarrow as pa
+
+    return pa.BufferReader(read_bytes(q))
 
 
 def read_schema(p: Any) -> Any:
@@ -336,8 +352,7 @@ def read_schema(p: Any) -> Any:
     q = path(p)
     if not is_remote(q):
         return pq.read_schema(q)
-    with open_read(q) as f:
-        return pq.read_schema(f)
+    return pq.read_schema(_buffer(q))
 
 
 def read_metadata(p: Any) -> Any:
@@ -346,8 +361,7 @@ def read_metadata(p: Any) -> Any:
     q = path(p)
     if not is_remote(q):
         return pq.read_metadata(q)
-    with open_read(q) as f:
-        return pq.read_metadata(f)
+    return pq.read_metadata(_buffer(q))
 
 
 def version_key(p: Any) -> tuple | None:
@@ -448,10 +462,13 @@ def delete_if_match(p: Any, tag: str) -> None:
 
 # -- DuckDB ---------------------------------------------------------------------------------------
 def register_duckdb(con: Any, p: Any) -> None:
-    """Let DuckDB read URLs under ``p`` through the same fsspec filesystem (httpfs is not needed)."""
+    """Let DuckDB read URLs under ``p`` through the same fsspec filesystem (httpfs is not needed), with
+    each listing and small object fetched once per connection (:mod:`capcurate.duckdb_store`)."""
     q = path(p)
     if is_remote(q):
-        con.register_filesystem(q.fs)
+        from .duckdb_store import SnapshotFileSystem
+
+        con.register_filesystem(SnapshotFileSystem(q.fs))
 
 
 # -- errors --------------------------------------------------------------------------------------

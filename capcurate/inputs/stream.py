@@ -26,9 +26,10 @@ device, and a background thread prepares the next batch (decode, resize, normali
 on its own CUDA stream) while the model works on this one.
 
 Shards in object storage (a ``tar`` that is a URL): by default each tar is **staged**, downloaded once
-into a local scratch folder (``scratch``, default the system temp dir) by the first worker that needs
-it (a file lock makes the others wait for that one download), then indexed and read locally; the main
-process deletes a staged tar as soon as its shard is complete, and the folder at the end of the stream.
+into a local scratch folder (``scratch``, default the system temp dir) ahead of the workers by a thread
+of the main process (the current shard and the next; a worker that gets there first waits on the tar's
+file lock for that one download), then indexed and read locally; the main process deletes a staged tar as
+soon as its shard is complete, and the folder at the end of the stream.
 ``stage=False`` reads members by ranged GETs instead (``storage.open_read``): on a local S3 server that
 was slower (the index pass and the member reads each fetch the tar once; see
 tests/test_storage_models.py and the engineer's report). Filesystem objects are made inside each worker
@@ -42,6 +43,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,19 +174,37 @@ def staged_name(tar: str) -> str:
     return f"{hashlib.sha1(tar.encode()).hexdigest()[:16]}-{tar.rstrip('/').rsplit('/', 1)[-1]}"
 
 
-def stage_tar(tar: str, folder: str) -> str:
-    """A local copy of the tar at URL ``tar`` in ``folder``, downloaded once whichever process asks first.
+_STAGE_LOCKS: dict[str, threading.Lock] = {}
+_STAGE_GUARD = threading.Lock()
 
-    A lock file per tar serialises the download between DataLoader workers: the first one downloads into a
-    temp name and renames it in place; the others wait on the lock and then find the finished file.
+
+def _forget_stage_locks() -> None:
+    # a DataLoader worker forked while the stager thread held one of these would inherit it held forever
+    global _STAGE_GUARD
+    _STAGE_LOCKS.clear()
+    _STAGE_GUARD = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_stage_locks)
+
+
+def stage_tar(tar: str, folder: str) -> str:
+    """A local copy of the tar at URL ``tar`` in ``folder``, downloaded once whichever asks first.
+
+    The first asker downloads into a temp name and renames it in place; the others wait and then find the
+    finished file. Between processes (DataLoader workers, the main process's stager thread) the wait is a
+    POSIX record lock (``lockf``): unlike ``flock`` it is not inherited by a child forked while it is held.
+    Between threads of one process it is a ``threading.Lock`` per tar (record locks do not exclude those).
     """
     import fcntl
 
     dst = os.path.join(folder, staged_name(tar))
     if os.path.exists(dst):
         return dst
-    with open(dst + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _STAGE_GUARD:
+        mine = _STAGE_LOCKS.setdefault(dst, threading.Lock())
+    with mine, open(dst + ".lock", "a") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
         if not os.path.exists(dst):
             src = storage.path(tar)  # a fresh filesystem object, made in this process
             tmp = f"{dst}.{os.getpid()}.part"
@@ -195,6 +215,47 @@ def stage_tar(tar: str, folder: str) -> str:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
     return dst
+
+
+class _Stager:
+    """Downloads the stream's tars ahead of the workers, so decoding a shard never waits for its download.
+
+    A thread in the main process stages tars in stream order, at most ``ahead`` shards beyond the oldest
+    shard not yet complete (so scratch holds a bounded number of tars). A worker that reaches a tar first
+    waits on that tar's lock for the download in flight instead of starting its own (``stage_tar``).
+    A failed download is left to the worker that needs the tar: it retries and reports per image.
+    """
+
+    def __init__(self, tars: list[str], folder: str, ahead: int = 2):
+        self.tars, self.folder, self.ahead = tars, folder, max(1, ahead)
+        self.done = 0
+        self.stopped = False
+        self.cv = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="capcurate-stage-tars", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for pos, tar in enumerate(self.tars):
+            with self.cv:
+                while not self.stopped and pos >= self.done + self.ahead:
+                    self.cv.wait()
+                if self.stopped:
+                    return
+                if pos < self.done:  # already complete (a shard with nothing to read)
+                    continue
+            with contextlib.suppress(Exception):
+                stage_tar(tar, self.folder)
+
+    def advance(self, done: int) -> None:
+        with self.cv:
+            self.done = done
+            self.cv.notify_all()
+
+    def close(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.cv.notify_all()
+        self.thread.join(timeout=60)
 
 
 def _collate(items: list[tuple[int, str, Any]]) -> dict[str, Any]:
@@ -238,6 +299,7 @@ class ImageStream:
         # tars in object storage: staged to local scratch (one download each), or ranged GETs
         self.stage = stage and any(storage.is_remote(str(w.tar)) for w in self.works)
         self.scratch = scratch
+        self._stager: _Stager | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -302,9 +364,13 @@ class ImageStream:
             if self.scratch is not None:
                 os.makedirs(self.scratch, exist_ok=True)
             ds.stage_dir = tempfile.mkdtemp(prefix="capcurate-tars-", dir=self.scratch)
+            self._stager = _Stager([t for t, _ in ds.works], ds.stage_dir)
         try:
             yield from self._batches(ds)
         finally:
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
             if ds.stage_dir is not None:
                 shutil.rmtree(ds.stage_dir, ignore_errors=True)
                 ds.stage_dir = None
@@ -331,6 +397,8 @@ class ImageStream:
                 completed.append(next_shard)
                 self._unstage(next_shard)
                 next_shard += 1
+            if completed and self._stager is not None:
+                self._stager.advance(next_shard)
             native = isinstance(pixels, list)
             yield Batch([(p, ds.works[p][1][i][0]) for p, i in items], None if native else pixels,
                         [(p, ds.works[p][1][i][0], r) for p, i, r in fails], completed,

@@ -15,6 +15,7 @@ embedded, and the image embeddings are read back from ``embeddings/<name>/`` whe
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,11 @@ class ScoreJob:
             self.scorer = load_scorer(self.model, pretrained=self.pretrained, device=self.device,
                                       precision=self.precision, compile=self.compile)
 
+    def placement(self) -> dict[str, Any]:
+        """Where this worker runs, as resolved in setup (lineage records it per Ray actor)."""
+        return {"device": self.device, "precision": self.precision, "workers": self.workers,
+                "batch_size": self.batch_size, "decode": self.decode}
+
     # -- images --------------------------------------------------------------------------------
     def _stream(self, works: list[Any]) -> Any:
         from ..inputs import ImageStream, Preprocess
@@ -209,11 +215,9 @@ class ScoreJob:
         from ..inputs import ShardWork
 
         works, states = [], []
-        for sid in shard_ids:
-            try:
-                state = self._open_shard(sid)
-            except Exception as e:
-                yield sid, e
+        for sid, state in self._open_shards(shard_ids):
+            if isinstance(state, Exception):
+                yield sid, state
                 continue
             if state["reused"] is not None or not state["entries"]:
                 yield sid, self._guarded_finish(state)
@@ -228,6 +232,28 @@ class ScoreJob:
         # beside the image stream, so the next images are decoded and embedded meanwhile
         with ThreadPoolExecutor(1, thread_name_prefix="capcurate-score-finish") as finisher:
             yield from self._stream_shards(works, states, finisher)
+
+    def _open_shards(self, shard_ids: list[str]) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+        """``_open_shard`` of each shard, in order. On a store the reads (a GET of each manifest, of each
+        previous output's footer) are latency, not work: up to 8 shards are opened at once."""
+
+        def opened(sid: str) -> tuple[str, dict[str, Any] | Exception]:
+            try:
+                return sid, self._open_shard(sid)
+            except Exception as e:
+                return sid, e
+
+        if len(shard_ids) < 2 or not storage.is_remote(self.base):
+            yield from map(opened, shard_ids)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._names(self.output_path(shard_ids[0]).parent)  # list once here, not once per thread
+        for source in self.sources:
+            if source != RAW:
+                self._names(self.base / "captions" / source)
+        with ThreadPoolExecutor(min(8, len(shard_ids)), thread_name_prefix="capcurate-open") as pool:
+            yield from pool.map(opened, shard_ids)
 
     def _stream_shards(self, works: list[Any], states: list[Any], finisher: Any):
         from collections import deque
@@ -378,7 +404,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
           max_retries: int = 2, scratch: str | None = None) -> Summary:
     """Score every image against each selected caption column; writes ``scores/<name>/``."""
     from ..devices import parse_batch_size, resolve_placement, resolve_workers
-    from ..engines import check_max_retries, parse_part
+    from ..engines import check_max_retries, connect_engine, parse_part
     from ..models.ref import parse_model_ref
 
     t0 = time.time()
@@ -412,8 +438,16 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
 
     # a name taken with other parameters is refused before the model loads (seconds to minutes)...
     ds.card.claim_output("scores", name, params, overwrite=overwrite, exists=exists())
-    job = ScoreJob(str(ds.root), name, model, pretrained, sources, num_captions, batch_size, workers,
-                   run_device, run_precision, save_embeddings, decode, compile, scratch)
+    connect_engine(engine)  # a Ray cluster that does not answer: one line, nothing written
+    if engine == "ray":  # actors do not share the driver's working directory: no relative paths
+        from ..engines.paths import cluster_file, cluster_model_ref, cluster_path
+
+        job = ScoreJob(cluster_path(str(ds.root)), name, cluster_model_ref(model), cluster_file(pretrained),
+                       sources, num_captions, batch_size, workers, run_device, run_precision, save_embeddings,
+                       decode, compile, cluster_path(scratch))
+    else:
+        job = ScoreJob(str(ds.root), name, model, pretrained, sources, num_captions, batch_size, workers,
+                       run_device, run_precision, save_embeddings, decode, compile, scratch)
     if engine == "local":
         job.setup()  # a model that cannot load fails here: no entry written, no old output deleted
     # ...and claimed for good, old outputs removed on --overwrite, in one locked step with the entry
@@ -421,15 +455,22 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
                                 exists=exists, model=ref.describe(), remove=remove)
     atomic.clean_stale_temps(out_dir)
     atomic.clean_stale_temps(ds.family_dir("embeddings", name))
-    from ..engines import run_job
+    from ..engines import ActorSetupError, placement_summary, run_job
 
     options = {"num_actors": num_actors} if engine == "ray" and num_actors else {}
-    result = run_job(job, shard_ids, engine=engine, part=part, description=f"score {name}",
-                     max_retries=max_retries, **options)
+    try:
+        result = run_job(job, shard_ids, engine=engine, part=part, description=f"score {name}",
+                         max_retries=max_retries, **options)
+    except ActorSetupError as e:
+        if e.wrote_nothing:  # the model did not load on the actors: the name stays free
+            ds.card.abandon_entry(entry)
+        raise
     counts = result.to_dict()
     failed = counts.pop("failed_shards")
-    ds.card.finish_entry(entry, {k: v for k, v in counts.items()}, sources=sources, device=job.device,
-                         workers=job.workers, batch_size=job.batch_size, decode=job.decode)
+    # what ran: as each worker resolved it (under Ray, per actor), else the job's words
+    placed = {"device": job.device, "workers": job.workers, "batch_size": job.batch_size, "decode": job.decode,
+              **placement_summary(result.placements)}
+    ds.card.finish_entry(entry, {k: v for k, v in counts.items()}, sources=sources, **placed)
     ok = not result.failed
     columns = [score_column(name, s) for s in sources]
     return Summary(
