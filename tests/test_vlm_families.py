@@ -154,6 +154,15 @@ def test_a_failed_batch_is_halved_down_to_the_refused_image_and_a_broken_model_s
     assert fake.calls <= 2 * 6 + 1  # halving: ~2 log2(64) calls, not 64
     with pytest.raises(RuntimeError, match="illegal memory access"):  # not 64 error rows: the shards fail
         caption_rows(_Fake(broken=True), list(range(8)), DecodingConfig(decoding="greedy"), {"chunk": 8})
+    # a captioner that can screen a refused batch (the VLMs: one processor call per image) is not halved
+    class Screening(_Fake):
+        def screen(self, batch, config):
+            return {j: f"rejected by Fake: image {i}" for j, i in enumerate(batch) if i in self.refuse}
+
+    fake = Screening(refuse={3, 40})
+    rows = caption_rows(fake, list(range(64)), DecodingConfig(decoding="greedy"), {"chunk": 64})
+    assert [i for i, r in enumerate(rows) if r[0] is None] == [3, 40] and fake.calls == 2
+    assert rows[41] == (["cap 41"], None)
     # a lone image the processor refuses is still that image's row
     assert caption_rows(_Fake(refuse={0}), [0], DecodingConfig(), {"chunk": 4}) == [
         (None, "rejected by Fake: image 0")]

@@ -1,8 +1,11 @@
-"""A batch that raises is captioned again in halves, down to single images, so one image the model or its
+"""A batch that raises is captioned again without the images at fault, so one image the model or its
 processor refuses costs that image's row, never its batch or the shards the batch spans.
 
-Halving finds one bad image among n in about 2 log2(n) calls, where retrying image by image would take n
-(512 single-image generates on a GPU: minutes); the good halves keep being captioned as batches.
+Two ways to find them: a captioner with ``screen(images, config)`` (the VLMs: their processor refuses an
+image on its own, in milliseconds) names the refused images of a batch its processor refused; anything
+else is found by halving the batch, about 2 log2(n) calls for one bad image among n, where retrying image
+by image would take n (512 single-image generates on a GPU: minutes). The rest keep being captioned as
+batches.
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ def _reason(e: BaseException) -> str:
     return line if isinstance(e, ImageRejected) else f"captioning failed: {type(e).__name__}: {line}"
 
 
+def _take(batch: Any, idx: list[int]) -> Any:
+    """The images at ``idx`` of a pixel tensor or a list of images."""
+    if isinstance(batch, list):
+        return [batch[i] for i in idx]
+    import torch
+
+    return batch[torch.tensor(idx, device=batch.device)]
+
+
 def caption_rows(captioner: Any, batch: Any, config: Any, state: dict[str, int],
                  seeds: list[int] | None = None) -> list[Row]:
     """``(captions, None)`` or ``(None, reason)`` per image of ``batch`` (a pixel tensor or a list of images).
@@ -33,26 +45,35 @@ def caption_rows(captioner: Any, batch: Any, config: Any, state: dict[str, int],
 
     rows: list[Row | None] = [None] * len(batch)
     model_errors: list[BaseException] = []
+    screen = getattr(captioner, "screen", None)
 
-    def run(lo: int, hi: int) -> None:
+    def run(idx: list[int]) -> None:
+        whole = len(idx) == len(batch)
         try:
-            caps = caption_with_backoff(captioner, batch[lo:hi], config, state,
-                                        None if seeds is None else seeds[lo:hi])
+            caps = caption_with_backoff(captioner, batch if whole else _take(batch, idx), config, state,
+                                        None if seeds is None else [seeds[i] for i in idx])
         except Exception as e:
             if _is_oom(e):  # even one image does not fit: nothing smaller to try
                 raise
-            if hi - lo == 1:
-                rows[lo] = (None, _reason(e))
+            if len(idx) == 1:
+                rows[idx[0]] = (None, _reason(e))
                 if not isinstance(e, ImageRejected):
                     model_errors.append(e)
                 return
-            mid = (lo + hi) // 2
-            run(lo, mid)
-            run(mid, hi)
+            if isinstance(e, ImageRejected) and screen is not None:
+                refused = screen(_take(batch, idx), config)
+                if refused:
+                    for j, why in refused.items():
+                        rows[idx[j]] = (None, why)
+                    run([i for j, i in enumerate(idx) if j not in refused])
+                    return
+            run(idx[:len(idx) // 2])
+            run(idx[len(idx) // 2:])
             return
-        rows[lo:hi] = [(c, None) for c in caps]
+        for i, c in zip(idx, caps, strict=True):
+            rows[i] = (c, None)
 
-    run(0, len(batch))
+    run(list(range(len(batch))))
     if model_errors and all(r is not None and r[0] is None for r in rows):
         raise model_errors[0]
     return [r for r in rows if r is not None]
