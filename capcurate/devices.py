@@ -17,8 +17,17 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DECODES = ("auto", "cpu", "gpu", "draft")
 
 
+# the CPUs a scheduler gave this process when it does not pin them (a Ray actor's num_cpus): set by
+# capcurate.engines.ray in each actor, so decode workers and torch threads fit the share, not the node
+CPUS_ENV = "CAPCURATE_CPUS"
+
+
 def available_cpus() -> int:
-    """Cores this process may run on (a SLURM or container CPU mask counts, not the machine's total)."""
+    """Cores this process may run on (a SLURM or container CPU mask counts, not the machine's total;
+    ``$CAPCURATE_CPUS`` when a scheduler set it)."""
+    given = os.environ.get(CPUS_ENV, "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows

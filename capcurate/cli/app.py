@@ -34,7 +34,9 @@ stderr = Console(stderr=True)
 
 JSON_HELP = "Print a machine-readable JSON summary on stdout instead of a table."
 # per-shard stages share the engines (capcurate.engines), so they share these two options' meaning
-ENGINE_HELP = "local (this process) or ray (a Ray cluster: actors each load the model once, one GPU each)."
+ENGINE_HELP = ("local (this process) or ray (a Ray cluster: actors each load the model once, one GPU each). "
+               "ray joins the cluster at $RAY_ADDRESS (host:port, ray://host:port or auto) and otherwise starts "
+               "a private local one; an address that does not answer is an error (exit 2).")
 # where a model runs, the same words everywhere (capcurate.devices resolves them)
 DEVICE_HELP = "auto (cuda when a GPU is visible, else cpu), cpu, cuda or cuda:N."
 PRECISION_HELP = "auto (bf16 on a GPU, fp32 on the CPU), fp32, bf16 or fp16: the dtype the model runs in."

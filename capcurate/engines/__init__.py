@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .. import storage
-from ..errors import InputError
+from ..errors import CapcurateError, InputError
+
+ENGINES = ("local", "ray")
 
 
 class ShardJob(Protocol):
@@ -26,6 +28,8 @@ class ShardJob(Protocol):
     def process(self, shard_id: str) -> dict[str, int]: ...
     # Optional: ``process_many(shard_ids)`` yielding ``(shard_id, counts | exception)`` as each shard is
     # written; the local engine prefers it (one input stream across shards, no per-shard worker restarts).
+    # Optional: ``placement() -> dict`` after setup: the device, precision, decode workers and batch size
+    # this worker resolved, for lineage (a Ray actor resolves "auto" on its own machine).
     # Optional: ``is_done(shard_id) -> bool`` refines "output_path exists" as the completion test, for
     # a stage whose finished file can still lack work (score adds columns for a new caption source); it
     # is asked only about shards whose output the listing found.
@@ -71,6 +75,7 @@ class EngineResult:
     skipped: list[str] = field(default_factory=list)   # already finished by an earlier run
     failed: dict[str, str] = field(default_factory=dict)  # shard -> error (other shards still ran)
     counts: Counter = field(default_factory=Counter)
+    placements: list[dict[str, Any]] = field(default_factory=list)  # one per worker that set the job up
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +85,42 @@ class EngineResult:
             "failed_shards": self.failed,
             **dict(self.counts),
         }
+
+
+class ActorSetupError(CapcurateError):
+    """A worker could not set its job up (its model did not load): raised once, with that worker's error
+    and its exit code (4 for a model that cannot be loaded), instead of failing every shard."""
+
+    def __init__(self, message: str, exit_code: int = 1, *, wrote_nothing: bool = True):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.wrote_nothing = wrote_nothing  # no shard of this run was written: the run can leave no trace
+
+
+def connect_engine(engine: str) -> None:
+    """Check the engine's name and reach it before a stage writes anything: for ``ray``, the cluster at
+    ``$RAY_ADDRESS`` (a one-line error when it does not answer) or a private local one."""
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r}: choose local or ray")
+    if engine == "ray":
+        from .ray import connect
+
+        connect()
+
+
+def placement_summary(placements: list[dict[str, Any]]) -> dict[str, Any]:
+    """What lineage records about where a job ran: device, precision, workers and batch size as resolved
+    (one value when every worker agrees, else the sorted distinct values), and under Ray each actor's."""
+    if not placements:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("device", "precision", "workers", "batch_size", "decode"):
+        values = sorted({p[key] for p in placements if p.get(key) is not None}, key=str)
+        if values:
+            out[key] = values[0] if len(values) == 1 else values
+    if any("node" in p for p in placements):
+        out["actors"] = placements
+    return out
 
 
 def parse_part(part: str | None) -> tuple[int, int] | None:
@@ -123,19 +164,21 @@ def run_job(job: ShardJob, shard_ids: Sequence[str], *, engine: str = "local", p
     is retried on a fresh actor; a shard that raises is recorded as failed at once (it would fail again).
     """
     check_max_retries(max_retries)
+    if engine not in ENGINES:
+        raise InputError(f"unknown engine {engine!r}: choose local or ray")
     todo = select_part(shard_ids, parse_part(part))
     result = EngineResult()
     remaining = pending_shards(job, todo)
     pending = set(remaining)
     result.skipped.extend(s for s in todo if s not in pending)
     if engine == "local":
+        from ..storage import write_behind
         from .local import run_local
 
-        run_local(job, remaining, result, description=description, **engine_options)
-    elif engine == "ray":
+        with write_behind():  # outputs in a store upload while the next shard is worked on
+            run_local(job, remaining, result, description=description, **engine_options)
+    else:
         from .ray import run_ray
 
         run_ray(job, remaining, result, description=description, max_retries=max_retries, **engine_options)
-    else:
-        raise InputError(f"unknown engine {engine!r}: choose local or ray")
     return result

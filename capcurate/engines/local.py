@@ -22,11 +22,31 @@ def _streamed(many, shard_ids: list[str]):
         yield from many(shard_ids[i:i + STREAM_WINDOW])
 
 
+def outcomes(job: ShardJob, shard_ids: list[str]):
+    """``(shard_id, counts | exception)`` for each shard, as its file is written: through the job's
+    ``process_many`` when it streams (one input pipeline for the whole window), else shard by shard.
+    The Ray engine runs this inside each actor over the window of shards it was given."""
+    many = getattr(job, "process_many", None)
+    if callable(many):
+        yield from many(shard_ids)
+        return
+    for sid in shard_ids:
+        try:
+            yield sid, job.process(sid)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            yield sid, e
+
+
 def run_local(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *,
               description: str = "shards", fail_fast: bool = False) -> None:
     if not shard_ids:
         return
     job.setup()
+    placement = getattr(job, "placement", None)
+    if callable(placement):
+        result.placements.append(placement())
     many = getattr(job, "process_many", None)
     if callable(many):  # one input stream across many shards: workers and read-ahead live across them
         with progress_bar(len(shard_ids), description) as advance:

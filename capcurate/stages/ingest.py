@@ -27,7 +27,8 @@ from typing import Any
 
 from .. import atomic, storage
 from ..dataset import Dataset, samples_schema
-from ..engines import check_max_retries, run_job
+from ..engines import check_max_retries, connect_engine, run_job
+from ..engines.paths import cluster_path
 from ..errors import InputError
 from ..images import DEFAULT_MAX_PIXELS
 from ..shards import IMAGE_EXTS, TarShardWriter, index_tar
@@ -352,6 +353,8 @@ def ingest(
     """Adopt an img2dataset folder, webdataset tars or an image folder into a dataset directory."""
     t0 = time.perf_counter()
     check_max_retries(max_retries)
+    if engine == "ray":  # actors do not share the driver's working directory: no relative paths
+        path, output = cluster_path(path), cluster_path(output)
     path = storage.path(path)
     if kind not in KINDS:
         raise InputError(f"--kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -365,6 +368,7 @@ def ingest(
     if not inputs:
         raise InputError(f"{path}: no {kind} input found to ingest (nothing was written)")
 
+    connect_engine(engine)  # a Ray cluster that does not answer: one line, nothing written
     source = {"kind": kind, "path": str(path) if storage.is_remote(path) else str(path.resolve())}
     ds = Dataset.create(output, force=force, sources=[source])
     params = {"path": source["path"], "kind": kind, "uid_col": uid_col, "max_pixels": max_pixels,

@@ -110,6 +110,11 @@ class RecaptionJob:
         self._batch, self.batch_note = self._resolve_batch_size()
         self._state = {"chunk": self._batch}
 
+    def placement(self) -> dict[str, Any]:
+        """Where this worker runs, as resolved in setup (lineage records it per Ray actor)."""
+        return {"device": self.device, "precision": self.precision, "workers": self.workers,
+                "batch_size": self._batch, "batch_size_note": self.batch_note}
+
     def _resolve_batch_size(self) -> tuple[int, str]:
         if self.batch_size != "auto":
             return int(self.batch_size), "given"
@@ -266,7 +271,8 @@ def recaption(
 ) -> Summary:
     """Caption every image of ``dataset`` with ``model`` into ``captions/<name>/``; returns a Summary."""
     from ..devices import parse_batch_size, resolve_placement, resolve_workers
-    from ..engines import check_max_retries, parse_part, pending_shards, run_job, select_part
+    from ..engines import (ActorSetupError, check_max_retries, connect_engine, parse_part, pending_shards,
+                           placement_summary, run_job, select_part)
 
     check_max_retries(max_retries)
     from ..models.captioners import DecodingConfig
@@ -304,9 +310,16 @@ def recaption(
 
     # a name taken with other parameters is refused before the model loads (seconds to minutes)
     planned = ds.card.claim_output(FAMILY, name, params, overwrite=overwrite, exists=exists())
-    job = RecaptionJob(str(ds.root), name, model, pretrained, cfg, batch_size=batch_size, workers=workers,
+    connect_engine(engine)  # a Ray cluster that does not answer: one line, nothing written
+    root, job_model, job_pretrained, job_scratch = str(ds.root), model, pretrained, scratch
+    if engine == "ray":  # actors do not share the driver's working directory: no relative paths
+        from ..engines.paths import cluster_file, cluster_model_ref, cluster_path
+
+        root, job_model = cluster_path(root), cluster_model_ref(model)
+        job_pretrained, job_scratch = cluster_file(pretrained), cluster_path(scratch)
+    job = RecaptionJob(root, name, job_model, job_pretrained, cfg, batch_size=batch_size, workers=workers,
                        device=run_device, precision=run_precision, decode=decode,
-                       trust_remote_code=trust_remote_code, compile=compile, scratch=scratch)
+                       trust_remote_code=trust_remote_code, compile=compile, scratch=job_scratch)
     model_info: dict[str, Any] = dict(ref.describe())
     todo = select_part(shard_ids, parse_part(part))
     if engine == "local" and (planned == "overwrite" or pending_shards(job, todo, first=True)):
@@ -319,13 +332,20 @@ def recaption(
                                 exists=exists, model=model_info,
                                 remove=lambda: ds.remove_family_output(FAMILY, name))
     atomic.clean_stale_temps(out_dir)
-    result = run_job(job, shard_ids, engine=engine, part=part, description=f"recaption {name}",
-                     fail_fast=fail_fast, max_retries=max_retries)
+    try:
+        result = run_job(job, shard_ids, engine=engine, part=part, description=f"recaption {name}",
+                         fail_fast=fail_fast, max_retries=max_retries)
+    except ActorSetupError as e:
+        if e.wrote_nothing:  # the model did not load on the actors: the name stays free
+            ds.card.abandon_entry(entry)
+        raise
     counts = result.to_dict()
     failed = counts.pop("failed_shards")
-    ds.card.finish_entry(entry, counts, capcurate_version=__version__, device=job.device, workers=job.workers,
-                         batch_size=job._batch or batch_size, batch_size_note=job.batch_note,
-                         oom_backoffs=job._state.get("oom_backoffs", 0))
+    # what ran: as each worker resolved it (under Ray, per actor), else the job's words
+    placed = {"device": job.device, "workers": job.workers, "batch_size": job._batch or batch_size,
+              "batch_size_note": job.batch_note, **placement_summary(result.placements)}
+    ds.card.finish_entry(entry, counts, capcurate_version=__version__, oom_backoffs=job._state.get("oom_backoffs", 0),
+                         **placed)
     seconds = time.time() - t0
     n_img = counts.get("images_captioned", 0)
     ok = not failed
