@@ -24,12 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from ... import atomic
+from ... import atomic, storage
 from ...dataset import Dataset, check_name
 from ...errors import InputError, OutputExistsError
 from ...summary import Summary
-from .embeddings import EmbeddingStore, peak_memory_mb
+from .embeddings import EmbeddingStore
 from .groups import Found, keep_largest, keep_largest_stars, label_strings
+from .memory import AnonPeak, peak_rss_mb
 from .pool import Pool, load_pool, sha256_column
 from .semantic import KEEPS, concat
 
@@ -71,61 +72,64 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
     if present and not overwrite:
         raise OutputExistsError(f"{', '.join(present)} exist(s); choose another --name or pass --overwrite")
 
-    pool = load_pool(ds)
-    removed = np.zeros(len(pool), bool)
-    found: list[Found] = []
-    counts: dict[str, Any] = {"pool": len(pool)}
-    details: dict[str, Any] = {"name": name}
-    timings: dict[str, float] = {}
+    # the peak of anonymous memory, sampled over the run (memory.py): mapped embedding pages not counted
+    with AnonPeak() as memory:
+        pool = load_pool(ds)
+        removed = np.zeros(len(pool), bool)
+        found: list[Found] = []
+        counts: dict[str, Any] = {"pool": len(pool)}
+        details: dict[str, Any] = {"name": name}
+        timings: dict[str, float] = {}
 
-    if exact:
-        t = time.time()
-        rows, labels = label_strings(sha256_column(ds, pool))
-        found.append(keep_largest("exact", rows, labels, pool.pixels))
-        timings["exact"] = time.time() - t
-        details["sha256_computed_here"] = pool.sha256_computed
-    if near:
-        t = time.time()
-        with progress_bar(int((~removed).sum()), f"dedup {name}: perceptual hashes", "images") as advance:
-            found.append(_near(ds, pool, _removed(removed, found), hamming, n_workers, advance, counts))
-        timings["near"] = time.time() - t
-    if captions:
-        t = time.time()
-        rm = _removed(removed, found)
-        text = [None if rm[i] or c is None else (re.sub(r"\s+", " ", c).strip().lower() or None)
-                for i, c in enumerate(pool.table.column("caption").to_pylist())]
-        rows, labels = label_strings(text)
-        found.append(keep_largest("caption", rows, labels, pool.pixels))
-        timings["captions"] = time.time() - t
-    if store is not None:
-        t = time.time()
-        found.append(_semantic(store, pool, _removed(removed, found), eps, keep, clusters, train_size, seed,
-                               name, details, counts))
-        timings["semantic"] = time.time() - t
-    removed = _removed(removed, found)
+        if exact:
+            t = time.time()
+            rows, labels = label_strings(sha256_column(ds, pool))
+            found.append(keep_largest("exact", rows, labels, pool.pixels))
+            timings["exact"] = time.time() - t
+            details["sha256_computed_here"] = pool.sha256_computed
+        if near:
+            t = time.time()
+            with progress_bar(int((~removed).sum()), f"dedup {name}: perceptual hashes", "images") as advance:
+                found.append(_near(ds, pool, _removed(removed, found), hamming, n_workers, advance, counts))
+            timings["near"] = time.time() - t
+        if captions:
+            t = time.time()
+            rm = _removed(removed, found)
+            text = [None if rm[i] or c is None else (re.sub(r"\s+", " ", c).strip().lower() or None)
+                    for i, c in enumerate(pool.column("caption").to_pylist())]
+            rows, labels = label_strings(text)
+            found.append(keep_largest("caption", rows, labels, pool.pixels))
+            timings["captions"] = time.time() - t
+        if store is not None:
+            t = time.time()
+            found.append(_semantic(store, pool, _removed(removed, found), eps, keep, clusters, train_size, seed,
+                                   name, details, counts))
+            timings["semantic"] = time.time() - t
+        removed = _removed(removed, found)
 
-    for f in found:
-        counts[f"{f.kind} duplicates"] = len(f.rows)
-        details[f"{f.kind} groups"] = f.groups
-    counts["kept"] = int((~removed).sum())
-    params = {"exact": exact, "near": near, "captions": captions, "semantic": semantic,
-              "hamming": hamming if near else None, "eps": eps if semantic else None,
-              "keep": keep if semantic else None, "clusters": clusters if semantic else None,
-              "train_size": train_size if semantic else None, "seed": seed if semantic else None}
-    # claimed under the card's lock just before writing (see filter): one writer per name at a time
-    _mode, entry = ds.card.claim(stage="dedup", family="selections", name=name, params=params, overwrite=overwrite,
-                                 exists=lambda: sel_out.exists() or groups_out.exists(), exclusive=True)
-    with ds.card.writing(entry):
-        _write_outputs(pool, removed, found, sel_out, groups_out)
+        for f in found:
+            counts[f"{f.kind} duplicates"] = len(f.rows)
+            details[f"{f.kind} groups"] = f.groups
+        counts["kept"] = int((~removed).sum())
+        params = {"exact": exact, "near": near, "captions": captions, "semantic": semantic,
+                  "hamming": hamming if near else None, "eps": eps if semantic else None,
+                  "keep": keep if semantic else None, "clusters": clusters if semantic else None,
+                  "train_size": train_size if semantic else None, "seed": seed if semantic else None}
+        # claimed under the card's lock just before writing (see filter): one writer per name at a time
+        _mode, entry = ds.card.claim(stage="dedup", family="selections", name=name, params=params, overwrite=overwrite,
+                                     exists=lambda: sel_out.exists() or groups_out.exists(), exclusive=True)
+        with ds.card.writing(entry):
+            _write_outputs(pool, removed, found, sel_out, groups_out)
 
     details["seconds_by_kind"] = {k: round(v, 2) for k, v in timings.items()}
-    details["peak_memory_mb"] = round(peak_memory_mb(), 1)
+    details["peak_memory_mb"] = round(memory.peak_mb, 1)
+    details["peak_rss_mb"] = round(peak_rss_mb(), 1)   # resident peak: mapped file pages included
     ds.card.finish_entry(entry, counts, dedup_groups=f"dedup/{name}.parquet")
     n, kept = len(pool), counts["kept"]
     pct = f" ({kept / n:.1%})" if n else ""
     return Summary(stage="dedup", counts=counts, details=details, seconds=time.time() - t0,
                    message=f"kept {kept:,} of {n:,}{pct} into selections/{name}; groups in dedup/{name}.parquet "
-                           f"(peak memory {details['peak_memory_mb']:,.0f} MB)")
+                           f"(peak anonymous memory {details['peak_memory_mb']:,.0f} MB)")
 
 
 def _auto_int(value: int | str, option: str) -> int | None:
@@ -146,21 +150,22 @@ def _near(ds: Dataset, pool: Pool, removed: np.ndarray, threshold: int, workers:
           counts: dict[str, Any]) -> Found:
     from .phash import ROW_BYTES, hash_shards, near_pairs
 
-    # rows to hash, grouped by shard, without a Python string per pool row
-    shard = pool.table.column("shard").dictionary_encode().combine_chunks()
-    codes, names = shard.indices.to_numpy(zero_copy_only=False), shard.dictionary.to_pylist()
-    cand = np.flatnonzero(~removed)
-    todo = {names[c]: cand[codes[cand] == c] for c in np.unique(codes[cand])}
-    sids = sorted(todo)
-    keys = pool.table.column("key")
+    # rows to hash, grouped by shard (a shard's downloaded rows are one range of pool rows)
+    todo = {}
+    for k, sid in enumerate(pool.shard_ids):
+        span = np.arange(pool.starts[k], pool.starts[k + 1])
+        if len(span := span[~removed[span]]):
+            todo[sid] = span
+    sids = list(todo)
+    cand = np.concatenate(list(todo.values())) if todo else np.zeros(0, np.int64)
     n = len(cand)
-    del cand, codes
+    del cand
     # the hash rows (ROW_BYTES an image) go to a temp file: only the candidates' rows are read back
     with tempfile.TemporaryDirectory(prefix="capcurate-near-") as tmp:
         hashes = np.lib.format.open_memmap(Path(tmp) / "rows.npy", mode="w+", dtype=np.uint8,
                                            shape=(max(n, 1), ROW_BYTES))
         rows, at = [], 0
-        tasks = [(str(ds.shard_path(s)), keys.take(todo[s]).to_pylist()) for s in sids]
+        tasks = [(str(ds.shard_path(s)), pool.take(todo[s], ["key"]).column("key").to_pylist()) for s in sids]
         for s, (h, ok) in zip(sids, hash_shards(tasks, workers, advance), strict=True):
             hashes[at:at + int(ok.sum())] = h[ok]
             at += int(ok.sum())
@@ -187,7 +192,7 @@ def _semantic(store: EmbeddingStore, pool: Pool, removed: np.ndarray, eps: float
     shards, masks, pool_rows = [], [], []
     for shard in store.shards():
         rows = pool.shard_rows.get(shard.shard_id)
-        if rows is None or pool.shard_uids[shard.shard_id] != shard.uids:
+        if rows is None or not _same_uids(pool, shard):
             raise InputError(f"embeddings/{store.name}/{shard.shard_id} does not follow the manifest's rows: "
                              f"re-run capcurate score --name {store.name} --save-embeddings")
         prow = np.where(rows >= 0, rows, 0)
@@ -212,16 +217,21 @@ def _semantic(store: EmbeddingStore, pool: Pool, removed: np.ndarray, eps: float
         return semdedup(shards, cand, eps=eps, keep=keep, seed=seed, advance=advance)
 
 
+def _same_uids(pool: Pool, shard: Any) -> bool:
+    """Do the embeddings' rows follow the manifest's rows of that shard (one uid column of each, read here)?"""
+    import pyarrow as pa
+
+    manifest = storage.read_table(pool.ds.samples_path(shard.shard_id), columns=["uid"]).column("uid")
+    return manifest.combine_chunks().cast(pa.string()).equals(shard.uid_column().cast(pa.string()))
+
+
 def _write_outputs(pool: Pool, removed: np.ndarray, found: list[Found], sel_out: Path, groups_out: Path) -> None:
+    """The groups file (the rows of every group, their uids read here), then the selection, written shard by
+    shard in manifest order: neither needs a column of the whole pool in memory."""
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
-    t = pool.table
-    kept = t.filter(pa.array(~removed)).select(["uid", "caption", "shard", "key"])
-    kept = kept.add_column(2, "caption_source", pa.array(["raw"] * kept.num_rows, pa.string()))
-    kept = kept.take(pc.sort_indices(kept, [("uid", "ascending")]))
-
-    uids = t.column("uid")
     rows, group, kind, keep_flag, of, sim = [], [], [], [], [], []
     next_group = 0
     for f in found:
@@ -237,14 +247,25 @@ def _write_outputs(pool: Pool, removed: np.ndarray, found: list[Found], sel_out:
         of += [np.full(nk, -1, np.int64), f.of]
         sim += [np.full(nk, np.nan, np.float32), f.similarity]
     r, o, s = concat(rows, np.int64), concat(of, np.int64), concat(sim, np.float32)
+    need = np.unique(np.r_[r, o[o >= 0]])
+    uids = pool.take(need, ["uid"]).column("uid")
     groups = pa.table({
-        "uid": uids.take(pa.array(r)),
+        "uid": uids.take(pa.array(np.searchsorted(need, r))),
         "group": pa.array(concat(group, np.int64)),
         "kind": pa.array(concat(kind, object).tolist(), pa.string()),
         "kept": pa.array(concat(keep_flag, bool)),
-        "duplicate_of": pc.if_else(pa.array(o >= 0), uids.take(pa.array(np.maximum(o, 0))), pa.scalar(None, pa.string())),
+        "duplicate_of": pc.if_else(pa.array(o >= 0), uids.take(pa.array(np.searchsorted(need, np.maximum(o, 0)))),
+                                   pa.scalar(None, pa.string())),
         "similarity": pa.array(s, pa.float32(), mask=np.isnan(s)),
     })
     groups = groups.take(pc.sort_indices(groups, [("group", "ascending"), ("kept", "descending"), ("uid", "ascending")]))
     atomic.write_parquet(groups_out, groups)
-    atomic.write_parquet(sel_out, kept)   # last: the selection marks a finished run
+
+    schema = pa.schema([("uid", pa.string()), ("caption", pa.string()), ("caption_source", pa.string()),
+                        ("shard", pa.string()), ("key", pa.string())])
+    # last: the selection marks a finished run
+    with atomic.atomic_path(sel_out) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as out:
+        for _, start, t in pool.shards(["uid", "caption", "shard", "key"]):
+            t = t.filter(pa.array(~removed[start:start + t.num_rows]))
+            t = t.add_column(2, "caption_source", pa.array(["raw"] * t.num_rows, pa.string()))
+            out.write_table(t.select(schema.names).cast(schema))

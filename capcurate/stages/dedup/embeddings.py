@@ -22,6 +22,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,13 +40,25 @@ def peak_memory_mb() -> float:
 @dataclass
 class EmbeddingShard:
     shard_id: str
-    uids: list[str]
     ok: np.ndarray          # bool per row: an embedding was made
     path: Path              # a local file (a store's .npy is staged by EmbeddingStore)
+    uids_path: Any          # the shard's <shard>.uids.parquet, local or a URL
+
+    def __len__(self) -> int:
+        return len(self.ok)
 
     def matrix(self) -> np.ndarray:
         """The shard's float16 rows as a read-only memory map."""
         return np.load(self.path, mmap_mode="r")
+
+    def uid_column(self) -> Any:
+        """The uid of each row as a pyarrow array, read from ``uids_path`` when asked: a run over every
+        shard holds no uid lists (they were ~90 bytes an image as Python strings)."""
+        return storage.read_table(self.uids_path, columns=["uid"]).column("uid").combine_chunks()
+
+    @property
+    def uids(self) -> list[str]:
+        return self.uid_column().to_pylist()
 
 
 class EmbeddingStore:
@@ -82,10 +95,10 @@ class EmbeddingStore:
         return dst
 
     def shard(self, shard_id: str) -> EmbeddingShard:
-        t = storage.read_table(self.root / f"{shard_id}.uids.parquet")
-        errors = t.column("error").to_pylist()
-        return EmbeddingShard(shard_id, t.column("uid").to_pylist(),
-                              np.array([e is None for e in errors], bool), self.local_npy(shard_id))
+        uids_path = self.root / f"{shard_id}.uids.parquet"
+        errors = storage.read_table(uids_path, columns=["error"]).column("error")
+        return EmbeddingShard(shard_id, errors.is_null().to_numpy(zero_copy_only=False).astype(bool),
+                              self.local_npy(shard_id), uids_path)
 
     def shards(self) -> Iterator[EmbeddingShard]:
         for sid in self.shard_ids:

@@ -93,7 +93,7 @@ def assign_shards(shards: Iterable[EmbeddingShard], index: CentroidIndex,
     """Call ``on_shard(shard, labels)`` for every shard (labels of failed rows are -1), one memmap at a time."""
     for shard in shards:
         mat = shard.matrix()
-        labels = np.full(len(shard.uids), -1, np.int64)
+        labels = np.full(len(shard), -1, np.int64)
         rows = np.flatnonzero(shard.ok)
         for i in range(0, len(rows), CHUNK):
             chunk = rows[i:i + CHUNK]

@@ -1,9 +1,18 @@
-"""The pool dedup works on: every downloaded row of the manifest, in manifest order, as Arrow columns."""
+"""The pool dedup works on: every downloaded row of the manifest, in manifest order.
+
+Memory: per pool row the pool holds 8 bytes (its manifest position, ``shard_rows``) and, once a kind
+that keeps the largest image asks, 8 more (``pixels``). Columns (uid, key, caption, sha256) are read from
+``samples/*.parquet`` when a kind or an output needs them, one column or one shard at a time, and are
+not kept: a pool of 10M rows is not 10M Python strings (the uid lists were held twice before, ~520 bytes
+an image in all).
+"""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -11,51 +20,98 @@ from ... import storage
 from ...dataset import Dataset
 from ...errors import InputError
 
-COLUMNS = ["uid", "key", "shard", "caption", "status", "sha256", "width", "height", "original_width",
-           "original_height"]
+STRINGS = ("uid", "key", "shard", "caption", "status", "sha256")
+SIZES = ("original_width", "original_height", "width", "height")
 
 
 @dataclass
 class Pool:
-    table: object                 # pyarrow Table: uid, key, shard, caption, sha256 of downloaded rows
-    pixels: np.ndarray            # int64 per row: original size when known, else stored size
+    ds: Dataset
     shard_ids: list[str]
     shard_rows: dict[str, np.ndarray]   # shard -> pool row of each manifest row (-1: not downloaded)
-    shard_uids: dict[str, list[str]]
+    starts: np.ndarray                  # pool row of each shard's first downloaded row; last: the pool size
     sha256_computed: int = 0
+    _pixels: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return int(self.starts[-1])
+
+    def read(self, sid: str, columns: list[str]) -> Any:
+        """The downloaded rows of one shard's manifest, ``columns`` only (missing ones as nulls)."""
+        import pyarrow as pa
+
+        t = storage.read_table(self.ds.samples_path(sid))
+        out = {}
+        ok = pa.array(self.shard_rows[sid] >= 0)
+        for c in columns:
+            if c in t.column_names:
+                col = t.column(c).filter(ok)
+                out[c] = col.cast(pa.string() if c in STRINGS else pa.int64())
+            else:
+                out[c] = pa.nulls(int(ok.true_count), pa.string() if c in STRINGS else pa.int64())
+        return pa.table(out)
+
+    def shards(self, columns: list[str]) -> Iterator[tuple[str, int, Any]]:
+        """(shard, its first pool row, its downloaded rows' ``columns``) for every shard with such rows."""
+        for k, sid in enumerate(self.shard_ids):
+            if self.starts[k + 1] > self.starts[k]:
+                yield sid, int(self.starts[k]), self.read(sid, columns)
+
+    def column(self, name: str) -> Any:
+        """One column over the whole pool (a pyarrow ChunkedArray, one chunk per shard)."""
+        import pyarrow as pa
+
+        chunks = [t.column(name).combine_chunks() for _, _, t in self.shards([name])]
+        return pa.chunked_array(chunks, pa.string() if name in STRINGS else pa.int64())
+
+    def take(self, rows: np.ndarray, columns: list[str]) -> Any:
+        """``columns`` of the given pool rows, in the given order (read shard by shard)."""
+        import pyarrow as pa
+
+        rows = np.asarray(rows, np.int64)
+        order = np.argsort(rows, kind="stable")
+        parts = []
+        for k, sid in enumerate(self.shard_ids):
+            lo, hi = np.searchsorted(rows[order], [self.starts[k], self.starts[k + 1]])
+            if hi > lo:
+                parts.append(self.read(sid, columns).take(pa.array(rows[order[lo:hi]] - self.starts[k])))
+        if not parts:
+            return pa.table({c: pa.array([], pa.string() if c in STRINGS else pa.int64()) for c in columns})
+        back = np.empty(len(rows), np.int64)
+        back[order] = np.arange(len(rows))
+        return pa.concat_tables(parts).take(pa.array(back))
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """int64 per row: the original size when known, else the stored size (read once, when asked)."""
+        if self._pixels is None:
+            parts = []
+            for _, _, t in self.shards(list(SIZES)):
+                ow, oh, w, h = (np.nan_to_num(t.column(c).to_numpy(zero_copy_only=False).astype(np.float64))
+                                .astype(np.int64) for c in SIZES)
+                parts.append(np.where(ow * oh > 0, ow * oh, w * h))
+            self._pixels = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return self._pixels
 
 
 def load_pool(ds: Dataset) -> Pool:
-    import pyarrow as pa
+    """Which manifest rows are downloaded, shard by shard (of each manifest only its status is kept)."""
     import pyarrow.compute as pc
 
     shard_ids = ds.shard_ids()
     if not shard_ids:
         raise InputError(f"{ds.root} has no manifest shards (samples/*.parquet): download or ingest first")
-    tables, shard_rows, shard_uids, start = [], {}, {}, 0
+    shard_rows, starts, start = {}, [0], 0
     for sid in shard_ids:
-        t = storage.read_table(ds.samples_path(sid))
-        for c in COLUMNS:
-            if c not in t.column_names:
-                t = t.append_column(c, pa.nulls(t.num_rows, pa.string() if c in ("sha256", "caption") else pa.int32()))
-        ok = pc.equal(t.column("status"), "success").to_numpy(zero_copy_only=False)
+        t = storage.read_table(ds.samples_path(sid))   # one GET on a store; only status is kept
+        ok = (pc.fill_null(pc.equal(t.column("status"), "success"), False).to_numpy(zero_copy_only=False)
+              if "status" in t.column_names else np.zeros(t.num_rows, bool))
         rows = np.full(t.num_rows, -1, np.int64)
         rows[ok] = np.arange(start, start + int(ok.sum()))
         start += int(ok.sum())
         shard_rows[sid] = rows
-        shard_uids[sid] = t.column("uid").to_pylist()
-        t = t.filter(pa.array(ok)).select(COLUMNS)
-        tables.append(t.cast(pa.schema([(c, pa.string()) if c in ("uid", "key", "shard", "caption", "status", "sha256")
-                                        else (c, pa.int64()) for c in COLUMNS])))
-    table = pa.concat_tables(tables)
-    sizes = [np.nan_to_num(table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)).astype(np.int64)
-             for c in ("original_width", "original_height", "width", "height")]
-    original, stored = sizes[0] * sizes[1], sizes[2] * sizes[3]
-    pool = Pool(table, np.where(original > 0, original, stored), shard_ids, shard_rows, shard_uids)
-    return pool
+        starts.append(start)
+    return Pool(ds, shard_ids, shard_rows, np.array(starts, np.int64))
 
 
 def sha256_column(ds: Dataset, pool: Pool) -> list[str | None]:
@@ -63,21 +119,21 @@ def sha256_column(ds: Dataset, pool: Pool) -> list[str | None]:
     here from the bytes in the shard."""
     from ...shards import index_tar
 
-    values = pool.table.column("sha256").to_pylist()
+    values = pool.column("sha256").to_pylist()
     missing = [i for i, v in enumerate(values) if not v]
     if not missing:
         return values
-    keys, shards = pool.table.column("key").to_pylist(), pool.table.column("shard").to_pylist()
-    by_shard: dict[str, list[int]] = {}
-    for i in missing:
-        by_shard.setdefault(shards[i], []).append(i)
+    keys = pool.take(np.array(missing), ["key", "shard"]).to_pylist()
+    by_shard: dict[str, list[tuple[int, str]]] = {}
+    for i, r in zip(missing, keys, strict=True):
+        by_shard.setdefault(r["shard"], []).append((i, r["key"]))
     for sid, rows in by_shard.items():
         # a tar in object storage is downloaded once (one GET) rather than read member by member
         with storage.local_copy(ds.shard_path(sid)) as local, open(local, "rb") as fh:
             index = index_tar(local)
-            for i in rows:
-                ext = index.image_ext(keys[i])
+            for i, key in rows:
+                ext = index.image_ext(key)
                 if ext is not None:
-                    values[i] = hashlib.sha256(index.read(keys[i], ext, fh)).hexdigest()
+                    values[i] = hashlib.sha256(index.read(key, ext, fh)).hexdigest()
                     pool.sha256_computed += 1
     return values
