@@ -76,6 +76,7 @@ class EngineResult:
     failed: dict[str, str] = field(default_factory=dict)  # shard -> error (other shards still ran)
     counts: Counter = field(default_factory=Counter)
     placements: list[dict[str, Any]] = field(default_factory=list)  # one per worker that set the job up
+    setup_seconds: float = 0.0  # Ray: from the first actor's creation until every actor was set up
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -184,6 +185,7 @@ def run_ray(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *, de
             ray.kill(actor)
         start_actor()
 
+    t0 = time.perf_counter()
     for _ in range(num_actors):
         start_actor()
     try:
@@ -213,6 +215,8 @@ def run_ray(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *, de
                         raise ActorSetupError(f"{message} (Ray actor on {placement.get('host')})", code,
                                               wrote_nothing=not result.processed)
                     result.placements.append(placement)
+                    if len(result.placements) == num_actors:
+                        result.setup_seconds = time.perf_counter() - t0
                     idle.append(actor)
                     continue
                 win = running[ready]
