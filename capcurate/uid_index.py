@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import tempfile
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class FirstSeen:
         self._con.execute("PRAGMA synchronous = OFF")
         self._con.execute("CREATE TABLE first (uid TEXT PRIMARY KEY, shard TEXT NOT NULL) WITHOUT ROWID")
         self.shards: set[str] = set()
+        # also at interpreter exit (a Ray actor ended by __ray_terminate__), not only when close() is called
+        self._finalizer = weakref.finalize(self, _remove, self._con, self._dir)
 
     def add(self, shard: str, uids: Iterable[str]) -> None:
         """Record ``uids`` as seen in ``shard`` (a uid already seen in a lower shard keeps that one)."""
@@ -44,14 +47,12 @@ class FirstSeen:
         return row[0] if row else None
 
     def close(self) -> None:
-        self._con.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._finalizer()
 
-    def __del__(self) -> None:  # a job dropped without close() still leaves no scratch file behind
-        try:
-            self.close()
-        except Exception:
-            pass
+
+def _remove(con: sqlite3.Connection, folder: Path) -> None:
+    con.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class SeenBefore:

@@ -253,6 +253,12 @@ def run_ray(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *, de
                     result.counts.update(counts or {})
                 advance(1)
     finally:
-        for actor in actors:  # free their CPUs/GPUs now, not when the driver's handles are collected
+        # free their CPUs/GPUs now, not when the driver's handles are collected: an idle actor exits
+        # cleanly (its scratch files are removed at exit), one still working is killed
+        busy = {id(w.actor) for w in running.values()}
+        for actor in actors:
             with contextlib.suppress(Exception):
-                ray.kill(actor)
+                if id(actor) in busy:
+                    ray.kill(actor)
+                else:
+                    actor.__ray_terminate__.remote()

@@ -154,6 +154,12 @@ class IngestJob:
         return counts
 
     # -- repeated uids: the first occurrence in (shard, row) order is kept -------------------------
+    def close(self) -> None:
+        """Remove this process's uid index (a scratch file)."""
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+
     def uids_before(self, shard_id: str) -> SeenBefore:
         """The uids of every input row of the shards before ``shard_id``, read from the inputs (not from
         the dataset: another --part may be writing those shards now), so any part decides alike. Each
@@ -377,8 +383,11 @@ def ingest(
     for d in (ds.shards_dir, ds.samples_dir):
         atomic.clean_stale_temps(d)
     job = IngestJob(ds, kind, inputs, root, uid_col=uid_col, link=link, max_pixels=max_pixels)
-    result = run_job(job, list(inputs), engine=engine, part=part, description=f"ingest {kind}",
-                     max_retries=max_retries)
+    try:
+        result = run_job(job, list(inputs), engine=engine, part=part, description=f"ingest {kind}",
+                         max_retries=max_retries)
+    finally:
+        job.close()
     counts = {"kind": kind, **result.to_dict()}
     counts.pop("failed_shards", None)
     ds.card.finish_entry(entry, counts)
