@@ -139,16 +139,26 @@ def _remote_atomic_path(final: Any) -> Iterator[Path]:
     storage.check_writable(final)
     folder = Path(tempfile.mkdtemp(prefix=f"capcurate-{owner_tag()}-"))
     tmp = folder / final.name
+    queued = False
     try:
         yield tmp
         if not tmp.exists():
             raise StageFailed(f"the temporary file of {final} vanished before its upload: nothing was "
                               "written; run again")
-        _chaos_point("before")
-        storage.upload(tmp, final)
-        _chaos_point("after")
+
+        def commit() -> None:
+            _chaos_point("before")
+            storage.upload(tmp, final)
+            _chaos_point("after")
+
+        # inside storage.write_behind (a run over many shards) the upload overlaps the next shard's work,
+        # in commit order; elsewhere it is done here
+        queued = storage.commit_behind(commit, lambda: shutil.rmtree(folder, ignore_errors=True))
+        if not queued:
+            commit()
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if not queued:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_bytes(path: Any, data: bytes) -> None:

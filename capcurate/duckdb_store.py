@@ -8,10 +8,10 @@ GETs): querying one small Parquet file costs 6-10 requests, a dataset of 8 shard
 
 :class:`SnapshotFileSystem` answers DuckDB from what one listing returned (sizes, ETags, times) and keeps
 the bytes of small objects (sidecar Parquet: kilobytes to a few MB per shard) for the life of the
-connection, in an LRU bounded by ``CAPCURATE_DUCKDB_CACHE_MB`` (default 256). Objects above the bound are
+connection, keyed by their version (ETag), in an LRU bounded by ``CAPCURATE_DUCKDB_CACHE_MB`` (default 256). Objects above the bound are
 opened on the store as before. The snapshot is a consistent view for the queries of one connection;
-any write made through :mod:`capcurate.storage` in this process drops every snapshot, so a stage that
-writes and then queries sees its own writes.
+any write made through :mod:`capcurate.storage` in this process drops every snapshot (and queued
+uploads are waited for first), so a stage that writes and then queries sees its own writes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,20 @@ from fsspec import AbstractFileSystem
 
 _LIVE: weakref.WeakSet[SnapshotFileSystem] = weakref.WeakSet()
 _LIVE_GUARD = threading.Lock()
+
+
+def settle() -> None:
+    from .storage import settle as wait_for_uploads
+
+    wait_for_uploads()  # this process's queued uploads first: DuckDB reads what the process wrote
+
+
+def _version(info: dict[str, Any]) -> Any:
+    """What changes whenever the object is rewritten (the ETag on S3, the generation/md5 on GCS...)."""
+    for field in ("ETag", "etag", "md5Hash", "generation", "version_id"):
+        if info.get(field):
+            return info[field]
+    return (info.get("size"), info.get("LastModified") or info.get("mtime") or info.get("updated"))
 
 
 def cache_bytes() -> int:
@@ -54,7 +68,7 @@ class SnapshotFileSystem(AbstractFileSystem):
         self._lock = threading.Lock()  # DuckDB calls from its worker threads
         self._info: dict[str, dict[str, Any]] = {}
         self._globs: dict[str, list[str]] = {}
-        self._bytes: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes: OrderedDict[tuple[str, Any], bytes] = OrderedDict()
         self._held = 0
         with _LIVE_GUARD:
             _LIVE.add(self)
@@ -68,13 +82,14 @@ class SnapshotFileSystem(AbstractFileSystem):
 
     def invalidate(self) -> None:
         with self._lock:
+            # listings and sizes are forgotten; bytes stay, keyed by version: an object the next listing
+            # shows unchanged (same ETag) is not fetched again
             self._info.clear()
             self._globs.clear()
-            self._bytes.clear()
-            self._held = 0
 
     # -- what DuckDB asks -----------------------------------------------------------------------
     def glob(self, path: str, **kwargs: Any) -> Any:
+        settle()
         if kwargs.get("detail"):
             return self.fs.glob(path, **kwargs)
         with self._lock:
@@ -89,6 +104,7 @@ class SnapshotFileSystem(AbstractFileSystem):
         return list(names)
 
     def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        settle()
         key = self._strip_protocol(path)
         with self._lock:
             hit = self._info.get(key)
@@ -126,13 +142,14 @@ class SnapshotFileSystem(AbstractFileSystem):
         return self.fs.ls(path, detail=detail, **kwargs)
 
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        settle()
         if "r" not in mode:  # DuckDB writing (COPY ... TO a URL): straight through, then forget
             invalidate_all()
             return self.fs.open(path, mode, **kwargs)
-        size = self.size(path)
-        if size > self.budget // 4:  # a big object: read it in blocks on the store, as before
+        info = self.info(path)
+        if int(info["size"]) > self.budget // 4:  # a big object: read it in blocks on the store, as before
             return self.fs.open(path, mode, **kwargs)
-        key = self._strip_protocol(path)
+        key = (self._strip_protocol(path), _version(info))
         with self._lock:
             data = self._bytes.get(key)
             if data is not None:

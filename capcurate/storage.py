@@ -30,6 +30,7 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -165,6 +166,7 @@ def ensure_dir(p: Any) -> None:
 
 def rmtree(p: Any) -> None:
     """Remove a folder or prefix and everything under it; a missing one is fine."""
+    settle()
     q = path(p)
     if not is_remote(q):
         shutil.rmtree(q, ignore_errors=True)
@@ -176,6 +178,7 @@ def rmtree(p: Any) -> None:
 
 def remove(p: Any) -> None:
     """Delete one file or object; a missing one is fine."""
+    settle()
     q = path(p)
     with contextlib.suppress(FileNotFoundError):
         q.unlink()
@@ -188,6 +191,7 @@ def list_names(p: Any, suffix: str = "") -> set[str]:
 
     Hidden names (temp files) are left out. A missing folder gives an empty set.
     """
+    settle()
     q = path(p)
     if not is_remote(q):
         try:
@@ -204,6 +208,7 @@ def list_names(p: Any, suffix: str = "") -> set[str]:
 
 def list_entries(p: Any) -> list[str]:
     """Every name directly under folder/prefix ``p`` (files and folders, hidden ones too); [] when missing."""
+    settle()
     q = path(p)
     if not is_remote(q):
         try:
@@ -219,6 +224,7 @@ def list_entries(p: Any) -> list[str]:
 
 def list_dirs(p: Any) -> list[str]:
     """Names of the folders (common prefixes) directly under ``p``; [] when missing."""
+    settle()
     q = path(p)
     if not is_remote(q):
         try:
@@ -248,15 +254,18 @@ def check_container(p: Any) -> None:
 
 
 def exists(p: Any) -> bool:
+    settle()
     return path(p).exists()
 
 
 def size(p: Any) -> int:
+    settle()
     return int(path(p).stat().st_size)
 
 
 def read_bytes(p: Any) -> bytes:
     """A whole file's bytes: on a store one GET (``cat_file``), no HEAD first as ``open`` makes."""
+    settle()
     q = path(p)
     if not is_remote(q):
         return q.read_bytes()
@@ -265,6 +274,7 @@ def read_bytes(p: Any) -> bytes:
 
 def open_read(p: Any) -> IO[bytes]:
     """A binary, seekable reader (a local file, or a store object read in blocks by ranged GETs)."""
+    settle()
     q = path(p)
     if not is_remote(q):
         return open(q, "rb")
@@ -273,6 +283,7 @@ def open_read(p: Any) -> IO[bytes]:
 
 def read_range(p: Any, offset: int, length: int) -> bytes:
     """``length`` bytes at ``offset``: one ``pread`` locally, one ranged GET on a store."""
+    settle()
     q = path(p)
     if not is_remote(q):
         with open(q, "rb") as f:
@@ -284,6 +295,7 @@ def upload(local_file: Path, dest: Any) -> None:
     """Copy a finished local file to ``dest`` as one object (PUT, or multipart for large files)."""
     q = path(dest)
     check_writable(q)
+    settle()  # after the uploads committed before it, as if they had been synchronous
     q.fs.put_file(str(local_file), q.path)
     _wrote()
 
@@ -295,9 +307,113 @@ def _wrote() -> None:
     invalidate_all()
 
 
+# -- write-behind ----------------------------------------------------------------------------------
+class _WriteBehind:
+    """One thread that runs commits (uploads) in the order they were made, at most ``depth`` queued.
+
+    The order is what keeps the promise of synchronous commits: a stage that commits a shard's tar and
+    then its manifest gets them on the store in that order, and a process killed at any moment leaves a
+    prefix of its commits, as before. After a failed upload the later ones are not made (their temps are
+    removed): the store then holds a prefix, the failure is raised by the next commit or by ``settle``.
+    """
+
+    def __init__(self, depth: int = 2):
+        import queue
+
+        self.queue: Any = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.reported = False
+        self.thread = threading.Thread(target=self._run, name="capcurate-upload", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                commit, cleanup = item
+                try:
+                    if self.error is None:
+                        commit()
+                except BaseException as e:  # noqa: BLE001 - handed to the committing thread
+                    self.error = e
+                finally:
+                    cleanup()
+            finally:
+                self.queue.task_done()
+
+    def submit(self, commit: Any, cleanup: Any) -> None:
+        self.raise_once()
+        self.queue.put((commit, cleanup))
+
+    def raise_once(self) -> None:
+        if self.error is not None and not self.reported:
+            self.reported = True
+            raise self.error
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+
+_BEHIND: _WriteBehind | None = None
+_BEHIND_USERS = 0
+_BEHIND_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def write_behind() -> Iterator[None]:
+    """Within this block, commits to a store (``atomic.atomic_path`` with a URL) upload in a background
+    thread while the caller goes on to its next shard; uploads keep their order, at most two wait (bounded
+    scratch). Every read of a store through this module waits for the uploads first (a process reads its
+    own writes). On exit all uploads are done, or the first failure is raised. Nested blocks share one."""
+    global _BEHIND, _BEHIND_USERS
+    with _BEHIND_GUARD:
+        if _BEHIND is None:
+            _BEHIND = _WriteBehind()
+        _BEHIND_USERS += 1
+        mine = _BEHIND
+    body_ok = False
+    try:
+        yield
+        body_ok = True
+    finally:
+        with _BEHIND_GUARD:
+            _BEHIND_USERS -= 1
+            last = _BEHIND_USERS == 0
+            if last:
+                _BEHIND = None
+        mine.queue.join()
+        if last:
+            mine.close()
+        if body_ok:  # never mask the body's own exception
+            mine.raise_once()
+
+
+def commit_behind(commit: Any, cleanup: Any) -> bool:
+    """Queue ``commit`` (then ``cleanup``) on the write-behind thread; False (nothing queued) outside a
+    ``write_behind`` block, where the caller commits synchronously."""
+    behind = _BEHIND
+    if behind is None:
+        return False
+    behind.submit(commit, cleanup)
+    return True
+
+
+def settle() -> None:
+    """Wait for this process's queued uploads (see ``write_behind``); raise the first failure once.
+    The upload thread itself never waits (its own commit is what the queue waits for)."""
+    behind = _BEHIND
+    if behind is not None and threading.current_thread() is not behind.thread:
+        behind.queue.join()
+        behind.raise_once()
+
+
 @contextlib.contextmanager
 def local_copy(p: Any, scratch: str | os.PathLike | None = None) -> Iterator[Path]:
     """A local file holding ``p``'s bytes: ``p`` itself when local, else a download removed afterwards."""
+    settle()
     q = path(p)
     if not is_remote(q):
         yield q
@@ -315,6 +431,7 @@ def local_copy(p: Any, scratch: str | os.PathLike | None = None) -> Iterator[Pat
 
 def download_tree(p: Any, dest: str | os.PathLike) -> Path:
     """Copy every file under folder/prefix ``p`` into the local folder ``dest`` (made if missing)."""
+    settle()
     q, out = path(p), Path(dest)
     if not is_remote(q):
         shutil.copytree(q, out, dirs_exist_ok=True)
@@ -366,6 +483,7 @@ def read_metadata(p: Any) -> Any:
 
 def version_key(p: Any) -> tuple | None:
     """What changes whenever the file is rewritten (inode+size+mtime locally, the ETag on a store)."""
+    settle()
     q = path(p)
     try:
         if not is_remote(q):
@@ -386,6 +504,7 @@ def _is_precondition_failure(e: BaseException) -> bool:
 
 def create_exclusive(p: Any, data: bytes) -> bool:
     """Write ``data`` to ``p`` only if nothing is there (S3 ``If-None-Match: *``); False when it exists."""
+    settle()
     q = path(p)
     check_writable(q)
     try:
@@ -401,6 +520,7 @@ def create_exclusive(p: Any, data: bytes) -> bool:
 
 def read_versioned(p: Any) -> tuple[bytes, str]:
     """(content, version tag) read together: the tag is what :func:`replace_if_match` compares."""
+    settle()
     q = path(p)
     if scheme_of(q) in ("s3", "s3a"):
         bucket, key, _ = q.fs.split_path(q.path)
@@ -428,6 +548,7 @@ def replace_if_match(p: Any, data: bytes, tag: str) -> bool:
     S3: one PUT with ``If-Match`` (atomic on the server). Other stores: the tag is re-read and compared
     just before the write; callers hold the card's lease lock around it, which is what makes it safe.
     """
+    settle()
     q = path(p)
     check_writable(q)
     if scheme_of(q) in ("s3", "s3a"):
@@ -450,6 +571,7 @@ def replace_if_match(p: Any, data: bytes, tag: str) -> bool:
 
 def delete_if_match(p: Any, tag: str) -> None:
     """Delete ``p`` if it is still at version ``tag`` (a lock released by its holder only)."""
+    settle()
     q = path(p)
     try:
         _, current = read_versioned(q)

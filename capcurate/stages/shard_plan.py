@@ -58,25 +58,31 @@ class ShardPlan:
 
 
 def stage_sources(ds: Dataset, sources: list[str], folder: Path) -> dict[str, Path]:
-    """Download each source tar of a dataset in object storage once into ``folder`` (one GET per tar).
+    """Download each source tar of a dataset in object storage once into ``folder`` (one GET per tar, up
+    to 8 at once).
 
     The plan indexes the local copies, and the writer reads members with ``os.pread`` as it does locally: an output shard draws samples
     from all over the sources (more so with ``--shuffle``), so reading them straight from the store would
     cost one GET per sample.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from .. import storage
 
     folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for shard in sources:
+
+    def fetch(shard: str) -> tuple[str, Path | None]:
         src = storage.path(ds.shard_path(shard))
         dst = folder / f"{shard}.tar"
         try:
             src.fs.get_file(src.path, str(dst))
         except FileNotFoundError:
-            continue  # indexed as missing: its samples are counted, not fatal
-        out[shard] = dst
-    return out
+            return shard, None  # indexed as missing: its samples are counted, not fatal
+        return shard, dst
+
+    # a GET is mostly waiting on the store: a few at once (bounded, like any download tool's pool)
+    with ThreadPoolExecutor(min(8, max(1, len(sources))), thread_name_prefix="capcurate-stage") as pool:
+        return {shard: dst for shard, dst in pool.map(fetch, sources) if dst is not None}
 
 
 def build_plan(ds: Dataset, selection: str, work_dir: Path, *, samples_per_shard: int, min_shards: int,
