@@ -196,14 +196,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{-(-args.images // args.per_shard)} shards, local S3 server (moto) on 127.0.0.1")
         moved = transfer_seconds(work)
         print(f"{'stage':8s} {'local s':>9s} {'bucket s':>9s} {'bucket/local':>13s}  {'(target <= 1.5x)':16s} "
-              f"{'transfer s':>10s} {'bucket/(local+transfer)':>24s}")
+              f"{'transfer s':>10s} {'bucket/(local+transfer)':>24s} {'bucket/max(local,transfer)':>27s}")
         for stage in ("ingest", "score", "shard"):
             ratio = bucket[stage] / local[stage]
-            bound = bucket[stage] / (local[stage] + moved[stage])
+            serial = bucket[stage] / (local[stage] + moved[stage])
+            overlap = bucket[stage] / max(local[stage], moved[stage])
             print(f"{stage:8s} {local[stage]:9.2f} {bucket[stage]:9.2f} {ratio:12.2f}x  "
-                  f"{'met' if ratio <= 1.5 else 'NOT met':16s} {moved[stage]:10.2f} {bound:23.2f}x")
-        print("transfer: the same bytes moved once with s3fs get/put (the baseline's unavoidable extra cost on "
-              "this server); bucket/(local+transfer) near 1x means capcurate adds little beyond moving the bytes")
+                  f"{'met' if ratio <= 1.5 else 'NOT met':16s} {moved[stage]:10.2f} {serial:23.2f}x "
+                  f"{overlap:26.2f}x")
+        print("transfer: the same bytes moved once with s3fs get/put, one file after another (what any tool pays "
+              "to move them on this server). bucket/(local+transfer): the local run plus moving its bytes; "
+              "bucket/max(local,transfer): against perfect overlap of the work with the transfer (1x is the "
+              "floor of any tool on this server)")
         if bad:
             print("OUTPUT CHECK FAILED: " + "; ".join(bad))
             return 1

@@ -166,7 +166,7 @@ def ensure_dir(p: Any) -> None:
 
 def rmtree(p: Any) -> None:
     """Remove a folder or prefix and everything under it; a missing one is fine."""
-    settle()
+    _settle_for(p)
     q = path(p)
     if not is_remote(q):
         shutil.rmtree(q, ignore_errors=True)
@@ -178,7 +178,7 @@ def rmtree(p: Any) -> None:
 
 def remove(p: Any) -> None:
     """Delete one file or object; a missing one is fine."""
-    settle()
+    _settle_for(p)
     q = path(p)
     with contextlib.suppress(FileNotFoundError):
         q.unlink()
@@ -191,7 +191,7 @@ def list_names(p: Any, suffix: str = "") -> set[str]:
 
     Hidden names (temp files) are left out. A missing folder gives an empty set.
     """
-    settle()
+    _settle_for(p)
     q = path(p)
     if not is_remote(q):
         try:
@@ -208,7 +208,7 @@ def list_names(p: Any, suffix: str = "") -> set[str]:
 
 def list_entries(p: Any) -> list[str]:
     """Every name directly under folder/prefix ``p`` (files and folders, hidden ones too); [] when missing."""
-    settle()
+    _settle_for(p)
     q = path(p)
     if not is_remote(q):
         try:
@@ -224,7 +224,7 @@ def list_entries(p: Any) -> list[str]:
 
 def list_dirs(p: Any) -> list[str]:
     """Names of the folders (common prefixes) directly under ``p``; [] when missing."""
-    settle()
+    _settle_for(p)
     q = path(p)
     if not is_remote(q):
         try:
@@ -254,18 +254,18 @@ def check_container(p: Any) -> None:
 
 
 def exists(p: Any) -> bool:
-    settle()
+    _settle_for(p)
     return path(p).exists()
 
 
 def size(p: Any) -> int:
-    settle()
+    _settle_for(p)
     return int(path(p).stat().st_size)
 
 
 def read_bytes(p: Any) -> bytes:
     """A whole file's bytes: on a store one GET (``cat_file``), no HEAD first as ``open`` makes."""
-    settle()
+    _settle_for(p)
     q = path(p)
     if not is_remote(q):
         return q.read_bytes()
@@ -274,7 +274,7 @@ def read_bytes(p: Any) -> bytes:
 
 def open_read(p: Any) -> IO[bytes]:
     """A binary, seekable reader (a local file, or a store object read in blocks by ranged GETs)."""
-    settle()
+    _settle_for(p)
     q = path(p)
     if not is_remote(q):
         return open(q, "rb")
@@ -283,7 +283,7 @@ def open_read(p: Any) -> IO[bytes]:
 
 def read_range(p: Any, offset: int, length: int) -> bytes:
     """``length`` bytes at ``offset``: one ``pread`` locally, one ranged GET on a store."""
-    settle()
+    _settle_for(p)
     q = path(p)
     if not is_remote(q):
         with open(q, "rb") as f:
@@ -296,8 +296,19 @@ def upload(local_file: Path, dest: Any) -> None:
     q = path(dest)
     check_writable(q)
     settle()  # after the uploads committed before it, as if they had been synchronous
-    q.fs.put_file(str(local_file), q.path)
+    q.fs.put_file(str(local_file), q.path, **_upload_options(q, local_file))
     _wrote()
+
+
+def _upload_options(q: Any, local_file: Path) -> dict[str, Any]:
+    """Multipart parts sent 4 at a time for a big file on S3 (as boto3's transfer manager does): on the
+    local server a 60 MB tar went up at 54 MB/s instead of 29 MB/s one part at a time."""
+    if scheme_of(q) not in ("s3", "s3a") or os.path.getsize(local_file) <= UPLOAD_PART:
+        return {}
+    return {"chunksize": UPLOAD_PART, "max_concurrency": 4}
+
+
+UPLOAD_PART = 16 * 2**20
 
 
 def _wrote() -> None:
@@ -401,6 +412,11 @@ def commit_behind(commit: Any, cleanup: Any) -> bool:
     return True
 
 
+def _settle_for(p: Any) -> None:
+    if _BEHIND is not None and is_remote(p):  # local reads never wait for uploads
+        settle()
+
+
 def settle() -> None:
     """Wait for this process's queued uploads (see ``write_behind``); raise the first failure once.
     The upload thread itself never waits (its own commit is what the queue waits for)."""
@@ -413,7 +429,7 @@ def settle() -> None:
 @contextlib.contextmanager
 def local_copy(p: Any, scratch: str | os.PathLike | None = None) -> Iterator[Path]:
     """A local file holding ``p``'s bytes: ``p`` itself when local, else a download removed afterwards."""
-    settle()
+    _settle_for(p)
     q = path(p)
     if not is_remote(q):
         yield q
@@ -431,7 +447,7 @@ def local_copy(p: Any, scratch: str | os.PathLike | None = None) -> Iterator[Pat
 
 def download_tree(p: Any, dest: str | os.PathLike) -> Path:
     """Copy every file under folder/prefix ``p`` into the local folder ``dest`` (made if missing)."""
-    settle()
+    _settle_for(p)
     q, out = path(p), Path(dest)
     if not is_remote(q):
         shutil.copytree(q, out, dirs_exist_ok=True)
@@ -483,7 +499,7 @@ def read_metadata(p: Any) -> Any:
 
 def version_key(p: Any) -> tuple | None:
     """What changes whenever the file is rewritten (inode+size+mtime locally, the ETag on a store)."""
-    settle()
+    _settle_for(p)
     q = path(p)
     try:
         if not is_remote(q):
@@ -504,7 +520,7 @@ def _is_precondition_failure(e: BaseException) -> bool:
 
 def create_exclusive(p: Any, data: bytes) -> bool:
     """Write ``data`` to ``p`` only if nothing is there (S3 ``If-None-Match: *``); False when it exists."""
-    settle()
+    _settle_for(p)
     q = path(p)
     check_writable(q)
     try:
@@ -520,7 +536,7 @@ def create_exclusive(p: Any, data: bytes) -> bool:
 
 def read_versioned(p: Any) -> tuple[bytes, str]:
     """(content, version tag) read together: the tag is what :func:`replace_if_match` compares."""
-    settle()
+    _settle_for(p)
     q = path(p)
     if scheme_of(q) in ("s3", "s3a"):
         bucket, key, _ = q.fs.split_path(q.path)
@@ -548,7 +564,7 @@ def replace_if_match(p: Any, data: bytes, tag: str) -> bool:
     S3: one PUT with ``If-Match`` (atomic on the server). Other stores: the tag is re-read and compared
     just before the write; callers hold the card's lease lock around it, which is what makes it safe.
     """
-    settle()
+    _settle_for(p)
     q = path(p)
     check_writable(q)
     if scheme_of(q) in ("s3", "s3a"):
@@ -571,7 +587,7 @@ def replace_if_match(p: Any, data: bytes, tag: str) -> bool:
 
 def delete_if_match(p: Any, tag: str) -> None:
     """Delete ``p`` if it is still at version ``tag`` (a lock released by its holder only)."""
-    settle()
+    _settle_for(p)
     q = path(p)
     try:
         _, current = read_versioned(q)

@@ -114,3 +114,11 @@ def test_write_behind_failure_is_raised_and_later_commits_are_not_made(bucket: s
     names = storage.list_names(root)
     assert "0.bin" in names and "1.bin" not in names and "3.bin" not in names  # a prefix of the commits
     assert not any(t.name == "capcurate-upload" for t in threading.enumerate())  # the thread ended
+
+
+def test_a_file_above_the_part_size_goes_up_in_parallel_parts_and_comes_back_whole(bucket: str) -> None:
+    import os
+
+    data = os.urandom(storage.UPLOAD_PART + 3 * 2**20)  # two parts, the second one short
+    atomic.write_bytes(f"{bucket}/big/blob.bin", data)
+    assert storage.read_bytes(f"{bucket}/big/blob.bin") == data
