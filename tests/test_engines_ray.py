@@ -239,6 +239,23 @@ def test_each_actor_streams_a_window_of_shards_through_one_input_pipeline(tmp_pa
     assert windows == ["00000,00001,00002", "00003,00004,00005"]
 
 
+class BrokenStreamJob(StreamingJob):
+    """``process_many`` raises before its first shard (not one shard's failure: the whole window's)."""
+
+    def process_many(self, shard_ids):
+        raise OSError("scratch disk full")
+        yield  # a generator, as process_many is
+
+
+def test_a_job_that_raises_outside_a_shard_fails_its_window_not_the_run(tmp_path, ray_cluster):
+    from capcurate.engines import run_job
+
+    ids = [f"{i:05d}" for i in range(4)]
+    result = run_job(BrokenStreamJob(tmp_path), ids, engine="ray", num_actors=2)
+    assert not result.processed and sorted(result.failed) == ids
+    assert all("scratch disk full" in why for why in result.failed.values()), result.failed
+
+
 class UnloadableJob:
     """Its set-up fails as a model that cannot be loaded does; each attempt leaves a file."""
 

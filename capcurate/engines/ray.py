@@ -152,7 +152,7 @@ def run_ray(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *, de
     if not shard_ids:
         return
     ray = _ray()
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayTaskError
 
     connect()
     resources = ray.cluster_resources()
@@ -229,10 +229,23 @@ def run_ray(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *, de
                         result.failed[sid] = "the job produced no result for this shard"
                         advance(1)
                     continue
+                except RayTaskError as e:  # the job raised outside a shard: its window's shards fail
+                    running.pop(ready)
+                    idle.append(win.actor)
+                    cause = getattr(e, "cause", None)  # the job's own exception, not Ray's wrapper text
+                    why = f"{type(cause).__name__}: {_one_line(cause)}" if cause is not None else _one_line(e)
+                    for sid in win.unreported():
+                        if fail_fast:
+                            raise RuntimeError(f"shard {sid}: {why}") from None
+                        result.failed[sid] = why
+                        advance(1)
+                    continue
                 except RayActorError as e:
                     running.pop(ready)
                     lost = win.unreported()
                     replace(win.actor)
+                    if not lost:  # died after its last shard was reported: nothing to redo
+                        continue
                     blamed, rest = lost[0], lost[1:]  # the shard in progress; the rest never started
                     deaths[blamed] += 1
                     queue.extendleft(reversed(rest))
