@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -119,6 +120,11 @@ def test_slurm_array_of_shard_equals_one_process_run(mixed, tmp_path, fake_slurm
     logs = sorted(p.name for p in (tmp_path / "sl" / "logs").iterdir())
     assert logs == [f"capcurate-shard-{info['array_job']}_{i}.out" for i in range(3)] + [
         f"capcurate-shard-finalize-{info['finalize_job']}.out"]
+    again = invoke(["launch", "finalize", "shard", str(mixed), "--selection", "both", "-o", "out",
+                    "--samples-per-shard", "5", "--json"])  # by hand, as after a failed part: nothing to do
+    assert again.exit_code == 0, again.output
+    summary = json.loads(again.stdout)
+    assert summary["counts"] == {"shards_computed_here": 0} and summary["details"]["completion"]["details"]["complete"]
     final_log = (tmp_path / "sl" / "logs" / logs[-1]).read_text()
     assert "4 shard(s) already written" in final_log and "lineage" not in final_log and "manifest.json written" in " ".join(final_log.split())
     got, want = read_tree(tmp_path / "out"), read_tree(tmp_path / "one")
@@ -161,17 +167,25 @@ def test_finalize_closes_the_lineage_of_a_preempted_try(tmp_path, fake_slurm):
     with card.editing() as data:
         done = [e for e in data["lineage"] if e["stage"] == "ingest"]
         assert len(done) == 2 and all(e["finished"] and "--part" in e["command"] for e in done)
-        data["lineage"].insert(0, {**done[0], "id": "ingest-preempted-1-x", "host": "node-7", "finished": None,
-                                   "counts": {}, "command": done[0]["command"].replace("--part 0/2", "--part 1/2")})
+        tried = {**done[0], "finished": None, "counts": {},
+                 "command": done[0]["command"].replace("--part 0/2", "--part 1/2")}
+        data["lineage"][:0] = [
+            {**tried, "id": "ingest-preempted-1-x", "host": "node-7"},
+            # provably still at work, so left open: a live process on this host, a lease that has not run out
+            {**tried, "id": f"ingest-live-{os.getpid()}-abcd", "host": platform.node()},
+            {**tried, "id": "ingest-leased-1-y", "host": "node-9", "lease_until": "2999-01-01T00:00:00+00:00"},
+        ]
     sub(f"--dependency=afterok:{job}", str(scripts.finalize))
     log = " ".join((scripts.logs / f"capcurate-ingest-finalize-{int(job) + 1}.out").read_text().split())
-    assert "1 unfinished one(s) closed" in log, log
+    assert "5 part tries, 1 unfinished one(s) closed, 2 still running (left open)" in log, log
     lineage = {e["id"]: e for e in Card(tmp_path / "ds").read()["lineage"]}
     preempted = lineage["ingest-preempted-1-x"]
     assert preempted["finished"] and preempted["closed_by"] == "launch finalize"
+    assert lineage[f"ingest-live-{os.getpid()}-abcd"]["finished"] is None
+    assert lineage["ingest-leased-1-y"]["finished"] is None
     final = list(lineage.values())[-1]
     assert final["finished"] and "--part" not in final["command"].split()
-    assert sorted(final["parts"]) == sorted([*[e["id"] for e in done], "ingest-preempted-1-x"])
+    assert len(final["parts"]) == 5 and {e["id"] for e in done} < set(final["parts"])
     assert final["part_counts"]["shards_processed"] == 3 and final["counts"]["shards_skipped"] == 3
     for sub_dir in ("shards", "samples"):
         assert read_tree(tmp_path / "ds" / sub_dir).keys() == read_tree(tmp_path / "one" / sub_dir).keys()
@@ -219,7 +233,7 @@ def test_every_resource_option_reaches_the_scripts_and_paths_become_absolute(tmp
         assert f"#SBATCH {line}\n" in array and f"#SBATCH {line}\n" in final
     assert "#SBATCH --gpus-per-task=1\n" in array and "gpus-per-task" not in final
     args = f"recaption {tmp_path / 'ds'} --model hf:{tmp_path / 'blip'} --name b --decoding greedy --scratch {tmp_path / 'scr'}"
-    assert f"srun --ntasks=1 {sys.executable} -m capcurate {args} --part" in array
+    assert f"srun --ntasks=1 --cpus-per-task=6 {sys.executable} -m capcurate {args} --part" in array
     assert " -m capcurate launch finalize --since " in final and final.rstrip().endswith(args)
     assert "AWS_*" in array and "--export=ALL" in array
     assert "jid=$(sbatch --parsable" in json.loads(res.stdout)["message"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import platform
 import shlex
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 from .. import storage
-from ..card import CARD_NAME, Card, now
+from ..card import CARD_NAME, Card, may_be_running, now
 from ..errors import CapcurateError, StageFailed
 from ..summary import Summary
 from .stage_args import StageCall
@@ -46,19 +47,30 @@ def finalize(call: StageCall, *, since: str | None = None, python: str | None = 
     before = {e["id"] for e in card.read().get("lineage", [])} if card is not None else set()
     completion = run_completion(call, python=python)
     closed = close_lineage(card, call.stage, before, since=since) if card is not None else None
+    computed = int(completion.get("counts", {}).get("shards_processed", 0) or 0)
+    counts = {"shards_computed_here": computed}
+    if closed is not None:
+        counts.update(part_entries=closed["parts"], entries_closed=closed["closed"],
+                      entries_still_running=closed["running"])
+    return Summary(stage="launch finalize", ok=bool(completion.get("ok", True)), counts=counts,
+                   details={"completion": completion}, seconds=time.time() - t0,
+                   message=_message(call.stage, completion, closed))
+
+
+def _message(stage: str, completion: dict[str, Any], closed: dict[str, int] | None) -> str:
     counts = completion.get("counts", {})
     computed = int(counts.get("shards_processed", 0) or 0)
-    message = (f"capcurate {call.stage}: {counts.get('shards_skipped', 0):,} shard(s) already written"
-               + (f", {computed:,} written by the finalize job itself (the array missed them)" if computed else "")
-               + (f"; lineage: {closed['parts']} part tr{'y' if closed['parts'] == 1 else 'ies'}, "
-                  f"{closed['closed']} unfinished one(s) closed" if closed is not None else ""))
-    if call.stage == "shard":
-        message += ("; manifest.json written" if completion.get("details", {}).get("complete")
-                    else "; manifest.json NOT written (shards missing)")
-    return Summary(stage="launch finalize", ok=bool(completion.get("ok", True)),
-                   counts={"shards_computed_here": computed,
-                           **({"part_entries": closed["parts"], "entries_closed": closed["closed"]} if closed else {})},
-                   details={"completion": completion}, seconds=time.time() - t0, message=message)
+    out = [f"capcurate {stage}: {counts.get('shards_skipped', 0):,} shard(s) already written"]
+    if computed:
+        out.append(f"{computed:,} written by the finalize job itself (the array missed them)")
+    if closed is not None:
+        line = (f"lineage: {closed['parts']} part tr{'y' if closed['parts'] == 1 else 'ies'}, "
+                f"{closed['closed']} unfinished one(s) closed")
+        out.append(line + (f", {closed['running']} still running (left open)" if closed["running"] else ""))
+    if stage == "shard":
+        out.append("manifest.json written" if completion.get("details", {}).get("complete")
+                   else "manifest.json NOT written (shards missing)")
+    return "; ".join(out)
 
 
 def _card(dataset: str | None) -> Card | None:
@@ -92,11 +104,26 @@ def _epoch(iso: str | None) -> float | None:
         return None
 
 
+def provably_running(entry: dict[str, Any]) -> bool:
+    """A try that is certainly still at work: a live process on this host, or a lease not yet run out.
+    A try on another host without a lease cannot be asked; the finalize job runs after every task is over,
+    so it is taken as over."""
+    if entry.get("finished") is not None:
+        return False
+    lease = _epoch(entry.get("lease_until"))
+    if lease is not None and lease > time.time():
+        return True
+    return entry.get("host") == platform.node() and may_be_running(entry)
+
+
 def close_lineage(card: Card, stage: str, before: set[str], *, since: str | None) -> dict[str, int] | None:
     """Close the unfinished ``--part`` entries of the run the completion run just resumed (same family and
-    name), started at or after ``since``; record them on the completion entry. Returns counts, or None
-    when the stage keeps no lineage in this card (shard records its run in the output's claim file)."""
+    name), started at or after ``since``, unless provably still running; record them on the completion
+    entry. Returns counts, or None when the stage keeps no lineage in this card (shard records its run in
+    the output's claim file)."""
     start = _epoch(since)
+    if not any(e.get("id") not in before and e.get("stage") == stage for e in card.read().get("lineage", [])):
+        return None  # nothing to record: leave the card as it is
     with card.editing() as data:
         lineage = data.get("lineage", [])
         new = [e for e in lineage if e.get("id") not in before and e.get("stage") == stage]
@@ -110,8 +137,11 @@ def close_lineage(card: Card, stage: str, before: set[str], *, since: str | None
             and (start is None or (_epoch(e.get("started")) or 0) >= start)
         ]
         total: Counter = Counter()
-        closed = 0
+        closed = running = 0
         for e in parts:
+            if provably_running(e):
+                running += 1
+                continue
             if e.get("finished") is None:
                 e["finished"] = now()
                 e["closed_by"] = "launch finalize"
@@ -123,4 +153,4 @@ def close_lineage(card: Card, stage: str, before: set[str], *, since: str | None
                               if isinstance(v, int) and not isinstance(v, bool)})
         final["parts"] = [e["id"] for e in parts]
         final["part_counts"] = dict(total)
-    return {"closed": closed, "parts": len(parts)}
+    return {"closed": closed, "parts": len(parts), "running": running}

@@ -119,6 +119,7 @@ def write_scripts(call: StageCall, options: SlurmOptions, *, python: str | None 
         ARRAY, **common, N=str(options.array), LAST=str(options.array - 1), SIGNAL_S=str(SIGNAL_SECONDS),
         PYTHON_KIND=python_kind() + " " + python, FINALIZE=finalize_path.name,
         SBATCH_LINES="\n".join(options.sbatch_lines(gpus=True)),
+        SRUN_OPTIONS="--ntasks=1" + (f" --cpus-per-task={options.cpus_per_task}" if options.cpus_per_task else ""),
     )
     finalize_text = render(FINALIZE, **common, ARRAY=array_path.name, SELF=str(finalize_path),
                            SBATCH_LINES="\n".join(options.sbatch_lines(gpus=False)))

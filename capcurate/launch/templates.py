@@ -28,10 +28,12 @@ ARRAY = """#!/bin/bash
 #SBATCH --output=@@LOGS@@/capcurate-@@STAGE@@-%A_%a.out
 @@SBATCH_LINES@@
 set -u
+child=""
 
 requeue() {
     echo "capcurate: SIGUSR1 before the time limit: requeueing ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" >&2
     scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    [ -n "$child" ] || exit 0
     # the stage stops between commits; what it wrote is complete and the requeued task skips it
     kill -TERM "$child" 2>/dev/null
     wait "$child"
@@ -39,8 +41,9 @@ requeue() {
 }
 trap requeue USR1
 
-# in the background, so that the trap runs while the stage works (bash runs traps between commands)
-srun --ntasks=1 @@PYTHON@@ -m capcurate @@STAGE@@ @@ARGS@@ --part "${SLURM_ARRAY_TASK_ID}/@@N@@" &
+# in the background, so that the trap runs while the stage works (bash runs traps between commands);
+# --cpus-per-task is repeated because srun of some Slurm versions (22.05 on) does not take it from sbatch
+srun @@SRUN_OPTIONS@@ @@PYTHON@@ -m capcurate @@STAGE@@ @@ARGS@@ --part "${SLURM_ARRAY_TASK_ID}/@@N@@" &
 child=$!
 wait "$child"
 exit $?
