@@ -24,7 +24,7 @@ COMMAND_MODULES = [
 # --help lists commands in pipeline order, then the tools to look at a dataset, then the demo world.
 COMMAND_ORDER = [
     "download", "ingest", "recaption", "score", "dedup", "filter", "mix", "shard", "train", "eval",
-    "query", "stats", "doctor", "report", "synth",
+    "query", "stats", "doctor", "report", "synth", "launch",
 ]
 
 for _mod in COMMAND_MODULES:
