@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, atomic, lineage, storage
+from .. import __version__, atomic, events, lineage, storage
 from ..dataset import Dataset, check_name
 from ..engines import process_via_many
 from ..errors import InputError
@@ -194,6 +194,7 @@ class RecaptionJob:
                 else:
                     for (pos, rid), row in zip(batch.items, rows, strict=True):
                         results[pos][int(rid)] = row
+                    events.emit("batch", len(rows))  # batch boundary for observers (benchmarks/gpu)
             for pos in batch.completed:
                 sid = works[pos].shard_id
                 done = results.pop(pos)

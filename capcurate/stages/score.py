@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import atomic, lineage, storage
+from .. import atomic, events, lineage, storage
 from ..dataset import Dataset, check_name
 from ..engines import process_via_many
 from ..errors import InputError
@@ -280,6 +280,7 @@ class ScoreJob:
                         # would copy the index to the GPU, and that blocking copy waits for the GPU
                         whole = js[-1] - js[0] + 1 == len(js)
                         states[pos]["pending"].append(out[js[0]:js[-1] + 1] if whole else out[js])
+                    events.emit("batch", len(batch.items))  # batch boundary for observers (benchmarks/gpu)
             for pos in batch.completed:
                 st = states[pos]
                 states[pos] = None  # free the shard's embeddings once written

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .. import storage
+from .. import events, storage
 from ..errors import InputError, OutputExistsError, StageFailed
 from ..inputs.prefetch import prefetched
 from ..models.text_trim import token_trimmer
@@ -233,6 +233,7 @@ class _Trainer:
                     self._optimizer_step()
                     step += 1
                     stats.end_step(step)
+                    events.emit("step", global_batch)  # step boundary for observers (benchmarks/gpu)
                     seen += global_batch
                     seen_log += global_batch
                     end_of_epoch = micro_done >= micro_per_epoch
