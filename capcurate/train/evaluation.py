@@ -134,15 +134,17 @@ def evaluate_streamed(eval_set: EvalSet, pre: Any, encode_images: Callable[[torc
         for batch in stream:
             bad += len(batch.failed)  # an undecodable eval image is left out and counted
             if batch.items:
-                embs.append(encode_images(batch.pixels).float().cpu())
+                # left where the model made them: a copy to the host per batch would wait for the GPU
+                embs.append(encode_images(batch.pixels).float())
                 rows.extend(int(rid) for _, rid in batch.items)
-        if timing is not None:
-            timing.update(image_seconds=time.perf_counter() - t0, images=len(rows))
         if not rows:
             raise InputError(f"eval set {eval_set.root} holds no decodable images")
+        all_embs = torch.cat(embs).cpu()  # waits for the last batch: the clock stops after it
+        if timing is not None:
+            timing.update(image_seconds=time.perf_counter() - t0, images=len(rows))
         # back in the serial reader's order: equal inputs give equal metrics, ties included
         order = torch.tensor(rows).argsort()
-        images = torch.cat(embs)[order]
+        images = all_embs[order]
         kept = [rows[i] for i in order.tolist()]
         return task_results(eval_set, images, [ew.labels[r] for r in kept], [ew.texts[r] for r in kept],
                             encode_texts, skipped=bad, batch_size=batch_size, model_name=model_name)
@@ -215,8 +217,11 @@ def evaluate(model: str, data: str, *, pretrained: str | None = None, batch_size
     # bf16/fp16 models keep some parameters fp32: the stream hands pixels over in the dtype of the layer
     # that takes them
     timing: dict[str, float] = {}
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+        return scorer.encode_images(pixels, to_cpu=False)
+
     with model_threads(device, workers):
-        results = evaluate_streamed(eval_set, Preprocess(scorer.spec, scorer.preprocess), scorer.encode_images,
+        results = evaluate_streamed(eval_set, Preprocess(scorer.spec, scorer.preprocess), encode_images,
                                     scorer.encode_texts, batch_size=batch_size, workers=workers, device=device,
                                     dtype=scorer.input_dtype, decode=decode, model_name=model, timing=timing)
     if pretrained:
