@@ -179,3 +179,14 @@ def test_eval_cli_takes_scores_workers_decode_and_batch_size(model, evalset):
         r = runner.invoke(app, [*base, *bad])
         assert r.exit_code == 2 and words in r.output, (bad, r.output)
         assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_streamed_eval_emits_one_batch_event_per_model_batch(model, evalset):
+    """The supported timing hook (capcurate.events): one "batch" event per batch the model embedded."""
+    from capcurate import events
+
+    ref, weights = model
+    seen: list[tuple[str, int]] = []
+    with events.listening(lambda kind, n: seen.append((kind, n))):
+        evaluate(ref, str(evalset), pretrained=weights, workers=0, batch_size=8, device="cpu", precision="fp32")
+    assert [k for k, _ in seen] == ["batch"] * 3 and sum(n for _, n in seen) == 21

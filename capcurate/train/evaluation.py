@@ -121,6 +121,7 @@ def evaluate_streamed(eval_set: EvalSet, pre: Any, encode_images: Callable[[torc
     (``decode`` cpu, draft, or gpu: nvJPEG batches), batches are normalised on ``device`` in ``dtype`` and
     handed to ``encode_images``; ``pre`` is a ``capcurate.inputs.Preprocess``. ``timing``, when given, gets
     ``image_seconds`` (first batch asked for to last image embedded) and ``images``."""
+    from .. import events
     from ..inputs import ImageStream
     from .eval_inputs import eval_works
 
@@ -137,6 +138,7 @@ def evaluate_streamed(eval_set: EvalSet, pre: Any, encode_images: Callable[[torc
                 # left where the model made them: a copy to the host per batch would wait for the GPU
                 embs.append(encode_images(batch.pixels).float())
                 rows.extend(int(rid) for _, rid in batch.items)
+                events.emit("batch", len(batch.items))  # batch boundary for observers, as score's
         if not rows:
             raise InputError(f"eval set {eval_set.root} holds no decodable images")
         all_embs = torch.cat(embs).cpu()  # waits for the last batch: the clock stops after it
