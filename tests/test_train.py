@@ -492,6 +492,58 @@ def test_train_cli_caption_keys_and_the_shards_recipe_are_used_and_recorded(tmp_
     assert r.exit_code == 2 and "--caption-probs needs --caption-keys" in r.output
 
 
+def test_caption_keys_the_shards_do_not_hold_exit_2_naming_the_key(tmp_path):
+    clip = tiny_clip_config(tmp_path)
+
+    def run(folder: Path, keys: str) -> object:
+        return CliRunner().invoke(app, ["train", str(folder), "-o", str(tmp_path / "r"), "--model-config",
+                                        str(clip), "--batch-size", "16", "--workers", "0", "--max-steps", "1",
+                                        "--caption-keys", keys])
+
+    _caption_shards(tmp_path / "rec", recipe={"keys": ["raw", "blip"], "probs": None})
+    r = run(tmp_path / "rec", "raw,sny")  # a typo: before, exit 0 on raw alone with run.json saying raw,sny
+    assert r.exit_code == 2 and "'sny'" in r.output and "raw, blip" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+    _caption_shards(tmp_path / "plain", recipe=None)  # `shard` without --captions records no keys
+    r = run(tmp_path / "plain", "raw")  # before: silently trained on .txt
+    assert r.exit_code == 2 and "without `capcurate shard --captions`" in r.output, r.output
+    bare = tmp_path / "bare"  # no manifest: the first sample's .json is what the shards hold
+    bare.mkdir()
+    for u in _caption_shards(tmp_path / "rec2", recipe=None):
+        Path(u).rename(bare / Path(u).name)
+    r = run(bare, "blip,sny")
+    assert r.exit_code == 2 and "'sny'" in r.output and "first sample's .json" in r.output, r.output
+    write_shards(tmp_path / "txt", 1, 4)
+    (tmp_path / "txt" / "manifest.json").unlink()
+    r = run(tmp_path / "txt", "raw")
+    assert r.exit_code == 2 and "no .json captions" in r.output, r.output
+
+
+def test_caption_draws_and_augmentation_seeds_survive_moving_the_shards(tmp_path, monkeypatch):
+    """Keyed on (shard file name, sample key): an absolute path, a moved folder read by a relative path,
+    give the same captions and the same augmentation (before, __url__ as typed changed ~1/3 of draws)."""
+    import torch
+
+    from capcurate.train.caption_choice import parse_caption_choice
+    from capcurate.train.data import TrainStream
+
+    choice = parse_caption_choice("raw,blip", "0.5,0.5")
+
+    def draws(urls: list[str]) -> list[tuple[str, float]]:
+        # the transform runs after the per-sample seed is set: its random number is the augmentation's
+        stream = TrainStream(urls, 8, 10, lambda im: torch.rand(1), lambda t: list(t), seed=3, epoch=1,
+                             num_workers=1, shuffle_buffer=0, mode="pil", captions=choice)
+        return [(t, float(x)) for images, batch, _ in stream for x, t in zip(images, batch, strict=True)]
+
+    urls = _caption_shards(tmp_path / "a" / "shards")
+    before = draws([str(Path(u).resolve()) for u in urls])
+    (tmp_path / "a" / "shards").rename(tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    after = draws([f"moved/{Path(u).name}" for u in urls])
+    assert len(before) == 80 and after == before
+    assert 20 < sum(t.startswith("blip") for t, _ in before) < 60 and len({x for _, x in before}) == 80
+
+
 def test_compile_trains_the_same_losses_as_eager(tiny):
     """--compile: torch.compile of the whole model (text batches of varying trimmed lengths included)
     gives the eager run's losses, and the run records it."""

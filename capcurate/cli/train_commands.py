@@ -75,7 +75,8 @@ def train(
                              "caption choice."),
     caption_keys: str | None = typer.Option(None, "--caption-keys", help="Train on one of several captions per "
                                             "sample: comma-separated keys of each sample's .json (written by `shard "
-                                            "--captions`), e.g. raw,blip; one is drawn per sample each time it is read. "
+                                            "--captions`), e.g. raw,blip; one is drawn per sample each time it is read; "
+                                            "a key the shards do not hold exits 2. "
                                             "Default: the recipe in the shards' manifest.json, else the .txt."),
     caption_probs: str | None = typer.Option(None, "--caption-probs", help="Probabilities of --caption-keys, "
                                              "e.g. 0.2,0.8 (sum 1; default equal)."),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import InputError
-from .shard_list import ShardList
+from .shard_list import ShardList, first_json_keys
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,37 @@ def parse_caption_choice(keys: str | list[str] | None, probs: str | list[float] 
 def caption_choice(cfg: Any, shards: ShardList) -> CaptionChoice | None:
     """The run's choice: --caption-keys/--caption-probs, else the recipe the shards carry, else None (.txt)."""
     if cfg.caption_keys:
-        return parse_caption_choice(cfg.caption_keys, cfg.caption_probs)
+        choice = parse_caption_choice(cfg.caption_keys, cfg.caption_probs)
+        check_keys_recorded(choice, shards)
+        return choice
     if cfg.caption_probs:
         raise InputError("--caption-probs needs --caption-keys (the .json keys they weigh)")
     recipe = shards.caption_recipe
     if recipe and recipe.get("keys"):
         return parse_caption_choice(list(recipe["keys"]), recipe.get("probs"))
     return None
+
+
+def check_keys_recorded(choice: CaptionChoice, shards: ShardList) -> None:
+    """Refuse --caption-keys the shards do not hold (a typo would otherwise train on the other keys, or
+    on .txt, while run.json records the typo): against manifest.json's recorded keys, or where nothing
+    records them, against the first sample's .json."""
+    recorded = shards.caption_keys
+    where = "manifest.json records"
+    if recorded is None:
+        recorded = first_json_keys(shards.urls[0])
+        where = f"the first sample's .json in {shards.urls[0].rstrip('/').rsplit('/', 1)[-1]} holds"
+        if recorded is None:
+            raise InputError(f"--caption-keys {','.join(choice.keys)}: the shards hold no .json captions "
+                             f"(first shard: {shards.urls[0]}); drop --caption-keys to train on .txt")
+    if not recorded:
+        raise InputError(f"--caption-keys {','.join(choice.keys)}: these shards were written without "
+                         "`capcurate shard --captions`, so they hold no caption keys; drop --caption-keys to "
+                         "train on .txt, or reshard with --captions")
+    unknown = [k for k in choice.keys if k not in recorded]
+    if unknown:
+        raise InputError(f"--caption-keys {unknown[0]!r} is not a caption key of these shards; "
+                         f"{where}: {', '.join(recorded)}")
 
 
 def caption_uniform(*parts: Any) -> float:

@@ -21,6 +21,9 @@ class ShardList:
     num_samples: int | None  # from manifest.json / sizes.json, or counted, or None for remote URLs
     source: str              # how the list was found, for the run record
     caption_recipe: dict[str, Any] | None = None  # manifest.json's {"keys": [...], "probs": [...] | None}
+    # the .json caption keys manifest.json records (``()``: written without ``shard --captions``);
+    # None where nothing records them (sizes.json, a folder, a pattern): then the first sample says
+    caption_keys: tuple[str, ...] | None = None
 
 
 def resolve_shards(spec: str) -> ShardList:
@@ -118,10 +121,12 @@ def _from_json(path: Any, listed: set[str] | None = None) -> ShardList:
         raise InputError(f"cannot read {path}: it does not exist") from None
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"cannot read {path}: {storage.explain(e) or e}") from None
-    recipe = None
+    recipe, keys = None, None
     if isinstance(obj, dict) and "shards" in obj:  # capcurate shard's manifest.json
         names = [(s["name"], int(s["samples"])) for s in obj["shards"]]
         recipe = obj.get("captions")
+        if "captions" in obj:  # manifests older than the recipe say nothing either way
+            keys = tuple(recipe["keys"]) if isinstance(recipe, dict) and recipe.get("keys") else ()
     elif isinstance(obj, dict) and all(isinstance(v, int) for v in obj.values()):  # open_clip sizes.json
         names = list(obj.items())
     else:
@@ -136,7 +141,7 @@ def _from_json(path: Any, listed: set[str] | None = None) -> ShardList:
         missing = [u for u in urls if not Path(u).is_file()]
     if missing:
         raise InputError(f"{path} lists {len(missing)} shards that do not exist (first: {missing[0]})")
-    return ShardList(urls, sum(n for _, n in names), path.name, recipe)
+    return ShardList(urls, sum(n for _, n in names), path.name, recipe, keys)
 
 
 def count_samples(urls: list[str]) -> int:
@@ -157,11 +162,7 @@ def _first_members(url: str, probe: int) -> dict[str, set[str]]:
         return {k: set(idx.samples[k]) for k in list(idx.samples)[:probe]}
     import tarfile
 
-    q = storage.path(url)
-    try:
-        src = q.fs.open(q.path, "rb", block_size=2**20)  # the head only: 1 MiB ranged reads
-    except Exception as e:
-        raise InputError(f"cannot open shard {url}: {storage.explain(e) or f'{type(e).__name__}: {e}'}") from None
+    src = _open_head(url)
     found: dict[str, set[str]] = {}
     try:
         with src, tarfile.open(fileobj=src, mode="r|") as tf:
@@ -175,6 +176,40 @@ def _first_members(url: str, probe: int) -> dict[str, set[str]]:
     except (tarfile.TarError, EOFError, OSError):
         pass  # a damaged tar: what was read is judged; the stream counts the damage
     return found
+
+
+def _open_head(url: str) -> Any:
+    """A binary stream of a shard's head: the local file, or 1 MiB ranged reads of a stored object."""
+    if not storage.is_remote(url):
+        return open(url, "rb")
+    q = storage.path(url)
+    try:
+        return q.fs.open(q.path, "rb", block_size=2**20)
+    except Exception as e:
+        raise InputError(f"cannot open shard {url}: {storage.explain(e) or f'{type(e).__name__}: {e}'}") from None
+
+
+def first_json_keys(url: str, probe: int = 64) -> tuple[str, ...] | None:
+    """The keys holding text in the first ``.json`` member of a shard (its caption keys, among others);
+    None when the shard's first ``probe`` members hold no readable ``.json``."""
+    import tarfile
+
+    if url.startswith("pipe:") or ("://" in url and not _in_store(url)):
+        return None
+    try:
+        with _open_head(url) as src, tarfile.open(fileobj=src, mode="r|") as tf:
+            for i, m in enumerate(tf):
+                if i >= probe:
+                    return None
+                if m.isfile() and split_member_name(m.name)[1] == "json":
+                    f = tf.extractfile(m)
+                    meta = json.loads(f.read()) if f else None
+                    if not isinstance(meta, dict):
+                        return None
+                    return tuple(k for k, v in meta.items() if isinstance(v, str))
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        return None  # a damaged head: the stream counts the damage, the choice is not judged here
+    return None
 
 
 def check_members(url: str, probe: int = 16) -> None:
