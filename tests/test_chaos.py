@@ -3,13 +3,15 @@
 Every test drives real ``python -m capcurate`` processes over one tiny dataset (8 input rows in 3 tars,
 6 distinct uids: one row repeated inside a tar, one across tars) and asserts the final content (manifest,
 image shards, captions, scores, the selection, training shards and sizes.json) equals a clean sequential
-run's. Kills are at seeded random file commits of a stage (``CAPCURATE_CHAOS_KILL``: SIGKILL, before
-or after the rename), so each point is reproducible. Tiny models, ``--workers 0``, batch size 1: the
+run's. Kills are at random file commits of a stage (``CAPCURATE_CHAOS_KILL``: SIGKILL, before
+or after the rename) drawn from a seed new each run, printed and named in a failure (replay it with
+``CAPCURATE_CHAOS_SEED``). Tiny models, ``--workers 0``, batch size 1: the
 same image gives the same floats in any process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -19,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -47,6 +50,25 @@ DISTINCT = 6
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "CAPCURATE_PROGRESS": "0",
        "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 ENV.pop("CAPCURATE_CHAOS_KILL", None)
+
+
+def chaos_seed() -> int:
+    """The seed of this run's kill points: new each run (so runs explore different points), printed, and
+    replayed by setting ``CAPCURATE_CHAOS_SEED``."""
+    raw = os.environ.get("CAPCURATE_CHAOS_SEED")
+    seed = int(raw) if raw else random.SystemRandom().randrange(2**31)
+    print(f"chaos seed {seed} (replay: CAPCURATE_CHAOS_SEED={seed})")
+    return seed
+
+
+@contextlib.contextmanager
+def replayable(seed: int, points: list[str]) -> Iterator[None]:
+    """Any assertion inside names the seed and the kill points drawn from it."""
+    try:
+        yield
+    except AssertionError as e:
+        raise AssertionError(f"[chaos seed {seed}, kill points {points}; replay: CAPCURATE_CHAOS_SEED={seed}] "
+                             f"{e}") from e
 
 
 def write_inputs(folder: Path, image_offset: int = 0) -> Path:
@@ -210,19 +232,23 @@ def test_concurrent_parts_of_every_stage_equal_a_sequential_run(world, tmp_path)
 
 def test_kill_9_at_random_points_of_every_stage_then_resume_equals_a_sequential_run(world, tmp_path):
     """Each stage is killed at a seeded random file commit (before or after its rename), then re-run."""
-    rng = random.Random(int(os.environ.get("CAPCURATE_CHAOS_SEED", "1")))
+    seed = chaos_seed()
+    rng = random.Random(seed)
     pipe, ds, out = world["pipe"], tmp_path / "ds", tmp_path / "out"
-    for stage in STAGES:
-        args = pipe.args(stage, world["web"], ds, out)
-        # every stage commits at least 3 files (lineage entry, outputs, finish): each point is reached
-        point = f"{rng.randint(1, 3)}:{rng.choice(['before', 'after'])}"
-        if stage in ("recaption", "shard"):  # and one of two concurrent parts dies while the other goes on
-            finish([cli([*args, "--part", "0/2"], kill=point)], killed=True)
-            finish([cli([*args, "--part", "1/2"])])
-        else:
-            finish([cli(args, kill=point)], killed=True)
-        finish([cli(args)])
-    assert content(ds, out) == world["ref"]
+    points: list[str] = []
+    with replayable(seed, points):
+        for stage in STAGES:
+            args = pipe.args(stage, world["web"], ds, out)
+            # every stage commits at least 3 files (lineage entry, outputs, finish): each point is reached
+            point = f"{rng.randint(1, 3)}:{rng.choice(['before', 'after'])}"
+            points.append(f"{stage}={point}")
+            if stage in ("recaption", "shard"):  # and one of two concurrent parts dies while the other goes on
+                finish([cli([*args, "--part", "0/2"], kill=point)], killed=True)
+                finish([cli([*args, "--part", "1/2"])])
+            else:
+                finish([cli(args, kill=point)], killed=True)
+            finish([cli(args)])
+        assert content(ds, out) == world["ref"]
 
 
 def test_overwrite_chain_reingest_recaption_score_recomputes_what_changed(world, tmp_path):

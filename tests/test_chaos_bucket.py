@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 import fsspec
-from test_chaos import STAGES, content, finish, world  # noqa: F401, F811  (world: the module fixture, reused)
+from test_chaos import STAGES, chaos_seed, content, finish, replayable, world  # noqa: F401, F811  (world: the module fixture, reused)
 from test_chaos import cli as local_cli
 
 from capcurate import storage
@@ -45,18 +45,22 @@ def test_bucket_concurrent_parts_of_every_stage_equal_a_sequential_local_run(wor
 
 
 def test_bucket_kill_9_at_random_commits_then_resume_equals_a_sequential_local_run(world, bucket, tmp_path):  # noqa: F811
-    rng = random.Random(int(os.environ.get("CAPCURATE_CHAOS_SEED", "2")))
+    seed = chaos_seed()
+    rng = random.Random(seed)
     pipe, ds, out = world["pipe"], f"{bucket}/ds", f"{bucket}/out"
-    for stage in STAGES:
-        args = pipe.args(stage, world["web"], ds, out)
-        point = f"{rng.randint(1, 3)}:{rng.choice(['before', 'after'])}"
-        if stage in ("recaption", "shard"):
-            finish([cli([*args, "--part", "0/2"], kill=point)], killed=True)
-            finish([cli([*args, "--part", "1/2"])])
-        else:
-            finish([cli(args, kill=point)], killed=True)
-        finish([cli(args)])
-    assert content(download(ds, tmp_path / "ds"), download(out, tmp_path / "out")) == world["ref"]
+    points: list[str] = []
+    with replayable(seed, points):
+        for stage in STAGES:
+            args = pipe.args(stage, world["web"], ds, out)
+            point = f"{rng.randint(1, 3)}:{rng.choice(['before', 'after'])}"
+            points.append(f"{stage}={point}")
+            if stage in ("recaption", "shard"):
+                finish([cli([*args, "--part", "0/2"], kill=point)], killed=True)
+                finish([cli([*args, "--part", "1/2"])])
+            else:
+                finish([cli(args, kill=point)], killed=True)
+            finish([cli(args)])
+        assert content(download(ds, tmp_path / "ds"), download(out, tmp_path / "out")) == world["ref"]
 
 
 def test_bucket_overwrite_chain_recomputes_what_changed(world, bucket, tmp_path):  # noqa: F811
