@@ -4,6 +4,7 @@ a --hamming that trades the two, and hashing without torch."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ import time
 import numpy as np
 import pytest
 from dedup_fixtures import EDITS, near_duplicate_set, score_pairs
+from PIL import Image
 
 from capcurate.stages.dedup import DEFAULT_HAMMING
 from capcurate.stages.dedup.phash import image_row, near_pairs
@@ -32,6 +34,14 @@ def test_near_pairs_find_resized_reencoded_cropped_and_brightened_copies(hashed)
     assert all(s[f"recall {e}"] >= 0.95 for e in EDITS), s     # crops: 0.30 before, brightness 0.38
     assert s["precision"] >= 0.98, s
     assert ((sim > 0.8) & (sim <= 1)).all()
+    # as dedup groups them: each group keeps its largest image (often the 1.5x upscaled copy) and removes
+    # the images paired with that one, so a copy must match the keeper itself, edits compounding
+    from capcurate.stages.dedup.groups import keep_largest_stars
+
+    pixels = np.array([np.prod(Image.open(io.BytesIO(it.data)).size) for it in items])
+    found = keep_largest_stars("near", np.arange(len(items)), i, j, pixels)
+    removed = score_pairs(items, found.rows, found.of)
+    assert all(removed[f"recall {e}"] >= 0.95 for e in EDITS) and removed["precision"] >= 0.98, removed
 
 
 def test_recoloured_lookalikes_are_never_paired(hashed):

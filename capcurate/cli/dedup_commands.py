@@ -14,16 +14,17 @@ def dedup(
         "Writes selections/<name>.parquet (the kept rows) and dedup/<name>.parquet (the groups).")),
     exact: bool = typer.Option(False, "--exact", help="Exact duplicates: the same sha256 of the image bytes."),
     near: bool = typer.Option(False, "--near", help=(
-        "Near duplicates: perceptual hashes (pHash) within --hamming bits; finds resized and re-encoded "
-        "copies.")),
+        "Near duplicates: perceptual hashes (pHash) within --hamming bits, confirmed by colour; finds resized, "
+        "re-encoded, slightly cropped (up to 5% a side) and brightened or darkened copies.")),
     captions: bool = typer.Option(False, "--captions", help=(
         "Caption duplicates: the same alt-text (case and white space ignored) on several images, e.g. "
         "boilerplate; one image per caption is kept.")),
     semantic: str = typer.Option(None, "--semantic", help=(
         "Semantic duplicates (SemDeDup) on the image embeddings saved by score --name SCORER --save-embeddings.")),
     hamming: int = typer.Option(8, "--hamming", help=(
-        "--near: most differing bits of the 64-bit pHash for a candidate pair (higher finds more copies and "
-        "more false pairs); a 256-bit pHash then confirms each pair.")),
+        "--near: most differing bits (of 64) between an image's pHash and another's pHash of the whole frame or "
+        "of one of its 95% windows, for a candidate pair; higher finds more copies, cropped ones most, and "
+        "costs more pairs to confirm (a 256-bit pHash of the matched window and the colours confirm each).")),
     eps: float = typer.Option(0.05, "--eps", help=(
         "--semantic: pairs above cosine similarity 1 - eps within a k-means cluster are duplicates (higher "
         "removes more).")),
@@ -44,7 +45,7 @@ def dedup(
 
     Kinds run in that order, each over what the previous kept; every group keeps one member (exact, near,
     captions: the largest image, then the first in manifest order). Prints how many each kind removed and
-    the peak memory.
+    the peak anonymous memory (mapped embedding pages not counted).
 
     Example: capcurate dedup pool --exact --near --semantic l14 --eps 0.05 --keep hard --name dedup
     """
