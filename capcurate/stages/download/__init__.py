@@ -7,6 +7,7 @@
     stall.py    --stall-timeout: a deadline on each URL's whole download, in img2dataset's workers
     integrity.py a finished shard is whole before it enters the manifest; one row per uid
     retry.py    --retry-failed: the failed rows (by uid) into new shards
+    runs.py     a live download is never cleaned up under; a retry waits for the download to finish
     remote.py   -o s3://...: a local staging folder, each finished shard committed to the store
 """
 
@@ -28,6 +29,7 @@ from .integrity import drop_duplicate_uids, remove_shard_files, shard_problem
 from .manifest import build_samples, clean_unfinished, failure_reason, finished_shards
 from .remote import Committer, fetch_url_list, mark_done, staging_folder
 from .runner import Img2DatasetOptions, run_img2dataset
+from .runs import record_expected, refuse_if_live
 from .urls import plan_columns, read_url_list
 
 RESIZE_MODES = ("border", "keep_ratio", "keep_ratio_largest", "center_crop", "no")
@@ -175,11 +177,13 @@ def _download(urls: str | Path, output: str | Path, staging: Path | None, *, rem
     params = {"urls": source["path"], "url_col": plan.url_col, "caption_col": plan.caption_col,
               "uid_col": plan.uid_col, **opts.output_params()}
     entry = ds.claim_images("download", params, overwrite=overwrite)
+    refuse_if_live(ds, entry)  # what it would clean next is what a live run is writing
+    expected = [f"{i:05d}" for i in url_list.expected_shards(opts.samples_per_shard)]
+    record_expected(ds, entry, len(expected))  # a retry must not take an unfinished shard's number
     storage.ensure_dir(ds.shards_dir)
     cleaned = clean_unfinished(ds.shards_dir)
     atomic.clean_stale_temps(ds.samples_dir)
 
-    expected = [f"{i:05d}" for i in url_list.expected_shards(opts.samples_per_shard)]
     redownload: dict[str, str] = {}
     finished = finished_shards(ds.shards_dir)
     have = set(ds.shard_ids())  # one listing of samples/, not one probe per shard

@@ -5,7 +5,8 @@ img2dataset downloads into new shards numbered after the last one (its ``extend`
 dataset's own output options. When a new shard is whole and in the manifest, the superseded copies of
 its uids are dropped from the older manifest files, so every uid keeps exactly one row: the latest
 attempt. A run killed in between leaves duplicates that the next ``--retry-failed`` (or
-``capcurate doctor --repair``) resolves the same way before doing anything else.
+``capcurate doctor --repair``) resolves the same way before doing anything else. A retry is refused
+while the download itself has unfinished shards (``runs``): resume the download first.
 
 On a dataset in object storage img2dataset writes into a local staging folder where the store's shards
 have placeholder stats files, so ``extend`` numbers the new shards after the store's last one, and each
@@ -28,6 +29,7 @@ from .integrity import drop_duplicate_uids
 from .manifest import clean_unfinished, failure_reason, finished_shards
 from .remote import Committer, mark_done, staging_folder, store_ids
 from .runner import Img2DatasetOptions, run_img2dataset
+from .runs import refuse_if_live, refuse_unfinished_download
 
 RETRY_INPUT = ".retry-input.parquet"
 
@@ -99,15 +101,21 @@ def _retry(ds: Dataset, opts: Img2DatasetOptions, *, only: str | list[str] | Non
         if key in params:
             setattr(opts, key, params[key])
     reasons = parse_reasons(only)
+    entry = ds.card.start_entry(stage="download", family=None, name=None,
+                                params={"retry_failed": True, "only": reasons or None,
+                                        "stall_timeout": opts.stall_timeout})
+    refuse_if_live(ds, entry)  # what it would clean next is what a live run is writing
+    try:
+        refuse_unfinished_download(ds, entries[-1], set(finished_shards(ds.shards_dir)))
+    except DatasetError:
+        ds.card.abandon_entry(entry)
+        raise
     storage.ensure_dir(ds.shards_dir)
     cleaned = clean_unfinished(ds.shards_dir)
     atomic.clean_stale_temps(ds.samples_dir)
     resolved = drop_duplicate_uids(ds.samples_dir)  # what a killed retry left: the newest copy wins
 
     todo, before_reasons = failed_rows(ds, reasons)
-    entry = ds.card.start_entry(stage="download", family=None, name=None,
-                                params={"retry_failed": True, "only": reasons or None,
-                                        "stall_timeout": opts.stall_timeout})
     n = 0 if todo is None else todo.num_rows
     before = finished_shards(ds.shards_dir)
     committer = Committer(ds, staging / "shards", uid_col="uid") if staging is not None else None
