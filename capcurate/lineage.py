@@ -3,15 +3,22 @@
 Every per-shard file a stage derives from other files records, in its Parquet metadata under
 ``capcurate.inputs``, a fingerprint of each input file it read::
 
-    captions/<name>/00003.parquet     {"samples": "<fp of samples/00003.parquet>"}
-    scores/<name>/00003.parquet       {"samples": ..., "captions/blip": "<fp of captions/blip/00003.parquet>"}
-    embeddings/<name>/00003.uids.parquet   {"samples": ...}
+    captions/<name>/00003.parquet     {"samples": "<fp of samples/00003.parquet>", "tar": "<id of shards/00003.tar>"}
+    scores/<name>/00003.parquet       {"samples": ..., "tar": ..., "captions/blip": "<fp of captions/blip/00003.parquet>"}
+    embeddings/<name>/00003.uids.parquet   {"samples": ..., "tar": ...}
 
 A fingerprint is a hash of the input file's bytes, taken from the very bytes the stage read. A file is
 *stale* when an input's current fingerprint differs from the recorded one (``ingest --overwrite`` wrote
 new images, ``recaption --overwrite`` new captions); stages treat a stale file as not done and make it
-again, and ``capcurate stats`` lists stale columns. A shard's manifest covers its tar: it is written
-after the tar by the same run (and holds each image's sha256 where the input had one).
+again, and ``capcurate stats`` lists stale columns.
+
+The image tar is fingerprinted apart from its manifest, because ``doctor --repair`` plus a re-ingest can
+restore a byte-identical manifest over a new tar. Reading a whole tar just to hash it would double a
+stage's I/O, so its fingerprint (``tar_identity``) is what changes whenever the tar is rewritten: size,
+inode and mtime_ns locally, the ETag and size on a store; a missing tar has the identity ``"missing"``.
+
+A derived file that cannot be read (0 bytes, garbage, cut off) counts as missing: its stage makes it
+again (``capcurate doctor --repair`` moves such files aside first).
 
 Files written before lineage was recorded carry no ``capcurate.inputs``; they count as fresh (nothing
 says otherwise) and ``stats`` calls their lineage unknown.
@@ -28,6 +35,8 @@ from . import storage
 
 META_KEY = b"capcurate.inputs"
 SAMPLES = "samples"
+TAR = "tar"
+MISSING = "missing"
 
 _CACHE: dict[tuple, str] = {}
 
@@ -55,6 +64,19 @@ def fingerprint(path: str | os.PathLike) -> str | None:
             return None
         _CACHE[key] = fp
     return fp
+
+
+def tar_identity(path: str | os.PathLike) -> str:
+    """A cheap fingerprint of a tar: it changes whenever the tar is rewritten, and never reads its bytes."""
+    key = storage.version_key(path)
+    if key is None:
+        return MISSING
+    return fingerprint_bytes(json.dumps([str(k) for k in key[1:]]).encode())
+
+
+def current_fingerprint(name: str, path: str | os.PathLike) -> str | None:
+    """The current fingerprint of input ``name`` at ``path`` (tars by identity, other files by content)."""
+    return tar_identity(path) if name == TAR else fingerprint(path)
 
 
 def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[Any, str]:
@@ -89,6 +111,8 @@ def recorded_inputs(path: str | os.PathLike) -> dict[str, str] | None:
         meta = storage.read_metadata(path).metadata or {}
     except FileNotFoundError:
         return None
+    except Exception:  # 0 bytes, garbage, cut off: unreadable is as good as missing (it is made again)
+        return None
     raw = meta.get(META_KEY)
     if not raw:
         return {}
@@ -106,7 +130,7 @@ def stale_inputs(recorded: dict[str, str], current: dict[str, str | os.PathLike]
     input file that is gone now counts as changed.
     """
     return [name for name, path in current.items()
-            if name in recorded and recorded[name] != fingerprint(path)]
+            if name in recorded and recorded[name] != current_fingerprint(name, path)]
 
 
 def is_fresh(path: str | os.PathLike, current: dict[str, str | os.PathLike]) -> bool:
@@ -138,21 +162,21 @@ def staleness(ds: Any) -> dict[str, dict[str, Any]]:
                 note(col, sid, "missing")
             elif not recorded:
                 note(col, sid, "unknown")
-            elif stale_inputs(recorded, {SAMPLES: ds.samples_path(sid)}):
+            elif stale_inputs(recorded, {SAMPLES: ds.samples_path(sid), TAR: ds.shard_path(sid)}):
                 note(col, sid, "stale")
     for name in ds.names("scores"):
         prefix = f"score_{name}_"
         files = {sid: ds.family_dir("scores", name) / f"{sid}.parquet" for sid in shard_ids}
-        columns = sorted({c for f in files.values() if f.exists() for c in storage.read_schema(f).names
-                          if c.startswith(prefix)})
+        schemas = {sid: _schema_names(f) for sid, f in files.items()}
+        columns = sorted({c for names in schemas.values() for c in names if c.startswith(prefix)})
         for col in columns:
             out[col] = {"stale_shards": [], "missing_shards": [], "unknown_shards": 0}
         for sid, f in files.items():
             recorded = recorded_inputs(f)
-            have = set(storage.read_schema(f).names) if recorded is not None else set()
+            have = schemas[sid] if recorded is not None else set()
             for col in columns:
                 source = col[len(prefix):]
-                current: dict[str, Any] = {SAMPLES: ds.samples_path(sid)}
+                current: dict[str, Any] = {SAMPLES: ds.samples_path(sid), TAR: ds.shard_path(sid)}
                 if source != "raw":
                     current[captions_input(source)] = ds.family_dir("captions", source) / f"{sid}.parquet"
                 if col not in have:
@@ -162,3 +186,11 @@ def staleness(ds: Any) -> dict[str, dict[str, Any]]:
                 elif stale_inputs(recorded, current):
                     note(col, sid, "stale")
     return out
+
+
+def _schema_names(path: Any) -> set[str]:
+    """The column names of a Parquet file; none when it is missing or unreadable."""
+    try:
+        return set(storage.read_schema(path).names)
+    except Exception:
+        return set()

@@ -25,6 +25,7 @@ from ..dataset import Dataset, check_name
 from ..engines import process_via_many
 from ..errors import InputError
 from ..summary import Summary
+from ..tar_damage import check_tar_read
 from .batch_search import probe_batch_size
 from .caption_retry import caption_rows
 
@@ -88,9 +89,11 @@ class RecaptionJob:
         return storage.path(self.root) / FAMILY / self.name / f"{shard_id}.parquet"
 
     def is_done(self, shard_id: str) -> bool:
-        """Done when the file exists and was made from the shard's current manifest (capcurate.lineage)."""
+        """Done when the file exists and was made from the shard's current manifest and tar (capcurate.lineage)."""
+        root = storage.path(self.root)
         return lineage.is_fresh(self.output_path(shard_id),
-                                {lineage.SAMPLES: storage.path(self.root) / "samples" / f"{shard_id}.parquet"})
+                                {lineage.SAMPLES: root / "samples" / f"{shard_id}.parquet",
+                                 lineage.TAR: root / "shards" / f"{shard_id}.tar"})
 
     def setup(self) -> None:
         if self._captioner is not None:
@@ -153,7 +156,8 @@ class RecaptionJob:
             try:
                 manifest, fp = lineage.read_parquet(root / "samples" / f"{sid}.parquet",
                                                     columns=["uid", "key", "status"])
-                self._inputs[sid] = {lineage.SAMPLES: fp}
+                # the tar's identity before any of it is read: a tar rewritten meanwhile makes this stale
+                self._inputs[sid] = {lineage.SAMPLES: fp, lineage.TAR: lineage.tar_identity(root / "shards" / f"{sid}.tar")}
             except Exception as e:  # an unreadable manifest fails its shard only
                 yield sid, e
                 continue
@@ -229,6 +233,8 @@ class RecaptionJob:
             out["caption"].append(caps[0] if caps else None)
             out["captions"].append(list(caps) if caps else None)
             out["error"].append(err)
+        # a damaged tar fails the shard (nothing written, so a rerun after the repair redoes it)
+        check_tar_read(f"shards/{shard_id}.tar", (r for _, r in results.values()))
         table = pa.Table.from_pydict(out, schema=captions_schema())
         atomic.write_parquet(self.output_path(shard_id), lineage.stamp(table, self._inputs.pop(shard_id, {})))
         return counts

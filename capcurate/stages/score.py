@@ -27,6 +27,7 @@ from ..dataset import Dataset, check_name
 from ..engines import process_via_many
 from ..errors import InputError
 from ..summary import Summary
+from ..tar_damage import check_tar_read
 from .score_columns import (
     RAW,
     load_image_embeddings,
@@ -112,7 +113,7 @@ class ScoreJob:
 
         try:
             meta = storage.read_metadata(self.output_path(shard_id))
-        except FileNotFoundError:
+        except Exception:  # missing, or damaged (0 bytes, garbage): made again, never a traceback
             return None
         raw = (meta.metadata or {}).get(lineage.META_KEY)
         try:
@@ -127,7 +128,8 @@ class ScoreJob:
 
     def inputs_of(self, shard_id: str, source: str) -> dict[str, Path]:
         """The files a score column of ``source`` is made from (capcurate.lineage names -> paths)."""
-        files = {lineage.SAMPLES: self.base / "samples" / f"{shard_id}.parquet"}
+        files = {lineage.SAMPLES: self.base / "samples" / f"{shard_id}.parquet",
+                 lineage.TAR: self.base / "shards" / f"{shard_id}.tar"}
         if source != RAW:
             files[lineage.captions_input(source)] = self.base / "captions" / source / f"{shard_id}.parquet"
         return files
@@ -329,17 +331,23 @@ class ScoreJob:
         if out.name in self._names(out.parent):  # a listing, not a probe per shard
             try:
                 previous = storage.read_table(out)
-            except FileNotFoundError:
+                previous.column("uid")
+            except Exception:  # missing, or damaged: scored again
                 previous = None
+        # the tar's identity before any of it is read: a tar rewritten meanwhile makes this stale
+        tar_id = lineage.tar_identity(self.ds.shard_path(shard_id))
         inputs = lineage.recorded_in(previous) if previous is not None else {}
         if previous is not None and (previous.column("uid").to_pylist() != uids
-                                     or inputs.get(lineage.SAMPLES, samples_fp) != samples_fp):
-            previous, inputs = None, {}  # the manifest changed: score everything again
+                                     or inputs.get(lineage.SAMPLES, samples_fp) != samples_fp
+                                     or inputs.get(lineage.TAR, tar_id) != tar_id):
+            previous, inputs = None, {}  # the manifest or the tar changed: score everything again
         inputs[lineage.SAMPLES] = samples_fp
+        inputs[lineage.TAR] = tar_id
         missing = self.missing_sources(shard_id) if previous is not None else None
         todo = missing if missing is not None else self.available_sources(shard_id)
         emb_dir = self.embeddings_dir()
-        reused = (load_image_embeddings(emb_dir, shard_id, uids, samples_fp, listed=self._names(emb_dir))
+        reused = (load_image_embeddings(emb_dir, shard_id, uids, samples_fp, listed=self._names(emb_dir),
+                                        tar_id=tar_id)
                   if self.save_embeddings else None)
         keys, status = manifest.column("key").to_pylist(), manifest.column("status").to_pylist()
         errors: list[str | None] = [None if s == "success" else f"not downloaded: {s}" for s in status]
@@ -366,6 +374,8 @@ class ScoreJob:
         for i in delivered:  # a row the stream never returned must not pass for a zero embedding
             if errors[i] is None and not img_emb[i].any() and reused is None:
                 errors[i] = "image was not delivered"
+        # a damaged tar fails the shard (nothing written, so a rerun after the repair redoes it)
+        check_tar_read(f"shards/{shard_id}.tar", errors)
         ok = np.array([e is None for e in errors], bool)
         counts = {"images_scored": int(ok.sum()), "images_failed": int((~ok).sum()), "scores_written": 0,
                   "scores_null": 0, "images_reused": int(len(uids) if reused is not None else 0)}
@@ -391,7 +401,7 @@ class ScoreJob:
         table = merge_columns(self.name, previous, uids, columns, errors)
         if self.save_embeddings:
             save_embeddings(self.embeddings_dir(), shard_id, uids, errors, img_emb, text_npys, reused is None,
-                                  {lineage.SAMPLES: state["inputs"][lineage.SAMPLES]})
+                                  {k: state["inputs"][k] for k in (lineage.SAMPLES, lineage.TAR)})
         # last: this file marks the shard done; it records the inputs it was made from
         atomic.write_parquet(self.output_path(shard_id), lineage.stamp(table, state["inputs"]))
         return counts

@@ -54,10 +54,11 @@ def load_npy(path: Any) -> np.ndarray:
 
 
 def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str], samples_fp: str | None = None,
-                          listed: set[str] | None = None):
+                          listed: set[str] | None = None, tar_id: str | None = None):
     """Saved (embeddings, errors) of a shard if they exist, follow the manifest's row order and were made
     from the manifest whose fingerprint is ``samples_fp`` (capcurate.lineage). ``listed``: the names in
-    ``emb_dir`` from one listing (else each file is checked)."""
+    ``emb_dir`` from one listing (else each file is checked). ``tar_id``: the tar's current identity
+    (``lineage.tar_identity``); embeddings of another tar are not reused."""
     img, order = emb_dir / f"{shard_id}.image.npy", emb_dir / f"{shard_id}.uids.parquet"
     if listed is not None:
         if not (img.name in listed and order.name in listed):
@@ -66,16 +67,21 @@ def load_image_embeddings(emb_dir: Path, shard_id: str, uids: list[str], samples
         return None
     try:
         table = storage.read_table(order)
-    except FileNotFoundError:
+        if table.column("uid").to_pylist() != uids:
+            return None
+    except Exception:  # missing or damaged: embed again
         return None
-    if table.column("uid").to_pylist() != uids:
-        return None
-    made_from = lineage.recorded_in(table).get(lineage.SAMPLES)
+    recorded = lineage.recorded_in(table)
+    made_from = recorded.get(lineage.SAMPLES)
     if samples_fp is not None and made_from not in (None, samples_fp):
         return None  # the same uids with other images (re-ingested): embed again
+    if tar_id is not None and recorded.get(lineage.TAR, tar_id) != tar_id:
+        return None  # the tar was rewritten (a repair): embed again
     try:
         emb = load_npy(img)
-    except FileNotFoundError:
+        if len(emb) != len(uids):
+            return None
+    except Exception:  # missing or damaged
         return None
     return emb.astype(np.float32), table.column("error").to_pylist()
 
