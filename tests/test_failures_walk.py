@@ -276,3 +276,10 @@ def test_every_command_on_a_corrupt_card_is_one_line_exit_2(walk, tmp_path, card
             failures[name] = (r.exit_code, out_text[-300:], repr(r.exception))
     assert not failures, failures
     assert (ds / "capcurate.json").read_bytes() == card  # never "repaired" by overwriting
+
+
+def test_train_on_missing_data_leaves_no_output(tmp_path):
+    for data in (tmp_path / "nothing", tmp_path):  # a path that does not exist; a folder without shards
+        line = one_line(runner.invoke(app, ["train", str(data), "-o", str(tmp_path / "run")]), 2)
+        assert str(data.name) in line
+    assert not (tmp_path / "run").exists()
