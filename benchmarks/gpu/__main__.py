@@ -1,0 +1,118 @@
+"""``python -m benchmarks.gpu``: build the data and models, run the selected row families, write gpu.json."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("input", "recaption", "score", "train", "eval")
+
+
+def _env() -> None:
+    for k, v in {"CAPCURATE_PROGRESS": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                 "TOKENIZERS_PARALLELISM": "false", "NO_ALBUMENTATIONS_UPDATE": "1"}.items():
+        os.environ.setdefault(k, v)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__)
+    ap.add_argument("--smoke", action="store_true", help="every row at tiny size on the CPU (checks the paths)")
+    ap.add_argument("--only", default=",".join(FAMILIES), help=f"row families, comma-separated: {','.join(FAMILIES)}")
+    ap.add_argument("--json-out", type=Path, default=None, help="write every repeat, the commit and the card here")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats per side, alternating the order (default 3)")
+    ap.add_argument("--workdir", type=Path, default=None, help="data and models here (default: a temporary dir)")
+    args = ap.parse_args(argv)
+    bad = set(args.only.split(",")) - set(FAMILIES)
+    if bad:
+        ap.error(f"--only: unknown families {sorted(bad)}; choose from {','.join(FAMILIES)}")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    return args
+
+
+def build_rows(cfg: Any, only: set[str], work: Path) -> list[Any]:
+    """The rows of the selected families, with their data and models built once."""
+    from . import data, models
+    from .runner import log
+
+    rows: list[Any] = []
+    need_blip = only & {"input", "recaption"}
+    blip = models.build_blip(work, cfg.blip, cfg.device) if need_blip else ""
+    if "input" in only:
+        from . import input as input_rows
+
+        rows += input_rows.rows(cfg, data.make_jpegs(cfg.input_images, cfg.image_size), blip)
+    if "recaption" in only:
+        from . import recaption
+
+        jpegs = data.make_jpegs(cfg.images, cfg.image_size)
+        beam = jpegs[:cfg.beam_images]
+        rows += recaption.rows(cfg, data.build_dataset(work / "ds-recaption", jpegs, cfg.per_shard), jpegs, blip,
+                               data.build_dataset(work / "ds-beam", beam, cfg.per_shard), beam)
+    clip_cfg = models.TINY_CLIP if cfg.smoke else models.openclip_config(cfg.clip_arch)
+    if "score" in only or "eval" in only:
+        cfg_path, weights = models.save_openclip(work / "clip", "bench-score-clip", clip_cfg, cfg.device)
+    if "score" in only:
+        from . import score
+
+        jpegs = data.make_jpegs(cfg.images, scale=cfg.image_scale)
+        rows += score.rows(cfg, data.build_dataset(work / "ds-score", jpegs, cfg.per_shard), jpegs, cfg_path, weights)
+    if "eval" in only:
+        from . import eval as eval_rows
+
+        rows += eval_rows.rows(cfg, work, cfg_path, weights)
+    if "train" in only:
+        from . import train
+
+        tcfg = models.TINY_TRAIN_CLIP if cfg.smoke else models.openclip_config(cfg.train_arch)
+        if cfg.smoke:
+            train_cfg, _ = models.save_openclip(work / "clip", "bench-train-clip", tcfg, "cpu")
+            arch = ""
+        else:
+            train_cfg, arch = None, cfg.train_arch
+        pattern, _ = data.write_train_shards(work / "train", data.make_jpegs(cfg.train_unique, (cfg.train_size,) * 2),
+                                             cfg.train_samples, cfg.train_per_shard)
+        rows += [train.e2e_row(cfg, work, pattern, train_cfg, arch), train.step_row(cfg, train_cfg, arch)]
+    log(f"{len(rows)} rows built")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 when every row ran and passed its gate, 1 otherwise, 2 on bad arguments."""
+    _env()
+    args = parse_args(argv)
+    from .config import make_cfg
+    from .runner import log, provenance, run_row, write_report
+
+    cfg = make_cfg(args.smoke)
+    if not cfg.smoke:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("python -m benchmarks.gpu: no CUDA device here; use --smoke on the CPU", file=sys.stderr)
+            return 2
+    only = set(args.only.split(","))
+    t0 = time.time()
+    prov = provenance()
+    log(f"benchmarks.gpu at {prov['head'][:12]}{' (dirty tree)' if prov['dirty'] else ''} on {prov['card']}"
+        f"{' --smoke' if cfg.smoke else ''}: {','.join(sorted(only))}")
+    with tempfile.TemporaryDirectory(prefix="capcurate-bench-gpu-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        results = [run_row(row, args.repeats) for row in build_rows(cfg, only, work)]
+    failed = [r["row"] for r in results if not r["ok"]]
+    if args.json_out:
+        write_report(args.json_out, results, {"smoke": cfg.smoke, "families": sorted(only),
+                                              "seconds": time.time() - t0, "config": vars(cfg)})
+    log(f"{len(results)} rows, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
+        f"{time.time() - t0:.1f} s")
+    return 1 if failed or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Recaption rows: ``capcurate.recaption`` against capcurate's own SDPA-patched captioner on ready tensors
+(the ceiling: the stage's target is >= 90% of it), greedy at a fixed length and with the default decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .config import Cfg
+from .runner import Measure, Row, timed, timed_stage
+
+
+def stage_captions(ds: Path, name: str) -> list[dict[str, Any]]:
+    from capcurate.dataset import Dataset
+
+    return Dataset(ds).query(f"SELECT uid, caption, error FROM captions_{name}").to_pylist()
+
+
+def ready_pixels(captioner: Any, jpegs: list[bytes], device: str) -> Any:
+    """The images as the model takes them, already on the device (decode and resize are not timed)."""
+    import torch
+
+    from capcurate.inputs.decode import decode_cpu
+
+    spec = captioner.image_spec
+    batch = torch.stack([spec.resize_crop(decode_cpu(j)) for j in jpegs]).to(device)
+    return spec.normalize(batch, captioner.dtype)
+
+
+def length_gate(n_images: int, tokens: int | None, max_tokens: int):
+    """Every image captioned once, without error, non-empty; with ``tokens`` set, every caption exactly
+    that many generated tokens, else none over ``max_tokens``. Lengths come from the stage's own count
+    of generated tokens (``tokens_generated``): re-tokenising the stored text would not give them back,
+    since decoding drops special tokens and cleaning collapses whitespace."""
+    def gate(out: tuple[list[dict[str, Any]], dict[str, Any]]) -> list[str]:
+        rows, counts = out
+        bad = []
+        if len(rows) != n_images or counts.get("images_captioned") != n_images:
+            bad.append(f"{len(rows)} caption rows, {counts.get('images_captioned')} captioned, for {n_images} images")
+        errors = [r["error"] for r in rows if r["error"]]
+        if errors:
+            bad.append(f"{len(errors)} images failed, e.g. {errors[0]}")
+        empty = sum(not (r["caption"] or "").strip() for r in rows)
+        if empty:
+            bad.append(f"{empty} empty captions")
+        made = counts.get("tokens_generated", 0)
+        if tokens is not None and made != n_images * tokens:
+            bad.append(f"{made} tokens generated for {n_images} captions of exactly {tokens}")
+        if made > n_images * max_tokens or made == 0:
+            bad.append(f"{made} tokens generated for {n_images} captions of at most {max_tokens}")
+        return bad
+    return gate
+
+
+def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], blip_ref: str, beam_ds: Path, beam_jpegs: list[bytes]) -> list[Row]:
+    import torch
+
+    import capcurate
+    from capcurate.models.captioners import load_captioner
+    from capcurate.models.captioners.base import DecodingConfig
+
+    dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
+    captioner = load_captioner(blip_ref, device=cfg.device, dtype=dtype)
+    workers: Any = 0 if cfg.smoke else "auto"   # spawning decode workers costs seconds; --smoke checks paths
+    out = []
+    for tag, data, images, kw in (
+            ("greedy", ds, jpegs, dict(decoding="greedy", min_new_tokens=cfg.tokens, max_new_tokens=cfg.tokens)),
+            ("beam_default", beam_ds, beam_jpegs, {})):  # the CLI's defaults: beam 3, up to 30 tokens
+        dec = DecodingConfig(**kw)
+        pixels = ready_pixels(captioner, images, cfg.device)
+
+        def ours(rep: int, data: Path = data, kw: dict = kw, tag: str = tag) -> Measure:
+            summary, seconds, clock = timed_stage(lambda: capcurate.recaption(
+                data, model=blip_ref, name=f"bench_{tag}", workers=workers, overwrite=True, **kw), cfg.device)
+            if not summary.ok:
+                raise RuntimeError(f"recaption failed: {summary.message}")
+            got = stage_captions(data, f"bench_{tag}")
+            return Measure(len(got), seconds, (got, summary.counts), clock.steady_per_s())
+
+        def ceiling(rep: int, pixels: Any = pixels, dec: DecodingConfig = dec) -> Measure:
+            caps: list[Any] = []
+
+            def run() -> None:
+                with torch.inference_mode():
+                    for i in range(0, pixels.shape[0], cfg.gen_batch):
+                        caps.extend(captioner.caption(pixels[i:i + cfg.gen_batch], dec))
+            _, seconds = timed(run, cfg.device)
+            if len(caps) != pixels.shape[0]:
+                raise RuntimeError(f"the ceiling captioned {len(caps)} of {pixels.shape[0]} images")
+            if dec.decoding == "greedy" and any(c.tokens != [dec.max_new_tokens] for c in caps):
+                raise RuntimeError(f"the ceiling's captions are not all {dec.max_new_tokens} tokens long")
+            return Measure(len(caps), seconds, caps)
+
+        fixed = cfg.tokens if tag == "greedy" else None
+        out.append(Row(
+            family="recaption", name=f"recaption_{tag}", unit="images",
+            what=f"BLIP-{cfg.blip} shape, {len(images)} JPEGs, "
+                 + (f"greedy exactly {cfg.tokens} tokens" if fixed else "default decoding (beam 3, <= 30 tokens)"),
+            capcurate=ours, baselines={"ceiling_own_model_ready_tensors": ceiling},
+            gate=length_gate(len(images), fixed, dec.max_new_tokens),
+            target=">= 90% of the ceiling (capcurate's own SDPA-patched model on ready device tensors)"))
+    return out

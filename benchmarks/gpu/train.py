@@ -1,0 +1,176 @@
+"""Train rows, decomposed.
+
+``train_e2e``: ``capcurate.train`` (its defaults: decode on the GPU under CUDA, trimmed text, fused AdamW)
+against ``open_clip_train.main`` with workers = cores - 1 and against capcurate with ``decode="cpu"``,
+same shards, model, batch and steps. Gate: both trainers' last-step loss agree within a tolerance.
+
+``train_step``: one train step on ready device tensors, capcurate's (text trimmed by
+``capcurate.models.text_trim``, fused AdamW on CUDA) against the same step with trimming off, fused off,
+and both off (open_clip's step). Gate: the first step's loss equals the untrimmed step's (trimming is exact).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from .config import Cfg
+from .runner import Measure, Row, timed, timed_stage
+
+LOSS = re.compile(r"(?<![_\w])Loss: ([0-9.]+)")
+
+
+def open_clip_train_side(cfg: Cfg, tmp: Path, pattern: str, model: str):
+    """``open_clip_train.main.main`` in this process (its command line), timed; returns (Measure, loss)."""
+    from open_clip_train.main import main as oc_main
+
+    samples = cfg.train_steps * cfg.train_batch
+    precision = {"fp32": "fp32", "bf16": "amp_bf16", "fp16": "amp"}[cfg.precision]
+
+    def side(rep: int) -> Measure:
+        logs = tmp / f"open_clip_train-{rep}"
+        argv = ["--train-data", pattern, "--train-num-samples", str(samples), "--dataset-type", "webdataset",
+                "--model", model, "--batch-size", str(cfg.train_batch), "--epochs", "1",
+                "--workers", str(cfg.workers), "--precision", precision, "--lr", "5e-4", "--warmup", "2",
+                # capcurate's AdamW defaults (open_clip_train's are beta2 0.999, eps 1e-8): the same optimiser
+                "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--wd", "0.2",
+                "--logs", str(logs), "--name", "bench", "--report-to", "", "--log-every-n-steps", "1",
+                "--save-frequency", "0", "--seed", "0", "--device", cfg.device]
+        # open_clip_train's setup_logging adds root handlers and sets every logger to INFO (torch's too)
+        root = logging.getLogger()
+        handlers = list(root.handlers)
+        levels = {n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+        levels[""] = root.level
+        try:
+            _, seconds = timed(lambda: oc_main(argv), cfg.device)
+        finally:  # open_clip_train adds its own handlers to the root logger on every call
+            for h in root.handlers[len(handlers):]:
+                root.removeHandler(h)
+            for n, level in levels.items():
+                logging.getLogger(n or None).setLevel(level)
+        text = (logs / "bench" / "out.log").read_text(errors="replace")
+        losses = [float(x) for x in LOSS.findall(text)]
+        if not losses:
+            raise RuntimeError("open_clip_train logged no loss")
+        return Measure(samples, seconds, losses[-1])
+    return side
+
+
+def e2e_row(cfg: Cfg, tmp: Path, pattern: str, cfg_path: Path | None, arch: str) -> Row:
+    import capcurate
+
+    model_kw = {"model_config": str(cfg_path)} if cfg_path else {"model": arch}
+    theirs = open_clip_train_side(cfg, tmp, pattern, cfg_path.stem if cfg_path else arch)
+    their_loss: dict[str, float] = {}
+
+    def trainer(decode: str, tag: str):
+        def side(rep: int) -> Measure:
+            summary, seconds, clock = timed_stage(lambda: capcurate.train(
+                pattern, str(tmp / f"run-{tag}"), **model_kw, batch_size=cfg.train_batch,
+                max_steps=cfg.train_steps, train_num_samples=cfg.train_samples, precision=cfg.precision,
+                workers=cfg.workers if not cfg.smoke else 0, decode=decode, lr=5e-4, warmup=2, seed=0,
+                overwrite=True, device=cfg.device), cfg.device)
+            steps = summary.counts["steps"]
+            return Measure(summary.counts["samples_seen"], seconds, (steps, summary.counts["loss"]),
+                           clock.steady_per_s())
+        return side
+
+    def theirs_recorded(rep: int) -> Measure:
+        m = theirs(rep)
+        their_loss[rep] = m.output
+        return m
+
+    def gate(out: tuple[int, float]) -> list[str]:
+        steps, loss = out
+        bad = [] if steps == cfg.train_steps else [f"trained {steps} steps, asked for {cfg.train_steps}"]
+        if not loss == loss:  # NaN
+            bad.append("loss is NaN")
+        ref = list(their_loss.values())
+        if ref:  # the baseline ran in this or the previous repeat
+            rel = abs(loss - ref[-1]) / max(abs(ref[-1]), 1e-6)
+            if rel > cfg.train_loss_tol:
+                bad.append(f"loss {loss:.4f} vs open_clip_train's {ref[-1]:.4f} at step {steps} "
+                           f"({rel:.1%} > {cfg.train_loss_tol:.0%})")
+        return bad
+
+    baselines: dict[str, Any] = {"open_clip_train_workers_cores_minus_1": theirs_recorded}
+    skipped = {}
+    if cfg.device.startswith("cuda"):
+        baselines["capcurate_decode_cpu"] = trainer("cpu", "decode-cpu")
+    else:
+        skipped["capcurate_decode_cpu"] = "on the CPU capcurate's default is decode=cpu already (decode=gpu needs CUDA)"
+    return Row(family="train", name="train_e2e", unit="samples",
+               what=f"{arch or cfg_path.stem}, batch {cfg.train_batch}, {cfg.train_steps} steps, {cfg.precision}, "
+                    f"captions of 3-11 words", capcurate=trainer("auto", "auto"), baselines=baselines,
+               gate=gate, skipped=skipped, target=">= 2.0x open_clip_train")
+
+
+def step_row(cfg: Cfg, cfg_path: Path | None, arch: str) -> Row:
+    """The train step alone on ready tensors, with trimming and the fused optimizer on and off."""
+    import open_clip
+    import torch
+
+    from capcurate.models.text_trim import token_trimmer
+    from capcurate.train.losses import build_loss, compute_loss
+
+    from .data import train_caption
+
+    name = cfg_path.stem if cfg_path else arch
+    dev = cfg.device
+    tok = open_clip.get_tokenizer(name)
+    texts = tok([train_caption(i) for i in range(cfg.train_batch)]).to(dev)
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    torch.manual_seed(0)
+    images = torch.randn(cfg.train_batch, 3, size, size, device=dev)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" and dev.startswith("cuda") \
+        else torch.autocast("cpu", enabled=False)
+    first_loss: dict[str, float] = {}
+    can_fuse = dev.startswith("cuda")
+
+    def step_side(trim: bool, fused: bool, tag: str):
+        def side(rep: int) -> Measure:
+            torch.manual_seed(0)
+            model = open_clip.create_model(name, device=dev, output_dict=True).train()
+            trimmer = token_trimmer(model, tok) if trim else (lambda t: t)
+            loss_fn = build_loss("clip", model)
+            opt = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=fused or None)
+            losses = []
+
+            def run() -> None:
+                for _ in range(cfg.step_iters):
+                    with autocast:
+                        terms = compute_loss(loss_fn, model(images, trimmer(texts)))
+                        loss = sum(terms.values())
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    losses.append(loss.detach())
+            _, seconds = timed(run, dev)
+            first_loss[tag] = float(losses[0])
+            return Measure(cfg.step_iters * cfg.train_batch, seconds, (tag, float(losses[0]), texts.shape[1],
+                                                                      trimmer(texts).shape[1]))
+        return side
+
+    def gate(out: tuple[str, float, int, int]) -> list[str]:
+        _, loss, full, trimmed = out
+        bad = [] if trimmed <= full else [f"trimmed tokens {trimmed} > {full}"]
+        ref = first_loss.get("untrimmed")
+        if ref is not None and abs(loss - ref) > (2e-2 if cfg.precision == "bf16" else 1e-4) * max(1.0, abs(ref)):
+            bad.append(f"first-step loss {loss:.6f} with trimming vs {ref:.6f} without: trimming is not exact")
+        return bad
+
+    baselines = {"untrimmed": step_side(False, can_fuse, "untrimmed")}
+    skipped = {}
+    if can_fuse:
+        baselines["unfused"] = step_side(True, False, "unfused")
+        baselines["open_clip_step_untrimmed_unfused"] = step_side(False, False, "plain")
+    else:
+        skipped["unfused"] = "fused AdamW is capcurate's choice on CUDA only; on the CPU both sides run unfused"
+    return Row(family="train", name="train_step", unit="samples",
+               what=f"{name} train step on ready tensors, batch {cfg.train_batch}, {cfg.step_iters} steps: "
+                    "text trimmed (capcurate.models.text_trim) and fused AdamW on/off",
+               capcurate=step_side(True, can_fuse, "capcurate"), baselines=baselines, gate=gate,
+               skipped=skipped, target="separates trimming and fusing from the input pipeline")

@@ -1,0 +1,63 @@
+"""benchmarks/gpu: --smoke runs every row family through the real stage calls on the CPU, and the runner
+fails a row (and the run) when a side crashes or capcurate's output fails its gate."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.gpu import __main__ as bench
+from benchmarks.gpu.runner import Measure, Row, run_row
+
+
+def test_smoke_runs_every_row_family_gated_and_records_commit_card_and_repeats(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    rc = bench.main(["--smoke", "--repeats", "1", "--json-out", str(out), "--workdir", str(tmp_path / "w")])
+    report = json.loads(out.read_text())
+    assert rc == 0, [r["failures"] for r in report["rows"]]
+    assert report["ok"] and report["card"] == "cpu" and len(report["head"]) == 40
+    assert isinstance(report["dirty"], bool)
+    assert {r["family"] for r in report["rows"]} == set(bench.FAMILIES)
+    for r in report["rows"]:
+        assert r["ok"] and not r["failures"], r
+        assert r["sides"]["capcurate"]["per_s"]["repeats"], r["row"]
+        assert r["ratio_median"], f"{r['row']} compares with no baseline"
+        s = r["sides"]["capcurate"]["per_s"]
+        assert s["min"] <= s["median"] <= s["max"]
+    skipped = capsys.readouterr().out
+    assert "skipped capcurate_gpu_nvjpeg_resize: nvJPEG needs CUDA" in skipped  # reasons are printed
+
+
+def _row(gate, crash_baseline=False):
+    calls = []
+
+    def ours(rep):
+        calls.append(("capcurate", rep))
+        return Measure(10, 1.0, output=rep)
+
+    def base(rep):
+        calls.append(("baseline", rep))
+        if crash_baseline:
+            raise RuntimeError("child died")
+        return Measure(10, 2.0)
+    return Row("x", "x_row", "images", "test", ours, {"baseline": base}, gate), calls
+
+
+def test_a_failed_gate_or_a_crashed_side_fails_the_row_and_repeats_alternate_the_order():
+    row, calls = _row(lambda out: [])
+    res = run_row(row, repeats=3)
+    assert res["ok"] and res["ratio_median"] == {"baseline": 2.0}
+    assert res["sides"]["capcurate"]["per_s"]["repeats"] == [10.0, 10.0, 10.0]
+    assert [c[0] for c in calls] == ["capcurate", "baseline", "baseline", "capcurate", "capcurate", "baseline"]
+    row, _ = _row(lambda out: ["wrong scores"] if out == 1 else [])
+    res = run_row(row, repeats=3)
+    assert not res["ok"] and res["failures"] == ["gate, repeat 1: wrong scores"]
+    row, _ = _row(lambda out: [], crash_baseline=True)
+    assert not run_row(row, repeats=1)["ok"]
+
+
+def test_a_failing_row_makes_the_run_exit_1(monkeypatch, tmp_path):
+    row, _ = _row(lambda out: ["captioned nothing"])
+    monkeypatch.setattr(bench, "build_rows", lambda cfg, only, work: [row])
+    out = tmp_path / "gpu.json"
+    assert bench.main(["--smoke", "--only", "input", "--repeats", "1", "--json-out", str(out)]) == 1
+    assert json.loads(out.read_text())["ok"] is False
