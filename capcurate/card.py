@@ -90,6 +90,22 @@ def may_be_running(entry: dict[str, Any]) -> bool:
     return any(t.ident == owner for t in threading.enumerate())
 
 
+def describe_run(entry: dict[str, Any]) -> str:
+    """A run as a user can find it: host, pid, start time (and its command line)."""
+    parts = str(entry.get("id", "")).rsplit("-", 2)
+    pid = parts[1] if len(parts) == 3 and parts[1].isdigit() else "?"
+    text = f"host {entry.get('host', '?')}, pid {pid}, started {entry.get('started', '?')}"
+    return text + (f": {entry['command']}" if entry.get("command") else "")
+
+
+def refuse_live_writers(family: str, name: str, previous: list[dict[str, Any]], why: str) -> None:
+    """Raise OutputExistsError (exit 3) naming a run of ``family/name`` that may still be writing."""
+    busy = [e for e in previous if may_be_running(e)]
+    if busy:
+        raise OutputExistsError(f"{family}/{name} is being written by another run right now "
+                                f"({describe_run(busy[-1])}); {why}")
+
+
 def _differing(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
@@ -205,15 +221,14 @@ class Card:
 
         ``exclusive``: outputs written whole in one go (a selection file) rather than shard by shard, so
         two runs cannot share the work: refused while another run of that name may still be writing.
+        ``overwrite`` is refused likewise (exit 3, naming the live run's host, pid and start): deleting a
+        live run's outputs would let it go on writing files of the old parameters under the new entry.
         """
         params = normalise_params(params)
         with self.editing() as card:
             previous = _select(card.get("lineage", []), family, name)
-            busy = [e for e in previous if may_be_running(e)] if exclusive else []
-            if busy:
-                raise OutputExistsError(f"{family}/{name} is being written by another run right now "
-                                        f"({busy[-1].get('command') or busy[-1]['id']}); wait for it to finish "
-                                        "or choose another --name")
+            if exclusive or overwrite:  # --overwrite would delete what a live run is writing: never
+                refuse_live_writers(family, name, previous, "wait for it to finish or choose another --name")
             mode, void = _decide(family, name, params, previous,
                                  overwrite=overwrite, exists=exists() if callable(exists) else exists)
             if mode == "overwrite":
@@ -266,6 +281,8 @@ class Card:
         params = normalise_params(params)
         with self.locked():
             previous = _select(self.read().get("lineage", []), family, name)
+        if overwrite:  # refused before the caller loads a model; ``claim`` checks again under the lock
+            refuse_live_writers(family, name, previous, "wait for it to finish or choose another --name")
         mode, void = _decide(family, name, params, previous, overwrite=overwrite, exists=exists)
         self._claims[(family, name)] = ({e["id"] for e in previous}, void)
         return mode
@@ -318,6 +335,7 @@ class Card:
         return entry_id
 
     def finish_entry(self, entry_id: str, counts: dict[str, Any], **extra: Any) -> None:
+        """Close a run's entry; StageFailed when the entry is gone (another run took the name over)."""
         _RUNNING.pop(entry_id, None)
         _RUNNING_CARDS.pop(entry_id, None)
         with self.editing() as card:
@@ -327,7 +345,16 @@ class Card:
                     e["counts"] = counts
                     e.pop("lease_until", None)
                     e.update(extra)
-                    break
+                    return
+        if extra.get("interrupted") is None:
+            raise StageFailed(_voided(entry_id, self.path))
+
+    def check_claim(self, entry_id: str) -> None:
+        """Raise StageFailed when this run's entry is no longer on the card: another run voided the claim
+        (``--overwrite`` after this run's lease ran out), so what this run writes would be mislabelled.
+        Stages call it before each commit."""
+        if not any(e.get("id") == entry_id for e in self.read().get("lineage", [])):
+            raise StageFailed(_voided(entry_id, self.path))
 
     def renew_leases(self, entry_ids: list[str]) -> None:
         """Push the lease of this process's running entries forward (object stores; ``_LeaseKeeper``)."""
@@ -340,6 +367,17 @@ class Card:
         with self.editing() as card:
             if source not in card["sources"]:
                 card["sources"].append(source)
+
+
+def _voided(entry_id: str, card_path: Any) -> str:
+    return (f"this run's claim ({entry_id}) was voided: another run took its name over in {card_path} "
+            "(--overwrite after this run's lease ran out?); its outputs may be replaced, run again")
+
+
+def check_claim(root: str | None, entry_id: str | None) -> None:
+    """``Card(root).check_claim(entry_id)``; nothing when the job was given no claim (library use)."""
+    if root is not None and entry_id is not None:
+        Card(root).check_claim(entry_id)
 
 
 def close_interrupted(signal_name: str) -> list[str]:

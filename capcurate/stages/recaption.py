@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, atomic, events, lineage, storage
+from ..card import check_claim
 from ..dataset import Dataset, check_name
 from ..engines import process_via_many
 from ..errors import InputError
@@ -74,6 +75,7 @@ class RecaptionJob:
     trust_remote_code: bool = False
     compile: bool = False
     scratch: str | None = None   # where tars in object storage are staged (None: the system temp dir)
+    claim: str | None = None     # this run's lineage entry: checked before each commit (card.check_claim)
     _captioner: Any = field(default=None, repr=False)
     _batch: int = 0
     _state: dict[str, int] = field(default_factory=dict)
@@ -236,6 +238,7 @@ class RecaptionJob:
         # a damaged tar fails the shard (nothing written, so a rerun after the repair redoes it)
         check_tar_read(f"shards/{shard_id}.tar", (r for _, r in results.values()))
         table = pa.Table.from_pydict(out, schema=captions_schema())
+        check_claim(self.root, self.claim)  # a run whose claim was voided stops here
         atomic.write_parquet(self.output_path(shard_id), lineage.stamp(table, self._inputs.pop(shard_id, {})))
         return counts
 
@@ -338,6 +341,7 @@ def recaption(
     mode, entry = ds.card.claim(stage="recaption", family=FAMILY, name=name, params=params, overwrite=overwrite,
                                 exists=exists, model=model_info,
                                 remove=lambda: ds.remove_family_output(FAMILY, name))
+    job.claim = entry
     atomic.clean_stale_temps(out_dir)
     try:
         result = run_job(job, shard_ids, engine=engine, part=part, description=f"recaption {name}",

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .. import atomic, events, lineage, storage
+from ..card import check_claim
 from ..dataset import Dataset, check_name
 from ..engines import process_via_many
 from ..errors import InputError
@@ -70,6 +71,7 @@ class ScoreJob:
     decode: str = "auto"
     compile: bool = False
     scratch: str | None = None   # where tars in object storage are staged (None: the system temp dir)
+    claim: str | None = None     # this run's lineage entry: checked before each commit (card.check_claim)
     scorer: Any = field(default=None, repr=False)
     _listings: dict[str, tuple[float, set[str]]] = field(default_factory=dict, repr=False)
 
@@ -399,6 +401,7 @@ class ScoreJob:
                 text_npys[source] = txt_k
 
         table = merge_columns(self.name, previous, uids, columns, errors)
+        check_claim(self.root, self.claim)  # a run whose claim was voided stops here
         if self.save_embeddings:
             save_embeddings(self.embeddings_dir(), shard_id, uids, errors, img_emb, text_npys, reused is None,
                                   {k: state["inputs"][k] for k in (lineage.SAMPLES, lineage.TAR)})
@@ -464,6 +467,7 @@ def score(dataset: str | Path, model: str, name: str, *, pretrained: str | None 
     # ...and claimed for good, old outputs removed on --overwrite, in one locked step with the entry
     mode, entry = ds.card.claim(stage="score", family="scores", name=name, params=params, overwrite=overwrite,
                                 exists=exists, model=ref.describe(), remove=remove)
+    job.claim = entry
     atomic.clean_stale_temps(out_dir)
     atomic.clean_stale_temps(ds.family_dir("embeddings", name))
     from ..engines import ActorSetupError, placement_summary, run_job
