@@ -74,6 +74,34 @@ def tar_identity(path: str | os.PathLike) -> str:
     return fingerprint_bytes(json.dumps([str(k) for k in key[1:]]).encode())
 
 
+def folder_identity(folder: str | os.PathLike, suffix: str) -> str:
+    """A cheap fingerprint of every ``*suffix`` file directly in ``folder`` (which files, and the identity
+    of each as ``tar_identity`` takes it), from one listing: no file is read. Temps are not counted."""
+    storage.settle()
+    q = storage.path(folder)
+    rows: list[tuple[str, str, str]] = []
+    if not storage.is_remote(q):
+        try:
+            with os.scandir(q) as it:
+                for e in it:
+                    if e.name.endswith(suffix) and not e.name.startswith("."):
+                        st = e.stat()
+                        rows.append((e.name, f"{st.st_ino}:{st.st_mtime_ns}", str(st.st_size)))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+    else:
+        try:
+            listing = q.fs.ls(q.path, detail=True, refresh=True)
+        except FileNotFoundError:
+            listing = []
+        for info in listing:
+            name = str(info.get("name", "")).rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(suffix) and not name.startswith("."):
+                tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime")
+                rows.append((name, str(tag), str(info.get("size"))))
+    return fingerprint_bytes(json.dumps(sorted(rows)).encode())
+
+
 def current_fingerprint(name: str, path: str | os.PathLike) -> str | None:
     """The current fingerprint of input ``name`` at ``path`` (tars by identity, other files by content)."""
     return tar_identity(path) if name == TAR else fingerprint(path)

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, atomic, storage
+from .. import __version__, atomic, lineage, storage
 from ..dataset import Dataset, check_name
 from ..engines import check_max_retries, parse_part, run_job, select_part
 from ..errors import InputError, OutputExistsError, StageFailed
@@ -148,6 +148,9 @@ def shard(
         "selection_sha256": _file_sha256(ds.selection_path(selection)),
         "parameters": {"samples_per_shard": samples_per_shard, "min_shards": min_shards,
                        "shuffle": shuffle, "seed": seed if shuffle else None},
+        # the plan reads the whole manifest (a uid's first shard) and the tars: parts of one output must
+        # come from the same ones, or samples repeat and sizes.json disagrees with the tars (a repair between)
+        "sources": source_fingerprints(ds),
     }
     if recipe:
         claim["parameters"]["captions"] = recipe
@@ -225,8 +228,10 @@ def _claim_out_dir(out: Any, claim: dict, *, overwrite: bool) -> str:
                                         "choose another -o or pass --overwrite")
             changed = [k for k in ("dataset", "selection", "selection_sha256", "parameters")
                        if previous.get(k) != claim[k]]
-            raise OutputExistsError(f"{out} holds shards of another run (differs in: {', '.join(changed)}); "
-                                    "choose another -o or pass --overwrite")
+            changed += [f"sources.{k} (the dataset's {k} changed since: a repair or re-ingest?)"
+                        for k in claim["sources"] if (previous.get("sources") or {}).get(k) != claim["sources"][k]]
+            raise OutputExistsError(f"{out} holds shards of another run or plan (differs in: {', '.join(changed)}); "
+                                    "choose another -o or pass --overwrite to rebuild it whole")
         for n in names:
             if n.endswith(".tar") or n in OUR_FILES:
                 if remote:
@@ -239,6 +244,12 @@ def _claim_out_dir(out: Any, claim: dict, *, overwrite: bool) -> str:
     storage.ensure_dir(out)
     atomic.write_json(claim_path, claim)
     return mode
+
+
+def source_fingerprints(ds: Dataset) -> dict[str, str]:
+    """What the plan is made from beside the selection: the manifests and the tars (one listing each)."""
+    return {"samples": lineage.folder_identity(ds.samples_dir, ".parquet"),
+            "shards": lineage.folder_identity(ds.shards_dir, ".tar")}
 
 
 def _is_object(p: Any) -> bool:
