@@ -3,7 +3,6 @@ works around an interrupted or live first run (local sockets on 127.0.0.1 only, 
 
 from __future__ import annotations
 
-import json
 import platform
 import socket
 import subprocess
