@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/cost_table.py [--tasks 64] [--usd-per-gpu-hour 2.5] [--doc docs/benchmarks.md]
 
 Nothing here is measured or assumed: the per-GPU throughput is read from the GPU table of
-docs/benchmarks.md (written by benchmarks/gpu.py runs; the card is named in that section), the start-up
+docs/benchmarks.md (written by benchmarks/gpu runs; the card is named in that section), the start-up
 seconds of each stage from its "first batch came N s after start" note, and the commit that recorded each
 number from git (``git log -S``). GPU-hours = images / (images/s per GPU) / 3600, plus, with ``--tasks``,
 one start-up per task (an array task or Ray actor loads its model once). Prints a Markdown table for
@@ -102,7 +102,7 @@ def table(card: str, rows: list[Row], *, tasks: int, usd: float | None) -> str:
         out.append("| " + " | ".join(cells) + " |")
     note = (f"\nOne {card} per GPU; steady throughput from docs/benchmarks.md"
             + (f", plus {tasks} start-ups per stage (one per task)" if tasks else "")
-            + f". Those rows predate HEAD ({head_commit()}): re-run benchmarks/gpu.py on your card before a"
+            + f". Those rows predate HEAD ({head_commit()}): re-run python -m benchmarks.gpu on your card before a"
             " budget depends on them.")
     return "\n".join(out) + "\n" + note
 

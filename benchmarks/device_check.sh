@@ -8,9 +8,9 @@
 #    into /tmp/site, offline;
 # 2. prints the machine: nvidia-smi, torch / torchvision / transformers / open_clip versions, cores,
 #    /dev/shm, open-file limit;
-# 3. runs benchmarks/gpu.py --score-variants (budget $BENCH_BUDGET s, default 290; killed 40 s later)
-#    on the stages in $BENCH_ONLY (default: recaption,score,train,input; add vlm) -> $OUT/gpu.json;
-#    ($BENCH_ARGS: more gpu.py flags, e.g. --vlm-compile);
+# 3. runs python -m benchmarks.gpu (killed after $BENCH_BUDGET s, default 290, + 40 s)
+#    on the row families in $BENCH_ONLY (default: all) -> $OUT/gpu.json;
+#    ($BENCH_ARGS: more flags, e.g. --repeats 1); families: input,recaption,score,train,eval;
 # 4. runs the GPU tests (pytest -m gpu), limited to $TEST_LIMIT s (default 150).
 # With DEMO_LIMIT=N (seconds, default 0 = skipped), before both: the GPU-scale demo,
 #    QUICKSTART_SCALE=gpu QUICKSTART_FETCH=ingest bash pipelines/quickstart.sh (ingest, because the
@@ -80,7 +80,7 @@ except Exception as e:
     print("!!", type(e).__name__, e)
 EOF
 
-    local only=${BENCH_ONLY:-recaption,score,train,input} budget=${BENCH_BUDGET:-290} tests=${TEST_LIMIT:-150}
+    local only=${BENCH_ONLY:-input,recaption,score,train,eval} budget=${BENCH_BUDGET:-290} tests=${TEST_LIMIT:-150}
     local demo=${DEMO_LIMIT:-0}
     if [ "$demo" -gt 0 ]; then
         echo "== 2b. the GPU-scale demo (QUICKSTART_SCALE=gpu QUICKSTART_FETCH=ingest, limit $demo s)"
@@ -98,12 +98,12 @@ EOF
     fi
     [ "$budget" -gt 0 ] || only=""
     if [ -n "$only" ]; then
-    echo "== 3. benchmarks/gpu.py --only $only (budget $budget s, killed $(( budget + 40 )) s)"
+    echo "== 3. python -m benchmarks.gpu --only $only (killed after $(( budget + 40 )) s)"
     # shellcheck disable=SC2086  # BENCH_ARGS: extra flags, e.g. --vlm-compile
-    timeout -k 10 $(( budget + 40 )) python3 benchmarks/gpu.py --only "$only" --budget "$budget" --score-variants \
+    timeout -k 10 $(( budget + 40 )) python3 -m benchmarks.gpu --only "$only" \
         ${BENCH_ARGS:-} --json-out "$OUT/gpu.json"
     rc_bench=$?
-    echo "== gpu.py exit code: $rc_bench (0 ok, 1 some stage failed, 124 timed out); $OUT/gpu.json"
+    echo "== benchmarks.gpu exit code: $rc_bench (0 ok, 1 a row failed its gate or crashed, 124 timed out); $OUT/gpu.json"
     else
         rc_bench=0
     fi

@@ -17,7 +17,7 @@ default ``amp`` there is bf16 autocast, about 10x slower.
     .venv/bin/python benchmarks/train.py --device cuda --precision bf16 --workers 12 --model ViT-B-32 \\
         --batch-size 512 --samples 65536 --image-size 256 --epochs 1   # the GPU comparison
 
-``compare(...)`` returns the numbers as a dict (benchmarks/gpu.py imports it).
+``compare(...)`` returns the numbers as a dict (the old benchmarks/gpu.py imported it).
 """
 
 from __future__ import annotations
