@@ -29,7 +29,7 @@ class Cfg:
     train_per_shard: int = 512
     train_batch: int = 256
     train_steps: int = 40
-    train_loss_tol: float = 0.15     # |capcurate loss - open_clip_train loss| at the last step, relative
+    train_loss_tol: float = 0.15     # |capcurate - open_clip_train| mean loss over the steps, relative
     step_iters: int = 10             # train step alone
     workers: int = max(1, (os.cpu_count() or 2) - 1)
     input_images: int = 256
@@ -42,7 +42,8 @@ def make_cfg(smoke: bool) -> Cfg:
     return Cfg(smoke=True, device="cpu", precision="fp32", images=16, per_shard=8, image_size=(64, 48),
                image_scale=0.125, blip="tiny", tokens=5, beam_images=4, clip_arch="", gen_batch=8,
                score_sample=8, train_arch="", train_samples=32, train_unique=8, train_size=40,
-               train_per_shard=16, train_batch=8, train_steps=2, step_iters=2, workers=1, input_images=8)
+               train_per_shard=16, train_batch=8, train_steps=2, step_iters=2, workers=1, input_images=8,
+               train_loss_tol=0.5)  # batches of 8: the mean of 2 steps varies a lot between trainers
 
 
 def with_overrides(cfg: Cfg, **kw: object) -> Cfg:
