@@ -544,6 +544,41 @@ def test_caption_draws_and_augmentation_seeds_survive_moving_the_shards(tmp_path
     assert 20 < sum(t.startswith("blip") for t, _ in before) < 60 and len({x for _, x in before}) == 80
 
 
+def test_text_tower_packed_trimmed_and_padded_train_the_same_losses(tiny):
+    """--text-tower: packed (the default where exact), trimmed and padded give open_clip's losses; run.json
+    records the tower used; a tower the model cannot take exactly exits 2."""
+    runs = {}
+    for tower in ("auto", "trimmed", "padded"):
+        run = tiny["root"] / f"run-{tower}"
+        r = CliRunner().invoke(app, ["train", str(tiny["shards"]), "-o", str(run), "--model-config",
+                                     str(tiny["clip"]), "--batch-size", "16", "--workers", "0", "--max-steps", "2",
+                                     "--shuffle-buffer", "0", "--text-tower", tower])
+        assert r.exit_code == 0, r.output
+        runs[json.loads((run / "run.json").read_text())["text_tower"]] = losses(run)
+    assert set(runs) == {"packed", "trimmed", "padded"}  # auto chose packed for this CLIP
+    for tower in ("packed", "trimmed"):
+        assert runs[tower] == pytest.approx(runs["padded"], rel=1e-5, abs=1e-6), tower
+    r = CliRunner().invoke(app, ["train", str(tiny["shards"]), "-o", str(tiny["root"] / "coca"), "--model-config",
+                                 str(tiny_coca_config(tiny["root"])), "--loss", "coca", "--workers", "0",
+                                 "--max-steps", "1", "--text-tower", "packed"])
+    assert r.exit_code == 2 and "--text-tower packed" in r.output, r.output
+    r = CliRunner().invoke(app, ["train", str(tiny["shards"]), "-o", str(tiny["root"] / "x"), "--model-config",
+                                 str(tiny["clip"]), "--text-tower", "ragged"])
+    assert r.exit_code == 2 and "auto, packed, trimmed, padded" in r.output, r.output
+
+
+def test_text_tower_auto_is_trimmed_under_compile(tmp_path):
+    """Packing has a data-dependent token count (a recompile per step under torch.compile): auto trims there."""
+    import open_clip
+
+    from capcurate.train.text_tower import prepare_text_tower
+
+    open_clip.add_model_config(tiny_clip_config(tmp_path, "tiny_clip_tower"))
+    model, tok = open_clip.create_model("tiny_clip_tower"), open_clip.get_tokenizer("tiny_clip_tower")
+    assert prepare_text_tower(model, tok, "auto", compiled=True)[1] == "trimmed"
+    assert prepare_text_tower(model, tok, "auto")[1] == "packed" and "encode_text" in vars(model)
+
+
 def test_compile_trains_the_same_losses_as_eager(tiny):
     """--compile: torch.compile of the whole model (text batches of varying trimmed lengths included)
     gives the eager run's losses, and the run records it."""

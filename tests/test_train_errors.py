@@ -98,9 +98,18 @@ def test_exported_model_loads_with_plain_open_clip_from_another_directory(tmp_pa
     monkeypatch.chdir(elsewhere)
     saved = json.loads((tmp_path / "runs/r/model/open_clip_config.json").read_text())
     assert Path(saved["model_cfg"]["text_cfg"]["hf_tokenizer_name"]).is_absolute()
-    open_clip.add_model_config(str(tmp_path / "runs/r/model/open_clip_config.json"))
-    tokens = open_clip.get_tokenizer("open_clip_config")(["a red square"])
-    assert isinstance(tokens, torch.Tensor) and tokens.shape[0] == 1
+    # plain open_clip, no capcurate code: its local-dir loader reads the exported weights and tokenizer
+    loaded = open_clip.create_model("local-dir:" + str(tmp_path / "runs/r/model"), output_dict=True)
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert set(theirs) == set(mine)
+    for k, v in mine.items():
+        assert torch.equal(theirs[k], v), k  # the weights themselves, not a fresh random init
+    tokens = open_clip.get_tokenizer("local-dir:" + str(tmp_path / "runs/r/model"))(["a red square"])
+    assert tokens[0, :3].tolist() == [3, 4, 5]  # the exported word-level tokenizer's ids
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_text(tokens), model.encode_text(tokens), atol=0, rtol=0)
 
 
 def _word_tokenizer(d: Path) -> None:

@@ -63,6 +63,12 @@ def train(
                                   "(autocast) or fp16 (autocast + GradScaler). Weights stay fp32."),
     accum: int = typer.Option(1, "--accum", help="Gradient accumulation: micro-batches per optimizer step."),
     compile: bool = typer.Option(False, "--compile", help="Wrap the model in torch.compile."),
+    text_tower: str = typer.Option("auto", "--text-tower", help="How the text tower runs over a batch, all "
+                                   "with open_clip's loss and gradients: packed (each caption's own tokens, one "
+                                   "sequence, attention within each caption: no padding through the projections "
+                                   "and MLP), trimmed (to the batch's longest caption), padded (the full context, "
+                                   "as open_clip). auto = packed where exact and without --compile, else trimmed "
+                                   "where exact, else padded; run.json records the one used."),
     workers: str = typer.Option("auto", "--workers", help="DataLoader worker processes per rank that read, "
                                 "decode and augment images; auto = usable cores / processes per machine - 1, or 0 when "
                                 "the model trains on 4 CPU cores or fewer (the step already uses them all); 0 "
@@ -120,7 +126,7 @@ def train(
         data=data, output=output, model=model, model_config=model_config, pretrained=pretrained, loss=loss,
         batch_size=batch_size, epochs=epochs, train_num_samples=train_num_samples, lr=lr, wd=wd, beta1=beta1,
         beta2=beta2, eps=eps, warmup=warmup, grad_clip=grad_clip or None, precision=precision, accum=accum,
-        compile=compile, workers=workers, decode=decode, seed=seed, shuffle_buffer=shuffle_buffer, shuffle_shards=shuffle_shards,
+        compile=compile, text_tower=text_tower, workers=workers, decode=decode, seed=seed, shuffle_buffer=shuffle_buffer, shuffle_shards=shuffle_shards,
         local_loss=local_loss, gather_with_grad=gather_with_grad, caption_loss_weight=caption_loss_weight,
         clip_loss_weight=clip_loss_weight, lock_image=lock_image, lock_image_unlocked_groups=lock_image_unlocked_groups,
         save_every=save_every, keep_checkpoints=keep_checkpoints, resume=resume, eval_data=eval_data,

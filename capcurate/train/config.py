@@ -9,7 +9,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CPU_INLINE_DECODE_CORES = 4  # --workers auto on the CPU: decode in the training process up to this many cores
 # options that may differ between a run and its resumption without changing the result
 RESUMABLE_CHANGES = {"resume", "workers_hint", "log_every", "eval_every", "eval_data", "keep_checkpoints",
-                     "save_every", "device", "overwrite", "max_steps", "compile"}
+                     "save_every", "device", "overwrite", "max_steps", "compile",
+                     "text_tower"}  # the text tower: the same loss up to rounding
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainConfig:
     max_steps: int | None = None       # stop early (smoke tests, benchmarks); schedule still spans epochs
     caption_keys: str | None = None    # e.g. "raw,blip": draw each sample's caption from these .json keys
     caption_probs: str | None = None   # e.g. "0.2,0.8" (default: equal); None keys: the shards' recipe or .txt
+    text_tower: str = "auto"           # auto | packed | trimmed | padded (train/text_tower.py)
 
     def resolved(self) -> TrainConfig:
         """This config with auto device, precision, workers and decode made concrete for this process

@@ -22,10 +22,10 @@ import torch
 from .. import events, storage
 from ..errors import InputError, OutputExistsError, StageFailed
 from ..inputs.prefetch import prefetched
-from ..models.text_trim import token_trimmer
 from ..summary import Summary
 from . import checkpoint as ckpt_mod
 from .caption_choice import caption_choice
+from .text_tower import prepare_text_tower
 from .config import PRECISIONS, TrainConfig
 from .data import ShardsUnreadable, TrainStream, WorkerState, batches_per_worker, make_loader, one_line_cause
 from .distributed import (
@@ -141,6 +141,9 @@ class _Trainer:
         # cpu/gpu need the train transform as a crop spec; anything more elaborate runs on PIL images
         self.image_path = cfg.decode if setup.train_aug is not None else "pil"
         model = setup.model
+        # a CLIP text tower runs over its captions' own tokens (packed) or each batch's longest caption
+        # (trimmed), not all 77 positions: exact under the causal mask (train/text_tower.py)
+        self.trim_texts, self.text_tower = prepare_text_tower(model, setup.tokenizer, cfg.text_tower, cfg.compile)
         loss_fn = build_loss(cfg.loss, model, rank=dist.rank, world_size=dist.world_size,
                              local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad,
                              caption_loss_weight=cfg.caption_loss_weight, clip_loss_weight=cfg.clip_loss_weight)
@@ -181,11 +184,9 @@ class _Trainer:
                     "world_size": dist.world_size, "num_samples": num_samples, "shards": len(shards.urls),
                     "shard_source": shards.source, "steps_per_epoch": steps_per_epoch,
                     "total_steps": total_steps, "image_path": self.image_path,
-                    "captions": captions.to_dict() if captions else None})
+                    "captions": captions.to_dict() if captions else None, "text_tower": self.text_tower})
 
         core = model
-        # a CLIP text tower runs over each batch's longest caption, not all 77 positions (exact: causal mask)
-        self.trim_texts = token_trimmer(core, setup.tokenizer)
         if dist.distributed:
             ids = [dist.device.index] if dist.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
@@ -275,7 +276,7 @@ class _Trainer:
                   **{k: v for k, v in last.items()}}
         summary = Summary("train", counts=counts, details={
             "run": str(self.run_dir), "model": setup.name, "checkpoint": str(ckpt_mod.latest_checkpoint(self.run_dir)),
-            "resumed_from": str(resume_from) if resume_from else None}, seconds=time.time() - t0,
+            "resumed_from": str(resume_from) if resume_from else None, "text_tower": self.text_tower}, seconds=time.time() - t0,
             message=f"trained {setup.name} for {step} steps; load it with --model {self.run_dir}")
         from .. import atomic
 
