@@ -159,24 +159,54 @@ def test_corrupt_samples_are_skipped_and_counted(tmp_path):
 
 
 def test_siglip_loss_trains_with_a_learned_bias(tiny):
+    import open_clip
+    import torch
+
     run = tiny["root"] / "run"
     s = train(str(tiny["shards"]), str(run), model_config=str(tiny["clip"]), loss="siglip", batch_size=16,
-              workers=0, max_steps=2)
+              workers=0, max_steps=2, shuffle_buffer=0)
     assert s.ok and s.counts["contrastive_loss"] > 0
     exported = json.loads((run / "model" / "open_clip_config.json").read_text())["model_cfg"]
     assert exported["init_logit_bias"] == -10.0
+    # the loss form: at init (bias -10, scale 10, features of norm 1) SigLIP's sigmoid loss over a batch
+    # of 16 is ~10 (each positive pair costs -log sigmoid(10 s - 10)); InfoNCE would be ~ln 16 = 2.8
+    first = losses(run)[0]
+    assert 5.0 < first < 20.0, first
+    # training moved the learned bias and scale: the exported weights are trained, not the init
+    trained = open_clip.create_model("local-dir:" + str(run / "model"))
+    assert trained.logit_bias is not None and abs(trained.logit_bias.item() + 10.0) > 1e-4
+    assert abs(trained.logit_scale.item() - float(torch.log(torch.tensor(10.0)))) > 1e-4
 
 
 def test_coca_loss_trains_and_exports_a_loadable_captioner(tiny):
-    from capcurate.models import parse_model_ref
-    from capcurate.models.openclip_loader import load_openclip
+    import open_clip
+    import torch
+
+    from capcurate.models.captioners import load_captioner
+    from capcurate.models.captioners.base import DecodingConfig
 
     run = tiny["root"] / "run"
     s = train(str(tiny["shards"]), str(run), model_config=str(tiny_coca_config(tiny["root"])), loss="coca",
               batch_size=8, workers=0, max_steps=2, caption_loss_weight=1.5)
     assert s.ok and s.counts["caption_loss"] > 0 and s.counts["contrastive_loss"] > 0
-    bundle = load_openclip(parse_model_ref(str(run)))
-    assert hasattr(bundle.model, "generate")
+    cap = load_captioner(str(run))
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    cfg = DecodingConfig(decoding="greedy", max_new_tokens=6, min_new_tokens=6)
+    ids = cap.generate_ids(pixels, cfg)
+    assert [len(x[0]) for x in ids] == [6, 6]  # it generates, to the length asked
+    # and what it generates is the trained model's own greedy choice: each token is the argmax of plain
+    # open_clip's CoCa forward (exported weights, no capcurate code) over the tokens before it
+    plain = open_clip.create_model("local-dir:" + str(run / "model")).eval()
+    eot = cap.special.eot
+    for i in range(2):
+        tokens = torch.tensor([[cap.special.sot]])
+        for t in ids[i][0]:
+            with torch.no_grad():
+                logits = plain(pixels[i:i + 1], tokens, output_labels=False)["logits"][0, -1]
+            logits[eot] = -float("inf")  # min_new_tokens holds the end token back
+            assert int(logits.argmax()) == t
+            tokens = torch.cat([tokens, torch.tensor([[t]])], dim=1)
 
 
 def test_coca_loss_on_a_clip_model_is_refused(tiny):
