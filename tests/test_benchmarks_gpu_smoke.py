@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks.gpu import __main__ as bench
 from benchmarks.gpu.runner import Measure, Row, run_row
+from capcurate import events
 
 
 def test_smoke_runs_every_row_family_gated_and_records_commit_card_and_repeats(tmp_path, capsys):
@@ -23,6 +26,9 @@ def test_smoke_runs_every_row_family_gated_and_records_commit_card_and_repeats(t
         assert r["ratio_median"], f"{r['row']} compares with no baseline"
         s = r["sides"]["capcurate"]["per_s"]
         assert s["min"] <= s["median"] <= s["max"]
+    stage_rows = [r for r in report["rows"] if r["row"] in ("recaption_greedy", "score_mixed_sizes", "train_e2e")]
+    for r in stage_rows:  # the stages announced their batches/steps through capcurate.events
+        assert r["sides"]["capcurate"]["steady_per_s"]["median"] > 0, r["row"]
     skipped = capsys.readouterr().out
     assert "skipped capcurate_gpu_nvjpeg_resize: nvJPEG needs CUDA" in skipped  # reasons are printed
 
@@ -61,3 +67,15 @@ def test_a_failing_row_makes_the_run_exit_1(monkeypatch, tmp_path):
     out = tmp_path / "gpu.json"
     assert bench.main(["--smoke", "--only", "input", "--repeats", "1", "--json-out", str(out)]) == 1
     assert json.loads(out.read_text())["ok"] is False
+
+
+def test_events_reach_listeners_only_while_subscribed_and_a_broken_listener_never_fails_the_stage():
+    got = []
+
+    def broken(kind, n):
+        raise ValueError("observer bug")
+    with events.listening(lambda kind, n: got.append((kind, n))), events.listening(broken):
+        with pytest.warns(UserWarning, match="observer bug"):
+            events.emit("batch", 4)
+    events.emit("batch", 5)
+    assert got == [("batch", 4)]

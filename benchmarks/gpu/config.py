@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -18,8 +19,10 @@ class Cfg:
     blip: str = "large"
     tokens: int = 20                 # greedy rows: exactly this many new tokens
     beam_images: int = 512           # the default decoding (beam 3, up to 30 tokens) is slower
+    beam_max_tokens: int | None = None  # None: the default 30; --smoke caps it (a tiny model never stops early)
     clip_arch: str = "ViT-L-14"
     gen_batch: int = 256             # the ceiling's batch (capcurate's own auto batch on the stage side)
+    stage_batch: int | str = "auto"  # --batch-size of the inference stages; --smoke: several small batches
     score_sample: int = 64           # rows compared with the fp32 reference
     score_tol: float = 2e-2
     train_arch: str = "ViT-B-32"
@@ -40,11 +43,14 @@ def make_cfg(smoke: bool) -> Cfg:
     if not smoke:
         return Cfg(smoke=False, device="cuda")
     return Cfg(smoke=True, device="cpu", precision="fp32", images=16, per_shard=8, image_size=(64, 48),
-               image_scale=0.125, blip="tiny", tokens=5, beam_images=4, clip_arch="", gen_batch=8,
+               image_scale=0.125, blip="tiny", tokens=5, beam_images=4, beam_max_tokens=8, clip_arch="", gen_batch=8, stage_batch=4,
                score_sample=8, train_arch="", train_samples=32, train_unique=8, train_size=40,
                train_per_shard=16, train_batch=8, train_steps=2, step_iters=2, workers=1, input_images=8,
                train_loss_tol=0.5)  # batches of 8: the mean of 2 steps varies a lot between trainers
 
 
-def with_overrides(cfg: Cfg, **kw: object) -> Cfg:
-    return replace(cfg, **{k: v for k, v in kw.items() if v is not None})
+def stage_options(cfg: Cfg) -> dict[str, Any]:
+    """What a row passes to a stage beyond its defaults: nothing on the GPU (the defaults are what is
+    measured); in --smoke the CPU, wherever it runs (a GPU machine too), and no decode worker processes
+    (starting them costs seconds; the smoke run checks the code paths, not the speed)."""
+    return {"device": "cpu", "workers": 0} if cfg.smoke else {}

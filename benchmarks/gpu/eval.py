@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .config import Cfg
+from .config import Cfg, stage_options
 from .data import make_jpegs
 from .runner import Measure, Row, timed, timed_stage
 
@@ -54,7 +54,7 @@ def rows(cfg: Cfg, work: Path, cfg_path: Path, weights: Path) -> list[Row]:
     jpegs = make_jpegs(cfg.images, scale=cfg.image_scale, seed0=10_000)
     folder = work / "evalset"
     labels = write_eval_set(folder, jpegs)
-    workers: Any = 0 if cfg.smoke else "auto"
+    options = {"batch_size": cfg.stage_batch, **stage_options(cfg)}
     dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
     model, _, preprocess = open_clip.create_model_and_transforms(cfg_path.stem, pretrained=str(weights),
                                                                  device=cfg.device)
@@ -64,7 +64,7 @@ def rows(cfg: Cfg, work: Path, cfg_path: Path, weights: Path) -> list[Row]:
 
     def ours(rep: int) -> Measure:
         summary, seconds, clock = timed_stage(lambda: capcurate.evaluate(
-            f"openclip:{cfg_path}", str(folder), pretrained=str(weights), workers=workers), cfg.device)
+            f"openclip:{cfg_path}", str(folder), pretrained=str(weights), **options), cfg.device)
         if not summary.ok:
             raise RuntimeError(f"eval failed: {summary.message}")
         return Measure(summary.counts["images"], seconds, summary.counts, clock.steady_per_s())

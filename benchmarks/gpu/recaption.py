@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import Cfg
+from .config import Cfg, stage_options
 from .runner import Measure, Row, timed, timed_stage
 
 
@@ -61,17 +61,18 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], blip_ref: str, beam_ds: Path, b
 
     dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
     captioner = load_captioner(blip_ref, device=cfg.device, dtype=dtype)
-    workers: Any = 0 if cfg.smoke else "auto"   # spawning decode workers costs seconds; --smoke checks paths
+    options = {"batch_size": cfg.stage_batch, **stage_options(cfg)}
     out = []
     for tag, data, images, kw in (
             ("greedy", ds, jpegs, dict(decoding="greedy", min_new_tokens=cfg.tokens, max_new_tokens=cfg.tokens)),
-            ("beam_default", beam_ds, beam_jpegs, {})):  # the CLI's defaults: beam 3, up to 30 tokens
+            ("beam_default", beam_ds, beam_jpegs,  # the CLI's defaults: beam 3, up to 30 tokens
+             {"max_new_tokens": cfg.beam_max_tokens} if cfg.beam_max_tokens else {})):
         dec = DecodingConfig(**kw)
         pixels = ready_pixels(captioner, images, cfg.device)
 
         def ours(rep: int, data: Path = data, kw: dict = kw, tag: str = tag) -> Measure:
             summary, seconds, clock = timed_stage(lambda: capcurate.recaption(
-                data, model=blip_ref, name=f"bench_{tag}", workers=workers, overwrite=True, **kw), cfg.device)
+                data, model=blip_ref, name=f"bench_{tag}", **options, overwrite=True, **kw), cfg.device)
             if not summary.ok:
                 raise RuntimeError(f"recaption failed: {summary.message}")
             got = stage_captions(data, f"bench_{tag}")
@@ -95,7 +96,8 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], blip_ref: str, beam_ds: Path, b
         out.append(Row(
             family="recaption", name=f"recaption_{tag}", unit="images",
             what=f"BLIP-{cfg.blip} shape, {len(images)} JPEGs, "
-                 + (f"greedy exactly {cfg.tokens} tokens" if fixed else "default decoding (beam 3, <= 30 tokens)"),
+                 + (f"greedy exactly {cfg.tokens} tokens" if fixed
+                    else f"default decoding (beam 3, <= {dec.max_new_tokens} tokens)"),
             capcurate=ours, baselines={"ceiling_own_model_ready_tensors": ceiling},
             gate=length_gate(len(images), fixed, dec.max_new_tokens),
             target=">= 90% of the ceiling (capcurate's own SDPA-patched model on ready device tensors)"))

@@ -8,7 +8,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .config import Cfg
+from .config import Cfg, stage_options
 from .runner import Measure, Row, timed, timed_stage
 
 CAPTION_COLUMN = "raw"
@@ -74,11 +74,11 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], cfg_path: Path, weights: Path) 
     sample = [r["uid"] for r in manifest[::step]][:cfg.score_sample]
     reference = fp32_reference(cfg_path, weights, {u: jpeg_of[u] for u in sample}, caption_of, cfg.device)
     ref = f"openclip:{cfg_path}"
-    workers: Any = 0 if cfg.smoke else "auto"
+    options = {"batch_size": cfg.stage_batch, **stage_options(cfg)}
 
     def ours(rep: int) -> Measure:
         summary, seconds, clock = timed_stage(lambda: capcurate.score(
-            ds, ref, "bench", pretrained=str(weights), workers=workers, overwrite=True), cfg.device)
+            ds, ref, "bench", pretrained=str(weights), **options, overwrite=True), cfg.device)
         if not summary.ok:
             raise RuntimeError(f"score failed: {summary.message}")
         got = stage_scores(ds, "bench")

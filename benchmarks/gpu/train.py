@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import Cfg
+from .config import Cfg, stage_options
 from .runner import Measure, Row, timed, timed_stage
 
 LOSS = re.compile(r"(?<![_\w])Loss: [0-9.]+ \(([0-9.]+)\)")  # open_clip_train's "Loss: step (running mean)"
@@ -72,8 +72,8 @@ def e2e_row(cfg: Cfg, tmp: Path, pattern: str, cfg_path: Path | None, arch: str)
             summary, seconds, clock = timed_stage(lambda: capcurate.train(
                 pattern, str(tmp / f"run-{tag}"), **model_kw, batch_size=cfg.train_batch,
                 max_steps=cfg.train_steps, train_num_samples=cfg.train_samples, precision=cfg.precision,
-                workers=cfg.workers if not cfg.smoke else 0, decode=decode, lr=5e-4, warmup=2, seed=0,
-                overwrite=True, device=cfg.device), cfg.device)
+                decode=decode, lr=5e-4, warmup=2, seed=0, overwrite=True,
+                **{"device": cfg.device, "workers": cfg.workers, **stage_options(cfg)}), cfg.device)
             steps = summary.counts["steps"]
             logged = [json.loads(x) for x in (tmp / f"run-{tag}" / "metrics.jsonl").read_text().splitlines() if x]
             losses = [r["loss"] for r in logged if "loss" in r and "step" in r]
