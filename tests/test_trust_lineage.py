@@ -79,3 +79,20 @@ def test_a_zero_byte_captions_file_counts_as_missing_not_a_traceback(tmp_path):
     f.write_bytes(b"")
     assert lineage.recorded_inputs(f) is None  # recaption's is_done: not done, so it is captioned again
     assert not lineage.is_fresh(f, {lineage.SAMPLES: root / "samples" / "00000.parquet"})
+
+
+def test_a_zero_byte_captions_source_fails_only_its_shard_with_what_to_do(tmp_path, clip):
+    import pyarrow as pa
+
+    root = _dataset(tmp_path)
+    d = root / "captions" / "blip"
+    d.mkdir(parents=True)
+    (d / "00000.parquet").write_bytes(b"")
+    uids = pq.read_table(root / "samples" / "00001.parquet").column("uid")
+    pq.write_table(pa.table({"uid": uids, "caption": ["x"] * 4, "captions": [["x"]] * 4,
+                             "error": pa.array([None] * 4, pa.string())}), d / "00001.parquet")
+    cfg, weights = clip
+    s = score(root, f"openclip:{cfg}", "s", pretrained=str(weights), workers=0, captions="raw,blip")
+    assert not s.ok and list(s.details["failed_shards"]) == ["00000"]
+    assert "doctor --repair" in s.details["failed_shards"]["00000"]
+    assert s.counts["shards_processed"] == 1

@@ -26,7 +26,7 @@ from .. import atomic, events, lineage, storage
 from ..card import check_claim
 from ..dataset import Dataset, check_name
 from ..engines import process_via_many
-from ..errors import InputError
+from ..errors import InputError, StageFailed
 from ..summary import Summary
 from ..tar_damage import check_tar_read
 from .score_columns import (
@@ -190,7 +190,13 @@ class ScoreJob:
         fingerprint of the captions file read goes into ``inputs``."""
         if source == RAW:
             return raw, None
-        table, fp = lineage.read_parquet(self.base / "captions" / source / f"{shard_id}.parquet")
+        try:
+            table, fp = lineage.read_parquet(self.base / "captions" / source / f"{shard_id}.parquet")
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # the shard fails with what to do; the other shards go on
+            raise StageFailed(f"captions/{source}/{shard_id}.parquet is damaged ({type(e).__name__}): run "
+                              f"capcurate doctor --repair, then recaption --name {source}") from None
         if inputs is not None:
             inputs[lineage.captions_input(source)] = fp
         by_uid = dict(zip(table.column("uid").to_pylist(), table.column("caption").to_pylist(), strict=True))
