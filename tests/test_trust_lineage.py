@@ -96,3 +96,23 @@ def test_a_zero_byte_captions_source_fails_only_its_shard_with_what_to_do(tmp_pa
     assert not s.ok and list(s.details["failed_shards"]) == ["00000"]
     assert "doctor --repair" in s.details["failed_shards"]["00000"]
     assert s.counts["shards_processed"] == 1
+
+
+def test_recaption_fails_a_truncated_tar_and_recaptions_it_once_repaired(tmp_path):
+    from captioner_fixtures import build_tiny_blip
+
+    from capcurate.stages.recaption import recaption
+
+    blip = build_tiny_blip(tmp_path / "blip")
+    root = _dataset(tmp_path)
+    tar = root / "shards" / "00000.tar"
+    good = tar.read_bytes()
+    tar.write_bytes(good[:1200])  # cut off after the first members
+    kw = dict(model=blip, name="blip", decoding="greedy", max_new_tokens=4, workers=0, batch_size=8)
+    first = recaption(root, **kw)
+    assert not first.ok and list(first.details["failed_shards"]) == ["00000"]
+    _restore(tar, good)
+    again = recaption(root, **kw)
+    assert again.ok and again.counts["shards_processed"] == 1
+    caps = pq.read_table(root / "captions" / "blip" / "00000.parquet")
+    assert caps.column("error").null_count == 4
