@@ -94,12 +94,14 @@ def test_every_derived_file_kind_the_card_and_stray_temps_are_checked_and_repair
     assert doctor(root).ok
 
 
-def test_a_damaged_card_is_a_finding_and_repair_writes_a_fresh_one(tmp_path):
+def test_a_damaged_card_is_named_and_reset_card_quarantines_it_for_a_fresh_one(tmp_path):
     root = build_dataset(tmp_path / "ds", [{"caption": "x", "image": make_image_bytes(0)}], per_shard=4)
     (root / "capcurate.json").write_bytes(b"\xff\xfe not json")
-    code, found = _doctor(root)
-    assert code == 1 and found["counts"]["damaged_card"] == 1, found
-    code, fixed = _doctor(root, "--repair")
-    assert code == 0, fixed
+    for extra in ((), ("--repair",)):  # never replaced unasked: its lineage would be lost
+        code, said = _doctor(root, *extra)
+        assert code == 2 and "--reset-card" in said and len(said.strip().splitlines()) == 1, said
+    assert (root / "capcurate.json").read_bytes() == b"\xff\xfe not json"
+    code, fixed = _doctor(root, "--reset-card")
+    assert code == 0 and fixed["details"]["repaired"]["damaged_card"] == 1, fixed
     assert Card(root).read()["lineage"] == [] and (root / ".quarantine" / "capcurate.json").exists()
     assert os.path.getsize(root / "samples" / "00000.parquet") > 0

@@ -80,17 +80,25 @@ def doctor(
     repair: bool = typer.Option(False, "--repair", help=(
         "Fix what is safe: remove orphan temps and unfinished files, build missing manifests of whole "
         "shards, remove damaged shards with their manifests (the same download or ingest fetches them "
-        "again), keep one row per uid (the newest shard's).")),
+        "again), keep one row per uid (the newest shard's), move unreadable manifests, captions, scores, "
+        "embeddings, selections and dedup files into .quarantine/ (their stages make them again), close "
+        "lineage entries of runs that are gone.")),
+    reset_card: bool = typer.Option(False, "--reset-card", help=(
+        "When capcurate.json itself is unreadable: move it into .quarantine/ and write a fresh card "
+        "(its lineage is lost), then repair as --repair does. Without it a damaged card is an error.")),
     json: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Report what crashes left in a dataset: orphan temp files, unfinished or truncated shards, shards
-    without manifests and manifests without shards, duplicate uids; each with a count.
+    without manifests and manifests without shards, duplicate uids, unreadable files of every kind
+    (manifests, captions, scores, embeddings, selections, dedup outputs, the card), runs left unfinished;
+    each with a count.
 
-    Exits 1 when damage is found (or remains after --repair), 0 when the dataset is sound.
+    Exits 1 when damage is found (or remains after --repair), 0 when the dataset is sound, 2 when the card
+    is unreadable (see --reset-card).
     """
     from ..stages.doctor import doctor as run
 
-    run_command(lambda: run(dataset, repair=repair), json_out=json)
+    run_command(lambda: run(dataset, repair=repair, reset_card=reset_card), json_out=json)
 
 
 @app.command()

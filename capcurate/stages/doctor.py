@@ -196,15 +196,23 @@ def _repair(ds: Dataset, found: dict[str, Any]) -> dict[str, int]:
     return done
 
 
-def doctor(dataset: str | Path, *, repair: bool = False) -> Summary:
-    """Report (and with ``repair`` fix) crash damage in a dataset directory; see the module docstring."""
+def doctor(dataset: str | Path, *, repair: bool = False, reset_card: bool = False) -> Summary:
+    """Report (and with ``repair`` fix) crash damage in a dataset directory; see the module docstring.
+
+    A damaged card is never replaced unasked (its lineage would be lost): it is a one-line error (exit 2)
+    unless ``reset_card``, which quarantines it, writes a fresh card and implies ``repair``.
+    """
     t0 = time.perf_counter()
+    repair = repair or reset_card
     try:
         ds = Dataset(dataset)
-    except DatasetError:
-        if card_problem(storage.path(dataset)) is None:
+    except DatasetError as e:
+        if card_problem(storage.path(dataset)) is None or not reset_card:
+            if card_problem(storage.path(dataset)) is not None:
+                raise DatasetError(f"{e}; capcurate doctor --reset-card moves it into .quarantine/ and "
+                                   "writes a fresh card (its lineage is lost)") from None
             raise  # not a dataset at all: one line, exit 2
-        ds = Dataset(dataset, must_exist=False)  # its card is damaged: that is a finding
+        ds = Dataset(dataset, must_exist=False)  # its card is damaged and may be reset
     found = examine(ds)
     counts = {k: (found[k] if k == "duplicate_uids" else len(found[k])) for k in CHECKS}
     counts["duplicate_rows"] = found["duplicate_rows"]
