@@ -79,3 +79,22 @@ def test_events_reach_listeners_only_while_subscribed_and_a_broken_listener_neve
             events.emit("batch", 4)
     events.emit("batch", 5)
     assert got == [("batch", 4)]
+
+
+def test_only_selects_row_families_and_repeats_sets_the_repeat_count(tmp_path):
+    out = tmp_path / "gpu.json"
+    assert bench.main(["--smoke", "--only", "input", "--repeats", "2", "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["family"] for r in report["rows"]] == ["input"] and report["families"] == ["input"]
+    assert len(report["rows"][0]["sides"]["capcurate"]["per_s"]["repeats"]) == 2
+
+
+@pytest.mark.parametrize("args", [["--only", "input,vlm"], ["--repeats", "0"], ["--workdir", "NONEMPTY"]])
+def test_bad_arguments_exit_2_before_any_work(args, tmp_path, capsys):
+    if "NONEMPTY" in args:
+        (tmp_path / "old.txt").write_text("an earlier run")
+        args = ["--workdir", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--smoke", *args])
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()[-1]) > 0

@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--only: unknown families {sorted(bad)}; choose from {','.join(FAMILIES)}")
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
+    if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
+        ap.error(f"--workdir {args.workdir} is not empty: outputs of an earlier run would be read as this run's")
     return args
 
 

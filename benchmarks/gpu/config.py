@@ -42,9 +42,9 @@ def make_cfg(smoke: bool) -> Cfg:
     """The GPU run, or the same code paths at tiny size on the CPU."""
     if not smoke:
         return Cfg(smoke=False, device="cuda")
-    return Cfg(smoke=True, device="cpu", precision="fp32", images=16, per_shard=8, image_size=(64, 48),
-               image_scale=0.125, blip="tiny", tokens=5, beam_images=4, beam_max_tokens=8, clip_arch="", gen_batch=8, stage_batch=4,
-               score_sample=8, train_arch="", train_samples=32, train_unique=8, train_size=40,
+    return Cfg(smoke=True, device="cpu", precision="fp32", images=8, per_shard=4, image_size=(64, 48),
+               image_scale=0.125, blip="tiny", tokens=5, beam_images=2, beam_max_tokens=8, clip_arch="",
+               gen_batch=8, stage_batch=4, score_sample=8, train_arch="", train_samples=32, train_unique=8, train_size=40,
                train_per_shard=16, train_batch=8, train_steps=2, step_iters=2, workers=1, input_images=8,
                train_loss_tol=0.5)  # batches of 8: the mean of 2 steps varies a lot between trainers
 

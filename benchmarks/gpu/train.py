@@ -39,19 +39,21 @@ def open_clip_train_side(cfg: Cfg, tmp: Path, pattern: str, model: str):
                 # capcurate's AdamW defaults (open_clip_train's are beta2 0.999, eps 1e-8): the same optimiser
                 "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--wd", "0.2",
                 "--logs", str(logs), "--name", "bench", "--report-to", "", "--log-every-n-steps", "1",
-                "--save-frequency", "0", "--seed", "0", "--device", cfg.device]
+                "--save-frequency", "1", "--seed", "0", "--device", cfg.device]  # saves at the end, as capcurate does
         # open_clip_train's setup_logging adds root handlers and sets every logger to INFO (torch's too)
         root = logging.getLogger()
         handlers = list(root.handlers)
         levels = {n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
         levels[""] = root.level
         try:
-            _, seconds = timed(lambda: oc_main(argv), cfg.device)
+            rc, seconds = timed(lambda: oc_main(argv), cfg.device)
         finally:  # open_clip_train adds its own handlers to the root logger on every call
             for h in root.handlers[len(handlers):]:
                 root.removeHandler(h)
             for n, level in levels.items():
                 logging.getLogger(n or None).setLevel(level)
+        if rc not in (None, 0):  # e.g. -1: "experiment already exists", said only in its log
+            raise RuntimeError(f"open_clip_train returned {rc}")
         text = (logs / "bench" / "out.log").read_text(errors="replace")
         means = [float(x) for x in LOSS.findall(text)]
         if len(means) != cfg.train_steps:
