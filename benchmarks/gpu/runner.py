@@ -151,13 +151,17 @@ def run_row(row: Row, repeats: int = REPEATS) -> dict[str, Any]:
     ours = sides_out.get("capcurate", {}).get("per_s", {}).get("median")
     ratios = {k: ours / s["per_s"]["median"] for k, s in sides_out.items()
               if k != "capcurate" and ours and s["per_s"]["median"]}
+    ours_steady = sides_out.get("capcurate", {}).get("steady_per_s", {}).get("median")
+    steady_ratios = {k: ours_steady / s["steady_per_s"]["median"] for k, s in sides_out.items()
+                     if k != "capcurate" and ours_steady and s.get("steady_per_s", {}).get("median")}
     ok = not failures and "capcurate" in sides_out
     log(f"row {row.name}: {'ok' if ok else 'FAILED'}; capcurate/baseline (medians): "
         + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
         + "".join(f"\n  skipped {k}: {why}" for k, why in row.skipped.items())
         + "".join(f"\n  {f}" for f in failures))
     return {"family": row.family, "row": row.name, "what": row.what, "unit": row.unit, "target": row.target,
-            "ok": ok, "failures": failures, "sides": sides_out, "ratio_median": ratios, "skipped": row.skipped}
+            "ok": ok, "failures": failures, "sides": sides_out, "ratio_median": ratios,
+            "ratio_steady_median": steady_ratios, "skipped": row.skipped}
 
 
 def card() -> str:

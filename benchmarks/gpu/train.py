@@ -21,6 +21,7 @@ from typing import Any
 from .config import Cfg, stage_options
 from .runner import Measure, Row, timed, timed_stage
 
+STEP_TIME = re.compile(r"Batch \(t\): ([0-9.]+)")  # open_clip_train's seconds per step
 LOSS = re.compile(r"(?<![_\w])Loss: [0-9.]+ \(([0-9.]+)\)")  # open_clip_train's "Loss: step (running mean)"
 
 
@@ -58,7 +59,9 @@ def open_clip_train_side(cfg: Cfg, tmp: Path, pattern: str, model: str):
         means = [float(x) for x in LOSS.findall(text)]
         if len(means) != cfg.train_steps:
             raise RuntimeError(f"open_clip_train logged {len(means)} steps, expected {cfg.train_steps}")
-        return Measure(samples, seconds, means[-1])  # the mean loss over its steps
+        steps = [float(x) for x in STEP_TIME.findall(text)][1:]  # as capcurate's: after the first step
+        steady = cfg.train_batch * len(steps) / sum(steps) if steps and sum(steps) > 0 else None
+        return Measure(samples, seconds, means[-1], steady)  # output: the mean loss over its steps
     return side
 
 
