@@ -42,43 +42,45 @@ def build_rows(cfg: Any, only: set[str], work: Path) -> list[Any]:
     from . import data, models
     from .runner import log
 
+    # every JPEG first: make_jpegs forks a pool, which must happen before this process touches CUDA
+    inputs = data.make_jpegs(cfg.input_images, cfg.image_size) if "input" in only else []
+    photos = data.make_jpegs(cfg.images, cfg.image_size) if "recaption" in only else []
+    mixed = data.make_jpegs(cfg.images, scale=cfg.image_scale) if "score" in only else []
+    mixed_eval = data.make_jpegs(cfg.images, scale=cfg.image_scale, seed0=10_000) if "eval" in only else []
+    train_jpegs = data.make_jpegs(cfg.train_unique, (cfg.train_size,) * 2) if "train" in only else []
+    log("images made")
+
     rows: list[Any] = []
-    need_blip = only & {"input", "recaption"}
-    blip = models.build_blip(work, cfg.blip, cfg.device) if need_blip else ""
+    blip = models.build_blip(work, cfg.blip, cfg.device) if only & {"input", "recaption"} else ""
     if "input" in only:
         from . import input as input_rows
 
-        rows += input_rows.rows(cfg, data.make_jpegs(cfg.input_images, cfg.image_size), blip)
+        rows += input_rows.rows(cfg, inputs, blip)
     if "recaption" in only:
         from . import recaption
 
-        jpegs = data.make_jpegs(cfg.images, cfg.image_size)
-        beam = jpegs[:cfg.beam_images]
-        rows += recaption.rows(cfg, data.build_dataset(work / "ds-recaption", jpegs, cfg.per_shard), jpegs, blip,
+        beam = photos[:cfg.beam_images]
+        rows += recaption.rows(cfg, data.build_dataset(work / "ds-recaption", photos, cfg.per_shard), photos, blip,
                                data.build_dataset(work / "ds-beam", beam, cfg.per_shard), beam)
-    clip_cfg = models.TINY_CLIP if cfg.smoke else models.openclip_config(cfg.clip_arch)
     if "score" in only or "eval" in only:
+        clip_cfg = models.TINY_CLIP if cfg.smoke else models.openclip_config(cfg.clip_arch)
         cfg_path, weights = models.save_openclip(work / "clip", "bench-score-clip", clip_cfg, cfg.device)
     if "score" in only:
         from . import score
 
-        jpegs = data.make_jpegs(cfg.images, scale=cfg.image_scale)
-        rows += score.rows(cfg, data.build_dataset(work / "ds-score", jpegs, cfg.per_shard), jpegs, cfg_path, weights)
+        rows += score.rows(cfg, data.build_dataset(work / "ds-score", mixed, cfg.per_shard), mixed, cfg_path, weights)
     if "eval" in only:
         from . import eval as eval_rows
 
-        rows += eval_rows.rows(cfg, work, cfg_path, weights)
+        rows += eval_rows.rows(cfg, work, mixed_eval, cfg_path, weights)
     if "train" in only:
         from . import train
 
-        tcfg = models.TINY_TRAIN_CLIP if cfg.smoke else models.openclip_config(cfg.train_arch)
-        if cfg.smoke:
-            train_cfg, _ = models.save_openclip(work / "clip", "bench-train-clip", tcfg, "cpu")
-            arch = ""
+        if cfg.smoke:  # a registered tiny config; on the GPU open_clip's own architecture by name
+            train_cfg, arch = models.save_openclip(work / "clip", "bench-train-clip", models.TINY_TRAIN_CLIP, "cpu")[0], ""
         else:
             train_cfg, arch = None, cfg.train_arch
-        pattern, _ = data.write_train_shards(work / "train", data.make_jpegs(cfg.train_unique, (cfg.train_size,) * 2),
-                                             cfg.train_samples, cfg.train_per_shard)
+        pattern, _ = data.write_train_shards(work / "train", train_jpegs, cfg.train_samples, cfg.train_per_shard)
         rows += [train.e2e_row(cfg, work, pattern, train_cfg, arch), train.step_row(cfg, train_cfg, arch)]
     log(f"{len(rows)} rows built")
     return rows

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import Cfg, stage_options
-from .data import make_jpegs
 from .runner import Measure, Row, timed, timed_stage
 
 CLASSES = ["red", "green", "blue", "yellow", "purple", "white", "black", "orange"]
@@ -45,13 +44,12 @@ class _Pixels:
         return self.preprocess(Image.open(io.BytesIO(self.jpegs[i])).convert("RGB"))
 
 
-def rows(cfg: Cfg, work: Path, cfg_path: Path, weights: Path) -> list[Row]:
+def rows(cfg: Cfg, work: Path, jpegs: list[bytes], cfg_path: Path, weights: Path) -> list[Row]:
     import open_clip
     import torch
 
     import capcurate
 
-    jpegs = make_jpegs(cfg.images, scale=cfg.image_scale, seed0=10_000)
     folder = work / "evalset"
     labels = write_eval_set(folder, jpegs)
     options = {"batch_size": cfg.stage_batch, **stage_options(cfg)}
