@@ -25,7 +25,6 @@ from ..inputs.prefetch import prefetched
 from ..summary import Summary
 from . import checkpoint as ckpt_mod
 from .caption_choice import caption_choice
-from .text_tower import prepare_text_tower
 from .config import PRECISIONS, TrainConfig
 from .data import ShardsUnreadable, TrainStream, WorkerState, batches_per_worker, make_loader, one_line_cause
 from .distributed import (
@@ -43,6 +42,7 @@ from .progress import TrainProgress
 from .schedule import make_scheduler
 from .shard_list import check_members, count_samples, resolve_shards
 from .step_stats import NO_BAD_STEP, StepStats, reduce_step_stats
+from .text_tower import prepare_text_tower
 
 # test hook: SIGKILL this process right after the given optimizer step (resume tests)
 KILL_ENV = "CAPCURATE_TRAIN_KILL_AT_STEP"
