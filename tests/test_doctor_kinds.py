@@ -105,3 +105,21 @@ def test_a_damaged_card_is_named_and_reset_card_quarantines_it_for_a_fresh_one(t
     assert code == 0 and fixed["details"]["repaired"]["damaged_card"] == 1, fixed
     assert Card(root).read()["lineage"] == [] and (root / ".quarantine" / "capcurate.json").exists()
     assert os.path.getsize(root / "samples" / "00000.parquet") > 0
+
+
+def test_on_a_bucket_a_damaged_scores_file_is_quarantined(bucket):
+    import fsspec
+
+    from capcurate.dataset import Dataset
+
+    root = f"{bucket}/ds"
+    Dataset.create(root)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.pipe(f"{root}/scores/s/00000.parquet".removeprefix("s3://"), b"")
+    code, found = _doctor(root)
+    assert code == 1 and found["counts"]["damaged_derived_files"] == 1, found
+    code, fixed = _doctor(root, "--repair")
+    assert code == 0, fixed
+    fs.invalidate_cache()
+    assert fs.exists(f"{root}/.quarantine/scores/s/00000.parquet".removeprefix("s3://"))
+    assert not fs.exists(f"{root}/scores/s/00000.parquet".removeprefix("s3://"))

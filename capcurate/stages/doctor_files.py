@@ -68,18 +68,31 @@ def damaged_manifests(root: Any) -> list[tuple[str, str]]:
             if not n.startswith(".") and (why := parquet_problem(folder / n)) is not None]
 
 
+def _derived_files(root: Any) -> list[str]:
+    """Paths (relative to ``root``) of every file under the derived folders, hidden ones and .quarantine
+    left out: one recursive listing of the dataset on a store (each missing prefix would cost its own
+    requests), a walk of each folder locally."""
+    tops = tuple(f"{top}/" for top, _ in DERIVED)
+    if storage.is_remote(root):
+        storage.settle()
+        try:
+            found = root.fs.find(root.path)
+        except FileNotFoundError:
+            return []
+        prefix = str(root.path).rstrip("/") + "/"
+        rels = [f[len(prefix):] for f in found if f.startswith(prefix)]
+    else:
+        rels = [os.path.relpath(os.path.join(d, n), root) for top, _ in DERIVED
+                for d, _, names in os.walk(root / top) for n in names]
+    return sorted(r for r in rels if r.startswith(tops) and not any(p.startswith(".") for p in r.split("/")))
+
+
 def damaged_derived(root: Any) -> list[tuple[str, str]]:
     """(relative path, reason) for each captions, scores, embeddings, selection or dedup file that cannot
     be read."""
-    found = []
-    for top, depth in DERIVED:
-        folders = [top] if depth == 1 else [f"{top}/{d}" for d in sorted(storage.list_dirs(root / top))
-                                            if not d.startswith(".")]
-        for rel in folders:
-            for n in sorted(storage.list_names(root / rel)):
-                if not n.startswith(".") and (why := _problem(root / rel / n, n)) is not None:
-                    found.append((f"{rel}/{n}", why))
-    return found
+    depth = dict(DERIVED)
+    return [(rel, why) for rel in _derived_files(root)
+            if rel.count("/") == depth[rel.split("/", 1)[0]] and (why := _problem(root / rel, rel)) is not None]
 
 
 def card_problem(root: Any) -> str | None:
