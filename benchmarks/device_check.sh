@@ -10,7 +10,7 @@
 #    /dev/shm, open-file limit;
 # 3. runs python -m benchmarks.gpu (killed after $BENCH_BUDGET s, default 290, + 40 s)
 #    on the row families in $BENCH_ONLY (default: all) -> $OUT/gpu.json;
-#    ($BENCH_ARGS: more flags, e.g. --repeats 1); families: input,recaption,score,train,eval;
+#    ($BENCH_ARGS: more flags, e.g. --repeats 1); families: input,recaption,score,train,eval, and vlm;
 # 4. runs the GPU tests (pytest -m gpu), limited to $TEST_LIMIT s (default 150).
 # With DEMO_LIMIT=N (seconds, default 0 = skipped), before both: the GPU-scale demo,
 #    QUICKSTART_SCALE=gpu QUICKSTART_FETCH=ingest bash pipelines/quickstart.sh (ingest, because the

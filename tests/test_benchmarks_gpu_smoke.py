@@ -14,19 +14,22 @@ from capcurate import events
 
 def test_smoke_runs_every_row_family_gated_and_records_commit_card_and_repeats(tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    rc = bench.main(["--smoke", "--repeats", "1", "--json-out", str(out), "--workdir", str(tmp_path / "w")])
+    rc = bench.main(["--smoke", "--repeats", "1", "--json-out", str(out), "--workdir", str(tmp_path / "w"),
+                     "--only", ",".join(bench.FAMILIES)])
     report = json.loads(out.read_text())
     assert rc == 0, [r["failures"] for r in report["rows"]]
     assert report["ok"] and report["card"] == "cpu" and len(report["head"]) == 40
     assert isinstance(report["dirty"], bool)
-    assert {r["family"] for r in report["rows"]} == set(bench.FAMILIES)
+    assert {r["family"] for r in report["rows"]} == set(bench.FAMILIES) - {"vlm"}  # the VLM row is recaption's
+    assert "recaption_vlm" in {r["row"] for r in report["rows"]}
     for r in report["rows"]:
         assert r["ok"] and not r["failures"], r
         assert r["sides"]["capcurate"]["per_s"]["repeats"], r["row"]
         assert r["ratio_median"], f"{r['row']} compares with no baseline"
         s = r["sides"]["capcurate"]["per_s"]
         assert s["min"] <= s["median"] <= s["max"]
-    stage_rows = [r for r in report["rows"] if r["row"] in ("recaption_greedy", "score_mixed_sizes", "train_e2e")]
+    stage_rows = [r for r in report["rows"]
+                  if r["row"] in ("recaption_greedy", "recaption_vlm", "score_mixed_sizes", "train_e2e")]
     for r in stage_rows:  # the stages announced their batches/steps through capcurate.events
         assert r["sides"]["capcurate"]["steady_per_s"]["median"] > 0, r["row"]
     skipped = capsys.readouterr().out
@@ -89,7 +92,7 @@ def test_only_selects_row_families_and_repeats_sets_the_repeat_count(tmp_path):
     assert len(report["rows"][0]["sides"]["capcurate"]["per_s"]["repeats"]) == 2
 
 
-@pytest.mark.parametrize("args", [["--only", "input,vlm"], ["--repeats", "0"], ["--workdir", "NONEMPTY"]])
+@pytest.mark.parametrize("args", [["--only", "input,nope"], ["--repeats", "0"], ["--workdir", "NONEMPTY"]])
 def test_bad_arguments_exit_2_before_any_work(args, tmp_path, capsys):
     if "NONEMPTY" in args:
         (tmp_path / "old.txt").write_text("an earlier run")

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("input", "recaption", "score", "train", "eval")
+FAMILIES = ("input", "recaption", "score", "train", "eval", "vlm")
+DEFAULT = "input,recaption,score,train,eval"  # vlm: a 2B model to build and run, asked for by name
 
 
 def _env() -> None:
@@ -22,7 +23,8 @@ def _env() -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__)
     ap.add_argument("--smoke", action="store_true", help="every row at tiny size on the CPU (checks the paths)")
-    ap.add_argument("--only", default=",".join(FAMILIES), help=f"row families, comma-separated: {','.join(FAMILIES)}")
+    ap.add_argument("--only", default=DEFAULT, help=f"row families, comma-separated, of {','.join(FAMILIES)} "
+                    f"(default {DEFAULT})")
     ap.add_argument("--json-out", type=Path, default=None, help="write every repeat, the commit and the card here")
     ap.add_argument("--repeats", type=int, default=3, help="repeats per side, alternating the order (default 3)")
     ap.add_argument("--workdir", type=Path, default=None, help="data and models here (default: a temporary dir)")
@@ -45,6 +47,7 @@ def build_rows(cfg: Any, only: set[str], work: Path) -> list[Any]:
     # every JPEG first: make_jpegs forks a pool, which must happen before this process touches CUDA
     inputs = data.make_jpegs(cfg.input_images, cfg.image_size) if "input" in only else []
     photos = data.make_jpegs(cfg.images, cfg.image_size) if "recaption" in only else []
+    vlm_photos = data.make_jpegs(cfg.vlm_images, scale=cfg.image_scale, seed0=20_000) if "vlm" in only else []
     mixed = data.make_jpegs(cfg.images, scale=cfg.image_scale) if "score" in only else []
     mixed_eval = data.make_jpegs(cfg.images, scale=cfg.image_scale, seed0=10_000) if "eval" in only else []
     train_jpegs = data.make_jpegs(cfg.train_unique, (cfg.train_size,) * 2) if "train" in only else []
@@ -62,6 +65,11 @@ def build_rows(cfg: Any, only: set[str], work: Path) -> list[Any]:
         beam = photos[:cfg.beam_images]
         rows += recaption.rows(cfg, data.build_dataset(work / "ds-recaption", photos, cfg.per_shard), photos, blip,
                                data.build_dataset(work / "ds-beam", beam, cfg.per_shard), beam)
+    if "vlm" in only:
+        from . import recaption
+
+        rows.append(recaption.vlm_row(cfg, data.build_dataset(work / "ds-vlm", vlm_photos, cfg.per_shard), vlm_photos,
+                                      models.build_vlm(work, cfg.vlm, cfg.device)))
     if "score" in only or "eval" in only:
         clip_cfg = models.TINY_CLIP if cfg.smoke else models.openclip_config(cfg.clip_arch)
         cfg_path, weights = models.save_openclip(work / "clip", "bench-score-clip", clip_cfg, cfg.device)

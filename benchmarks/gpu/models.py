@@ -91,3 +91,72 @@ def openclip_config(arch: str) -> dict[str, Any]:
     if cfg is None:
         raise SystemExit(f"open_clip has no model config {arch!r}")
     return cfg
+
+
+QWEN2_VL_2B = {  # Qwen/Qwen2-VL-2B-Instruct's config.json shapes
+    "text": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, max_position_embeddings=32768,
+                 rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rope_theta=1000000.0),
+    "vision": dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2),
+    "vocab": 151936,
+}
+
+
+def build_vlm(root: Path, shape: str, device: str) -> str:
+    """A random Qwen2-VL of ``shape`` ("qwen2-vl-2b", or "tiny": the test fixture) saved with its processor."""
+    import torch
+
+    from .data import _tests_on_path
+
+    _tests_on_path()  # tests/captioner_fixtures.py: the tiny model and the chat template the tests use
+    if shape == "tiny":
+        from captioner_fixtures import build_tiny_qwen2_vl
+
+        return build_tiny_qwen2_vl(root)
+    from captioner_fixtures import QWEN_TEMPLATE
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    spec = QWEN2_VL_2B
+    d = root / f"vlm-{shape}"
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>", "<unk>"]
+    # the model's full vocabulary, so every id a random model emits decodes (the text is not read)
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(spec["vocab"] - len(specials))])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": specials[1:7]})
+    assert len(tok) == spec["vocab"], f"tokenizer has {len(tok)} tokens, expected {spec['vocab']}"
+    proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tok,
+                            video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    cfg = Qwen2VLConfig(
+        text_config=dict(spec["text"], vocab_size=spec["vocab"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], bos_token_id=None),
+        vision_config=dict(spec["vision"]), image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"])
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the GPU takes seconds, on the CPU minutes
+        model = Qwen2VLForConditionalGeneration(cfg)
+    if device.startswith("cuda"):
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(str(d))
+    proc.save_pretrained(str(d))
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return f"hf:{d}"
+
+

@@ -102,3 +102,48 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], blip_ref: str, beam_ds: Path, b
             gate=length_gate(len(images), fixed, dec.max_new_tokens),
             target=">= 90% of the ceiling (capcurate's own SDPA-patched model on ready device tensors)"))
     return out
+
+
+def vlm_row(cfg: Cfg, ds: Path, jpegs: list[bytes], vlm_ref: str) -> Row:
+    """A chat-template VLM (Qwen2-VL): ``capcurate.recaption`` against ``generate`` on the processor's
+    ready inputs (built by capcurate's own captioner before the clock starts), greedy, exactly N tokens."""
+    import torch
+
+    import capcurate
+    from capcurate.inputs.decode import decode_cpu
+    from capcurate.models.captioners import load_captioner
+    from capcurate.models.captioners.base import DecodingConfig
+
+    dtype = "bf16" if cfg.device.startswith("cuda") else "fp32"
+    captioner = load_captioner(vlm_ref, device=cfg.device, dtype=dtype)
+    kw = dict(decoding="greedy", min_new_tokens=cfg.tokens, max_new_tokens=cfg.tokens)
+    dec = captioner.prepare(DecodingConfig(**kw))  # fills the default instruction, as the stage does
+    images = [decode_cpu(j) for j in jpegs]
+    ready = [captioner.build_inputs(images[i:i + cfg.vlm_batch], dec) for i in range(0, len(images), cfg.vlm_batch)]
+    options = {"batch_size": cfg.stage_batch, **stage_options(cfg)}
+
+    def ours(rep: int) -> Measure:
+        summary, seconds, clock = timed_stage(lambda: capcurate.recaption(
+            ds, model=vlm_ref, name="bench_vlm", **options, overwrite=True, **kw), cfg.device)
+        if not summary.ok:
+            raise RuntimeError(f"recaption failed: {summary.message}")
+        return Measure(len(images), seconds, (stage_captions(ds, "bench_vlm"), summary.counts),
+                       clock.steady_per_s())
+
+    def generate_alone(rep: int) -> Measure:
+        new: list[int] = []
+
+        def run() -> None:
+            with torch.inference_mode():
+                for inputs in ready:
+                    out = captioner.model.generate(**inputs, **captioner.generate_kwargs(dec))
+                    new.extend([out.shape[1] - inputs["input_ids"].shape[1]] * out.shape[0])
+        _, seconds = timed(run, cfg.device)
+        if new != [cfg.tokens] * len(images):
+            raise RuntimeError(f"generate made {sorted(set(new))} new tokens per image, asked for {cfg.tokens}")
+        return Measure(len(new), seconds)
+
+    return Row(family="recaption", name="recaption_vlm", unit="images",
+               what=f"Qwen2-VL {cfg.vlm} shape, {len(images)} JPEGs, greedy exactly {cfg.tokens} tokens",
+               capcurate=ours, baselines={"generate_on_ready_processor_inputs": generate_alone},
+               gate=length_gate(len(images), cfg.tokens, cfg.tokens), target="report images/s and tokens/s")
