@@ -547,6 +547,11 @@ def test_caption_keys_the_shards_do_not_hold_exit_2_naming_the_key(tmp_path):
     (tmp_path / "txt" / "manifest.json").unlink()
     r = run(tmp_path / "txt", "raw")
     assert r.exit_code == 2 and "no .json captions" in r.output, r.output
+    from capcurate.train.caption_choice import check_keys_recorded, parse_caption_choice
+    from capcurate.train.shard_list import ShardList
+
+    # a stream that cannot be peeked at (http, pipe:) is not judged here: the draw falls back per sample
+    check_keys_recorded(parse_caption_choice("raw", None), ShardList(["https://host/00000.tar"], None, "pattern"))
 
 
 def test_caption_draws_and_augmentation_seeds_survive_moving_the_shards(tmp_path, monkeypatch):

@@ -82,6 +82,8 @@ def check_keys_recorded(choice: CaptionChoice, shards: ShardList) -> None:
         recorded = first_json_keys(shards.urls[0])
         where = f"the first sample's .json in {shards.urls[0].rstrip('/').rsplit('/', 1)[-1]} holds"
         if recorded is None:
+            return  # an http(s)/pipe: stream or a damaged head: nothing to check against here
+        if not recorded:
             raise InputError(f"--caption-keys {','.join(choice.keys)}: the shards hold no .json captions "
                              f"(first shard: {shards.urls[0]}); drop --caption-keys to train on .txt")
     if not recorded:

@@ -191,7 +191,8 @@ def _open_head(url: str) -> Any:
 
 def first_json_keys(url: str, probe: int = 64) -> tuple[str, ...] | None:
     """The keys holding text in the first ``.json`` member of a shard (its caption keys, among others);
-    None when the shard's first ``probe`` members hold no readable ``.json``."""
+    ``()`` when its first ``probe`` members hold no ``.json``; None when the shard cannot be looked at
+    here (http or pipe: URLs, a damaged head)."""
     import tarfile
 
     if url.startswith("pipe:") or ("://" in url and not _in_store(url)):
@@ -200,16 +201,14 @@ def first_json_keys(url: str, probe: int = 64) -> tuple[str, ...] | None:
         with _open_head(url) as src, tarfile.open(fileobj=src, mode="r|") as tf:
             for i, m in enumerate(tf):
                 if i >= probe:
-                    return None
+                    break
                 if m.isfile() and split_member_name(m.name)[1] == "json":
                     f = tf.extractfile(m)
                     meta = json.loads(f.read()) if f else None
-                    if not isinstance(meta, dict):
-                        return None
-                    return tuple(k for k, v in meta.items() if isinstance(v, str))
+                    return tuple(k for k, v in meta.items() if isinstance(v, str)) if isinstance(meta, dict) else ()
     except (tarfile.TarError, EOFError, OSError, ValueError):
         return None  # a damaged head: the stream counts the damage, the choice is not judged here
-    return None
+    return ()
 
 
 def check_members(url: str, probe: int = 16) -> None:
