@@ -4,12 +4,19 @@ fails a row (and the run) when a side crashes or capcurate's output fails its ga
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu import __main__ as bench
-from benchmarks.gpu.runner import Measure, Row, run_row
 from capcurate import events
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmarks/ is not installed: `pytest` run from elsewhere must find it
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu import __main__ as bench  # noqa: E402
+from benchmarks.gpu.runner import Measure, Row, run_row  # noqa: E402
 
 
 def test_smoke_runs_every_row_family_gated_and_records_commit_card_and_repeats(tmp_path, capsys):
