@@ -3,8 +3,10 @@
 Every per-shard file a stage derives from other files records, in its Parquet metadata under
 ``capcurate.inputs``, a fingerprint of each input file it read::
 
-    captions/<name>/00003.parquet     {"samples": "<fp of samples/00003.parquet>", "tar": "<id of shards/00003.tar>"}
-    scores/<name>/00003.parquet       {"samples": ..., "tar": ..., "captions/blip": "<fp of captions/blip/00003.parquet>"}
+    captions/<name>/00003.parquet  {"samples": "<fp of samples/00003.parquet>",
+                                    "tar": "<identity of shards/00003.tar>"}
+    scores/<name>/00003.parquet    {"samples": ..., "tar": ...,
+                                    "captions/blip": "<fp of captions/blip/00003.parquet>"}
     embeddings/<name>/00003.uids.parquet   {"samples": ..., "tar": ...}
 
 A fingerprint is a hash of the input file's bytes, taken from the very bytes the stage read. A file is

@@ -67,8 +67,8 @@ def replayable(seed: int, points: list[str]) -> Iterator[None]:
     try:
         yield
     except AssertionError as e:
-        raise AssertionError(f"[chaos seed {seed}, kill points {points}; replay: CAPCURATE_CHAOS_SEED={seed}] "
-                             f"{e}") from e
+        raise AssertionError(f"[chaos seed {seed}, kill points {points}; replay: "
+                             f"CAPCURATE_CHAOS_SEED={seed}] {e}") from e
 
 
 def write_inputs(folder: Path, image_offset: int = 0) -> Path:

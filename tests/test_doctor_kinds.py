@@ -24,7 +24,8 @@ runner = CliRunner()
 
 def _doctor(root, *extra):
     r = runner.invoke(app, ["doctor", str(root), "--json", *extra])
-    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    assert "Traceback" not in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.output
     return r.exit_code, json.loads(r.stdout) if r.stdout.strip().startswith("{") else r.output
 
 

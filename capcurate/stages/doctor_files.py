@@ -91,8 +91,8 @@ def damaged_derived(root: Any) -> list[tuple[str, str]]:
     """(relative path, reason) for each captions, scores, embeddings, selection or dedup file that cannot
     be read."""
     depth = dict(DERIVED)
-    return [(rel, why) for rel in _derived_files(root)
-            if rel.count("/") == depth[rel.split("/", 1)[0]] and (why := _problem(root / rel, rel)) is not None]
+    return [(rel, why) for rel in _derived_files(root) if rel.count("/") == depth[rel.split("/", 1)[0]]
+            and (why := _problem(root / rel, rel)) is not None]
 
 
 def card_problem(root: Any) -> str | None:

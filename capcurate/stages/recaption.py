@@ -91,7 +91,7 @@ class RecaptionJob:
         return storage.path(self.root) / FAMILY / self.name / f"{shard_id}.parquet"
 
     def is_done(self, shard_id: str) -> bool:
-        """Done when the file exists and was made from the shard's current manifest and tar (capcurate.lineage)."""
+        """Done when the file exists and was made from the shard's current manifest and tar (lineage)."""
         root = storage.path(self.root)
         return lineage.is_fresh(self.output_path(shard_id),
                                 {lineage.SAMPLES: root / "samples" / f"{shard_id}.parquet",
@@ -159,7 +159,8 @@ class RecaptionJob:
                 manifest, fp = lineage.read_parquet(root / "samples" / f"{sid}.parquet",
                                                     columns=["uid", "key", "status"])
                 # the tar's identity before any of it is read: a tar rewritten meanwhile makes this stale
-                self._inputs[sid] = {lineage.SAMPLES: fp, lineage.TAR: lineage.tar_identity(root / "shards" / f"{sid}.tar")}
+                self._inputs[sid] = {lineage.SAMPLES: fp,
+                                     lineage.TAR: lineage.tar_identity(root / "shards" / f"{sid}.tar")}
             except Exception as e:  # an unreadable manifest fails its shard only
                 yield sid, e
                 continue

@@ -228,10 +228,11 @@ def _claim_out_dir(out: Any, claim: dict, *, overwrite: bool) -> str:
                                         "choose another -o or pass --overwrite")
             changed = [k for k in ("dataset", "selection", "selection_sha256", "parameters")
                        if previous.get(k) != claim[k]]
+            before = previous.get("sources") or {}
             changed += [f"sources.{k} (the dataset's {k} changed since: a repair or re-ingest?)"
-                        for k in claim["sources"] if (previous.get("sources") or {}).get(k) != claim["sources"][k]]
-            raise OutputExistsError(f"{out} holds shards of another run or plan (differs in: {', '.join(changed)}); "
-                                    "choose another -o or pass --overwrite to rebuild it whole")
+                        for k in claim["sources"] if before.get(k) != claim["sources"][k]]
+            raise OutputExistsError(f"{out} holds shards of another run or plan (differs in: "
+                                    f"{', '.join(changed)}); choose another -o or pass --overwrite to rebuild it whole")
         for n in names:
             if n.endswith(".tar") or n in OUR_FILES:
                 if remote:
