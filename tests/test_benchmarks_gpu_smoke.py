@@ -25,7 +25,7 @@ def test_smoke_runs_every_row_family_gated_and_records_commit_card_and_repeats(t
                      "--only", ",".join(bench.FAMILIES)])
     report = json.loads(out.read_text())
     assert rc == 0, [r["failures"] for r in report["rows"]]
-    assert report["ok"] and report["card"] == "cpu" and len(report["head"]) == 40
+    assert report["ok"] and report["complete"] and report["card"] == "cpu" and len(report["head"]) == 40
     assert isinstance(report["dirty"], bool)
     assert {r["family"] for r in report["rows"]} == set(bench.FAMILIES) - {"vlm"}  # the VLM row is recaption's
     assert "recaption_vlm" in {r["row"] for r in report["rows"]}

@@ -116,11 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="capcurate-bench-gpu-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        results = [run_row(row, args.repeats) for row in build_rows(cfg, only, work)]
+        rows = build_rows(cfg, only, work)
+        results: list[dict[str, Any]] = []
+        for row in rows:
+            results.append(run_row(row, args.repeats))
+            if args.json_out:  # after every row: a run killed by its time limit keeps what it measured
+                write_report(args.json_out, results, {
+                    "smoke": cfg.smoke, "families": sorted(only), "complete": len(results) == len(rows),
+                    "seconds": time.time() - t0, "config": vars(cfg)})
     failed = [r["row"] for r in results if not r["ok"]]
-    if args.json_out:
-        write_report(args.json_out, results, {"smoke": cfg.smoke, "families": sorted(only),
-                                              "seconds": time.time() - t0, "config": vars(cfg)})
     log(f"{len(results)} rows, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}; "
         f"{time.time() - t0:.1f} s")
     return 1 if failed or not results else 0
