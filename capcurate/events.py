@@ -50,4 +50,6 @@ def emit(kind: str, n: int = 0) -> None:
         try:
             listener(kind, n)
         except Exception as e:  # an observer's bug must not fail the stage
-            warnings.warn(f"capcurate.events listener {listener!r} raised {type(e).__name__}: {e}", stacklevel=2)
+            warnings.warn(
+                f"capcurate.events listener {listener!r} raised {type(e).__name__}: {e}", stacklevel=2
+            )

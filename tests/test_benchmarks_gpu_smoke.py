@@ -21,13 +21,26 @@ from benchmarks.gpu.runner import Measure, Row, run_row  # noqa: E402
 
 def test_smoke_runs_every_row_family_gated_and_records_commit_card_and_repeats(tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    rc = bench.main(["--smoke", "--repeats", "1", "--json-out", str(out), "--workdir", str(tmp_path / "w"),
-                     "--only", ",".join(bench.FAMILIES)])
+    rc = bench.main(
+        [
+            "--smoke",
+            "--repeats",
+            "1",
+            "--json-out",
+            str(out),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--only",
+            ",".join(bench.FAMILIES),
+        ]
+    )
     report = json.loads(out.read_text())
     assert rc == 0, [r["failures"] for r in report["rows"]]
     assert report["ok"] and report["complete"] and report["card"] == "cpu" and len(report["head"]) == 40
     assert isinstance(report["dirty"], bool)
-    assert {r["family"] for r in report["rows"]} == set(bench.FAMILIES) - {"vlm"}  # the VLM row is recaption's
+    assert {r["family"] for r in report["rows"]} == set(bench.FAMILIES) - {
+        "vlm"
+    }  # the VLM row is recaption's
     assert "recaption_vlm" in {r["row"] for r in report["rows"]}
     for r in report["rows"]:
         assert r["ok"] and not r["failures"], r
@@ -35,8 +48,11 @@ def test_smoke_runs_every_row_family_gated_and_records_commit_card_and_repeats(t
         assert r["ratio_median"], f"{r['row']} compares with no baseline"
         s = r["sides"]["capcurate"]["per_s"]
         assert s["min"] <= s["median"] <= s["max"]
-    stage_rows = [r for r in report["rows"]
-                  if r["row"] in ("recaption_greedy", "recaption_vlm", "score_mixed_sizes", "train_e2e")]
+    stage_rows = [
+        r
+        for r in report["rows"]
+        if r["row"] in ("recaption_greedy", "recaption_vlm", "score_mixed_sizes", "train_e2e")
+    ]
     for r in stage_rows:  # the stages announced their batches/steps through capcurate.events
         assert r["sides"]["capcurate"]["steady_per_s"]["median"] > 0, r["row"]
     skipped = capsys.readouterr().out
@@ -55,6 +71,7 @@ def _row(gate, crash_baseline=False):
         if crash_baseline:
             raise RuntimeError("child died")
         return Measure(10, 2.0)
+
     return Row("x", "x_row", "images", "test", ours, {"baseline": base}, gate), calls
 
 
@@ -63,7 +80,14 @@ def test_a_failed_gate_or_a_crashed_side_fails_the_row_and_repeats_alternate_the
     res = run_row(row, repeats=3)
     assert res["ok"] and res["ratio_median"] == {"baseline": 2.0}
     assert res["sides"]["capcurate"]["per_s"]["repeats"] == [10.0, 10.0, 10.0]
-    assert [c[0] for c in calls] == ["capcurate", "baseline", "baseline", "capcurate", "capcurate", "baseline"]
+    assert [c[0] for c in calls] == [
+        "capcurate",
+        "baseline",
+        "baseline",
+        "capcurate",
+        "capcurate",
+        "baseline",
+    ]
     row, _ = _row(lambda out: ["wrong scores"] if out == 1 else [])
     res = run_row(row, repeats=3)
     assert not res["ok"] and res["failures"] == ["gate, repeat 1: wrong scores"]
@@ -84,6 +108,7 @@ def test_events_reach_listeners_only_while_subscribed_and_a_broken_listener_neve
 
     def broken(kind, n):
         raise ValueError("observer bug")
+
     with events.listening(lambda kind, n: got.append((kind, n))), events.listening(broken):
         with pytest.warns(UserWarning, match="observer bug"):
             events.emit("batch", 4)

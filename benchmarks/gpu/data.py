@@ -38,7 +38,9 @@ def _make(job: tuple[int, tuple[int, int], bool]) -> bytes:
     return make_jpeg(*job)
 
 
-def make_jpegs(n: int, size: tuple[int, int] | None = None, *, scale: float = 1.0, seed0: int = 0) -> list[bytes]:
+def make_jpegs(
+    n: int, size: tuple[int, int] | None = None, *, scale: float = 1.0, seed0: int = 0
+) -> list[bytes]:
     """``n`` JPEGs of ``size``, or of MIXED_SIZES (times ``scale``, every third progressive) when None.
     Thousands of them take a core about a minute: from 256 on, a forked pool makes them (call this
     before the process uses CUDA)."""
@@ -66,7 +68,7 @@ def _tests_on_path() -> None:
         import pytest  # noqa: F401
     except ImportError:
         stub = types.ModuleType("pytest")
-        stub.fixture = lambda *a, **k: (a[0] if a and callable(a[0]) else (lambda f: f))  # type: ignore[attr-defined]
+        stub.fixture = lambda *a, **k: a[0] if a and callable(a[0]) else (lambda f: f)  # type: ignore
         sys.modules["pytest"] = stub
 
 
@@ -75,13 +77,34 @@ def build_dataset(root: Path, jpegs: list[bytes], per_shard: int) -> Path:
     _tests_on_path()
     from conftest import build_dataset as write
 
-    samples = [{"caption": f"a photo number {i} of a red car on the street", "image": b}
-               for i, b in enumerate(jpegs)]
+    samples = [
+        {"caption": f"a photo number {i} of a red car on the street", "image": b} for i, b in enumerate(jpegs)
+    ]
     return write(root, samples, per_shard=per_shard)
 
 
-TRAIN_WORDS = ["red", "blue", "green", "photo", "of", "a", "small", "big", "dog", "cat", "car", "tree", "on",
-               "the", "table", "in", "street", "with", "light", "dark"]
+TRAIN_WORDS = [
+    "red",
+    "blue",
+    "green",
+    "photo",
+    "of",
+    "a",
+    "small",
+    "big",
+    "dog",
+    "cat",
+    "car",
+    "tree",
+    "on",
+    "the",
+    "table",
+    "in",
+    "street",
+    "with",
+    "light",
+    "dark",
+]
 
 
 def train_caption(i: int) -> str:

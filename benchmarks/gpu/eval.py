@@ -54,41 +54,54 @@ def rows(cfg: Cfg, work: Path, jpegs: list[bytes], cfg_path: Path, weights: Path
     labels = write_eval_set(folder, jpegs)
     options = {"batch_size": cfg.stage_batch, **stage_options(cfg)}
     dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
-    model, _, preprocess = open_clip.create_model_and_transforms(cfg_path.stem, pretrained=str(weights),
-                                                                 device=cfg.device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        cfg_path.stem, pretrained=str(weights), device=cfg.device
+    )
     model = model.to(dtype).eval()
     tok = open_clip.get_tokenizer(cfg_path.stem)
     loop_acc: dict[int, float] = {}
 
     def ours(rep: int) -> Measure:
-        summary, seconds, clock = timed_stage(lambda: capcurate.evaluate(
-            f"openclip:{cfg_path}", str(folder), pretrained=str(weights), **options), cfg.device)
+        summary, seconds, clock = timed_stage(
+            lambda: capcurate.evaluate(
+                f"openclip:{cfg_path}", str(folder), pretrained=str(weights), **options
+            ),
+            cfg.device,
+        )
         if not summary.ok:
             raise RuntimeError(f"eval failed: {summary.message}")
         return Measure(summary.counts["images"], seconds, summary.counts, clock.steady_per_s())
 
     def loop(rep: int) -> Measure:
-        loader = torch.utils.data.DataLoader(_Pixels(jpegs, preprocess), batch_size=cfg.gen_batch,
-                                             num_workers=0 if cfg.smoke else cfg.workers)
+        loader = torch.utils.data.DataLoader(
+            _Pixels(jpegs, preprocess), batch_size=cfg.gen_batch, num_workers=0 if cfg.smoke else cfg.workers
+        )
         preds: list[Any] = []
 
         def run() -> None:
             with torch.inference_mode():
                 cls = []
                 for c in CLASSES:
-                    t = model.encode_text(tok([t.format(c=c) for t in TEMPLATES]).to(cfg.device), normalize=True)
+                    t = model.encode_text(
+                        tok([t.format(c=c) for t in TEMPLATES]).to(cfg.device), normalize=True
+                    )
                     cls.append(torch.nn.functional.normalize(t.float().mean(0), dim=-1))
                 classifier = torch.stack(cls)
                 for px in loader:
                     e = model.encode_image(px.to(cfg.device, dtype), normalize=True).float()
                     preds.append((e @ classifier.T).argmax(-1).cpu())
+
         _, seconds = timed(run, cfg.device)
         got = torch.cat(preds)
         loop_acc[rep] = float((got == torch.tensor(labels)).float().mean())
         return Measure(len(got), seconds)
 
     def gate(counts: dict[str, Any]) -> list[str]:
-        bad = [] if counts.get("images") == len(jpegs) else [f"{counts.get('images')} of {len(jpegs)} images evaluated"]
+        bad = (
+            []
+            if counts.get("images") == len(jpegs)
+            else [f"{counts.get('images')} of {len(jpegs)} images evaluated"]
+        )
         acc = counts.get("zeroshot_classification/acc1")
         if acc is None:
             return bad + ["no zeroshot_classification/acc1"]
@@ -98,7 +111,16 @@ def rows(cfg: Cfg, work: Path, jpegs: list[bytes], cfg_path: Path, weights: Path
                 bad.append(f"top-1 {acc:.4f} vs the open_clip loop's {ref:.4f}")
         return bad
 
-    return [Row(family="eval", name="eval_zeroshot", unit="images",
-                what=f"{cfg_path.stem}, {len(jpegs)} JPEGs of mixed sizes, {len(CLASSES)} classes, zero-shot + retrieval",
-                capcurate=ours, baselines={"open_clip_loop_pil_workers": loop}, gate=gate,
-                target="equal top-1; images/s side by side (clip_benchmark row: issue 23 item 5)")]
+    return [
+        Row(
+            family="eval",
+            name="eval_zeroshot",
+            unit="images",
+            what=f"{cfg_path.stem}, {len(jpegs)} JPEGs of mixed sizes, {len(CLASSES)} classes, "
+            "zero-shot + retrieval",
+            capcurate=ours,
+            baselines={"open_clip_loop_pil_workers": loop},
+            gate=gate,
+            target="equal top-1; images/s side by side (clip_benchmark row: issue 23 item 5)",
+        )
+    ]

@@ -30,7 +30,9 @@ def rows(cfg: Cfg, jpegs: list[bytes], blip_ref: str) -> list[Row]:
     spec = captioner.image_spec
     processor = captioner.processor.image_processor
     h, w = spec.output_size
-    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[spec.interpolation]
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[
+        spec.interpolation
+    ]
     pil_out: list[Any] = []
 
     def one_core(fn):
@@ -42,6 +44,7 @@ def rows(cfg: Cfg, jpegs: list[bytes], blip_ref: str) -> list[Row]:
             finally:
                 torch.set_num_threads(threads)
             return Measure(len(out), seconds, out)
+
         return side
 
     def ours(j: bytes) -> Any:
@@ -68,14 +71,22 @@ def rows(cfg: Cfg, jpegs: list[bytes], blip_ref: str) -> list[Row]:
         if shapes != {(3, h, w)} or any(t.dtype != torch.uint8 for t in out):
             bad.append(f"outputs {shapes}, expected uint8 (3, {h}, {w})")
         elif pil_out:
-            diff = float(np.mean([np.abs(t.permute(1, 2, 0).numpy().astype(np.float32) - p.astype(np.float32)).mean()
-                                  for t, p in zip(out, pil_out, strict=True)]))
+            diff = float(
+                np.mean(
+                    [
+                        np.abs(t.permute(1, 2, 0).numpy().astype(np.float32) - p.astype(np.float32)).mean()
+                        for t, p in zip(out, pil_out, strict=True)
+                    ]
+                )
+            )
             if diff > MEAN_LEVELS_TOL:
                 bad.append(f"pixels differ from PIL's by {diff:.2f} levels on average (> {MEAN_LEVELS_TOL})")
         return bad
 
-    baselines: dict[str, Any] = {"pil_decode_resize_uint8": pil_recorded,
-                                 "hf_processor_rescale_normalize_off": one_core(hf)}
+    baselines: dict[str, Any] = {
+        "pil_decode_resize_uint8": pil_recorded,
+        "hf_processor_rescale_normalize_off": one_core(hf),
+    }
     skipped = {}
     if cfg.device.startswith("cuda"):
         dev = torch.device(cfg.device)
@@ -84,12 +95,23 @@ def rows(cfg: Cfg, jpegs: list[bytes], blip_ref: str) -> list[Row]:
         def gpu(rep: int) -> Measure:
             def run() -> list[Any]:
                 return [spec.resize_crop(x) for x in decode_jpegs_gpu(encoded, dev)]
+
             out, seconds = timed(run, cfg.device)
             return Measure(len(out), seconds)
+
         baselines["capcurate_gpu_nvjpeg_resize"] = gpu
     else:
         skipped["capcurate_gpu_nvjpeg_resize"] = "nvJPEG needs CUDA"
-    return [Row(family="input", name="input_uint8_one_core", unit="images",
-                what=f"{len(jpegs)} JPEGs {cfg.image_size[0]}x{cfg.image_size[1]} -> uint8 {h}x{w}, one core",
-                capcurate=one_core(ours), baselines=baselines, gate=gate, skipped=skipped,
-                target=">= 2x per core against PIL + processor stopping at uint8")]
+    return [
+        Row(
+            family="input",
+            name="input_uint8_one_core",
+            unit="images",
+            what=f"{len(jpegs)} JPEGs {cfg.image_size[0]}x{cfg.image_size[1]} -> uint8 {h}x{w}, one core",
+            capcurate=one_core(ours),
+            baselines=baselines,
+            gate=gate,
+            skipped=skipped,
+            target=">= 2x per core against PIL + processor stopping at uint8",
+        )
+    ]

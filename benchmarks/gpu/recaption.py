@@ -32,11 +32,14 @@ def length_gate(n_images: int, tokens: int | None, max_tokens: int):
     that many generated tokens, else none over ``max_tokens``. Lengths come from the stage's own count
     of generated tokens (``tokens_generated``): re-tokenising the stored text would not give them back,
     since decoding drops special tokens and cleaning collapses whitespace."""
+
     def gate(out: tuple[list[dict[str, Any]], dict[str, Any]]) -> list[str]:
         rows, counts = out
         bad = []
         if len(rows) != n_images or counts.get("images_captioned") != n_images:
-            bad.append(f"{len(rows)} caption rows, {counts.get('images_captioned')} captioned, for {n_images} images")
+            bad.append(
+                f"{len(rows)} caption rows, {counts.get('images_captioned')} captioned, for {n_images} images"
+            )
         errors = [r["error"] for r in rows if r["error"]]
         if errors:
             bad.append(f"{len(errors)} images failed, e.g. {errors[0]}")
@@ -49,10 +52,13 @@ def length_gate(n_images: int, tokens: int | None, max_tokens: int):
         if made > n_images * max_tokens or made == 0:
             bad.append(f"{made} tokens generated for {n_images} captions of at most {max_tokens}")
         return bad
+
     return gate
 
 
-def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], blip_ref: str, beam_ds: Path, beam_jpegs: list[bytes]) -> list[Row]:
+def rows(
+    cfg: Cfg, ds: Path, jpegs: list[bytes], blip_ref: str, beam_ds: Path, beam_jpegs: list[bytes]
+) -> list[Row]:
     import torch
 
     import capcurate
@@ -64,15 +70,24 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], blip_ref: str, beam_ds: Path, b
     options = {"batch_size": cfg.stage_batch, **stage_options(cfg)}
     out = []
     for tag, data, images, kw in (
-            ("greedy", ds, jpegs, dict(decoding="greedy", min_new_tokens=cfg.tokens, max_new_tokens=cfg.tokens)),
-            ("beam_default", beam_ds, beam_jpegs,  # the CLI's defaults: beam 3, up to 30 tokens
-             {"max_new_tokens": cfg.beam_max_tokens} if cfg.beam_max_tokens else {})):
+        ("greedy", ds, jpegs, dict(decoding="greedy", min_new_tokens=cfg.tokens, max_new_tokens=cfg.tokens)),
+        (
+            "beam_default",
+            beam_ds,
+            beam_jpegs,  # the CLI's defaults: beam 3, up to 30 tokens
+            {"max_new_tokens": cfg.beam_max_tokens} if cfg.beam_max_tokens else {},
+        ),
+    ):
         dec = DecodingConfig(**kw)
         pixels = ready_pixels(captioner, images, cfg.device)
 
         def ours(rep: int, data: Path = data, kw: dict = kw, tag: str = tag) -> Measure:
-            summary, seconds, clock = timed_stage(lambda: capcurate.recaption(
-                data, model=blip_ref, name=f"bench_{tag}", **options, overwrite=True, **kw), cfg.device)
+            summary, seconds, clock = timed_stage(
+                lambda: capcurate.recaption(
+                    data, model=blip_ref, name=f"bench_{tag}", **options, overwrite=True, **kw
+                ),
+                cfg.device,
+            )
             if not summary.ok:
                 raise RuntimeError(f"recaption failed: {summary.message}")
             got = stage_captions(data, f"bench_{tag}")
@@ -84,7 +99,8 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], blip_ref: str, beam_ds: Path, b
             def run() -> None:
                 with torch.inference_mode():
                     for i in range(0, pixels.shape[0], cfg.gen_batch):
-                        caps.extend(captioner.caption(pixels[i:i + cfg.gen_batch], dec))
+                        caps.extend(captioner.caption(pixels[i : i + cfg.gen_batch], dec))
+
             _, seconds = timed(run, cfg.device)
             if len(caps) != pixels.shape[0]:
                 raise RuntimeError(f"the ceiling captioned {len(caps)} of {pixels.shape[0]} images")
@@ -93,14 +109,23 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], blip_ref: str, beam_ds: Path, b
             return Measure(len(caps), seconds, caps)
 
         fixed = cfg.tokens if tag == "greedy" else None
-        out.append(Row(
-            family="recaption", name=f"recaption_{tag}", unit="images",
-            what=f"BLIP-{cfg.blip} shape, {len(images)} JPEGs, "
-                 + (f"greedy exactly {cfg.tokens} tokens" if fixed
-                    else f"default decoding (beam 3, <= {dec.max_new_tokens} tokens)"),
-            capcurate=ours, baselines={"ceiling_own_model_ready_tensors": ceiling},
-            gate=length_gate(len(images), fixed, dec.max_new_tokens),
-            target=">= 90% of the ceiling (capcurate's own SDPA-patched model on ready device tensors)"))
+        out.append(
+            Row(
+                family="recaption",
+                name=f"recaption_{tag}",
+                unit="images",
+                what=f"BLIP-{cfg.blip} shape, {len(images)} JPEGs, "
+                + (
+                    f"greedy exactly {cfg.tokens} tokens"
+                    if fixed
+                    else f"default decoding (beam 3, <= {dec.max_new_tokens} tokens)"
+                ),
+                capcurate=ours,
+                baselines={"ceiling_own_model_ready_tensors": ceiling},
+                gate=length_gate(len(images), fixed, dec.max_new_tokens),
+                target=">= 90% of the ceiling (capcurate's own SDPA-patched model on ready device tensors)",
+            )
+        )
     return out
 
 
@@ -119,16 +144,22 @@ def vlm_row(cfg: Cfg, ds: Path, jpegs: list[bytes], vlm_ref: str) -> Row:
     kw = dict(decoding="greedy", min_new_tokens=cfg.tokens, max_new_tokens=cfg.tokens)
     dec = captioner.prepare(DecodingConfig(**kw))  # fills the default instruction, as the stage does
     images = [decode_cpu(j) for j in jpegs]
-    ready = [captioner.build_inputs(images[i:i + cfg.vlm_batch], dec) for i in range(0, len(images), cfg.vlm_batch)]
+    ready = [
+        captioner.build_inputs(images[i : i + cfg.vlm_batch], dec)
+        for i in range(0, len(images), cfg.vlm_batch)
+    ]
     options = {"batch_size": cfg.stage_batch, **stage_options(cfg)}
 
     def ours(rep: int) -> Measure:
-        summary, seconds, clock = timed_stage(lambda: capcurate.recaption(
-            ds, model=vlm_ref, name="bench_vlm", **options, overwrite=True, **kw), cfg.device)
+        summary, seconds, clock = timed_stage(
+            lambda: capcurate.recaption(ds, model=vlm_ref, name="bench_vlm", **options, overwrite=True, **kw),
+            cfg.device,
+        )
         if not summary.ok:
             raise RuntimeError(f"recaption failed: {summary.message}")
-        return Measure(len(images), seconds, (stage_captions(ds, "bench_vlm"), summary.counts),
-                       clock.steady_per_s())
+        return Measure(
+            len(images), seconds, (stage_captions(ds, "bench_vlm"), summary.counts), clock.steady_per_s()
+        )
 
     def generate_alone(rep: int) -> Measure:
         new: list[int] = []
@@ -138,12 +169,21 @@ def vlm_row(cfg: Cfg, ds: Path, jpegs: list[bytes], vlm_ref: str) -> Row:
                 for inputs in ready:
                     out = captioner.model.generate(**inputs, **captioner.generate_kwargs(dec))
                     new.extend([out.shape[1] - inputs["input_ids"].shape[1]] * out.shape[0])
+
         _, seconds = timed(run, cfg.device)
         if new != [cfg.tokens] * len(images):
-            raise RuntimeError(f"generate made {sorted(set(new))} new tokens per image, asked for {cfg.tokens}")
+            raise RuntimeError(
+                f"generate made {sorted(set(new))} new tokens per image, asked for {cfg.tokens}"
+            )
         return Measure(len(new), seconds)
 
-    return Row(family="recaption", name="recaption_vlm", unit="images",
-               what=f"Qwen2-VL {cfg.vlm} shape, {len(images)} JPEGs, greedy exactly {cfg.tokens} tokens",
-               capcurate=ours, baselines={"generate_on_ready_processor_inputs": generate_alone},
-               gate=length_gate(len(images), cfg.tokens, cfg.tokens), target="report images/s and tokens/s")
+    return Row(
+        family="recaption",
+        name="recaption_vlm",
+        unit="images",
+        what=f"Qwen2-VL {cfg.vlm} shape, {len(images)} JPEGs, greedy exactly {cfg.tokens} tokens",
+        capcurate=ours,
+        baselines={"generate_on_ready_processor_inputs": generate_alone},
+        gate=length_gate(len(images), cfg.tokens, cfg.tokens),
+        target="report images/s and tokens/s",
+    )

@@ -42,7 +42,7 @@ class Measure:
     items: int
     seconds: float
     output: Any = None
-    steady_per_s: float | None = None   # items/s after the first batch (start-up left out), when known
+    steady_per_s: float | None = None  # items/s after the first batch (start-up left out), when known
 
     @property
     def per_s(self) -> float:
@@ -94,7 +94,7 @@ def timed(call: Callable[[], Any], device: str) -> tuple[Any, float]:
 
 
 Side = Callable[[int], Measure]
-Gate = Callable[[Any], list[str]]   # capcurate's output -> what is wrong (empty: the gate passes)
+Gate = Callable[[Any], list[str]]  # capcurate's output -> what is wrong (empty: the gate passes)
 
 
 @dataclass
@@ -108,7 +108,7 @@ class Row:
     capcurate: Side
     baselines: dict[str, Side]
     gate: Gate
-    skipped: dict[str, str] = field(default_factory=dict)   # baseline -> why it did not run here
+    skipped: dict[str, str] = field(default_factory=dict)  # baseline -> why it did not run here
     target: str = ""
 
 
@@ -126,7 +126,7 @@ def run_row(row: Row, repeats: int = REPEATS) -> dict[str, Any]:
     log(f"row {row.name}: {row.what}")
     for rep in range(repeats):
         ours_done: list[Measure] = []
-        for key in (order if rep % 2 == 0 else order[::-1]):
+        for key in order if rep % 2 == 0 else order[::-1]:
             try:
                 m = sides[key](rep)
             except Exception as e:  # a crashed side fails the row, never posts a rate
@@ -138,30 +138,53 @@ def run_row(row: Row, repeats: int = REPEATS) -> dict[str, Any]:
             per_s[key].append(m.per_s)
             if m.steady_per_s is not None:
                 steady[key].append(m.steady_per_s)
-            log(f"  {key} repeat {rep}: {m.items} {row.unit} in {m.seconds:.3f} s = {m.per_s:.1f}/s"
-                + (f" (steady {m.steady_per_s:.1f}/s)" if m.steady_per_s else ""))
+            log(
+                f"  {key} repeat {rep}: {m.items} {row.unit} in {m.seconds:.3f} s = {m.per_s:.1f}/s"
+                + (f" (steady {m.steady_per_s:.1f}/s)" if m.steady_per_s else "")
+            )
         # gated once the round is over, so gates that compare with a baseline's output always have it
         for m in ours_done:
             try:
                 failures += [f"gate, repeat {rep}: {p}" for p in row.gate(m.output)]
             except Exception as e:  # a gate that cannot read the output is a failed gate
                 failures.append(f"gate, repeat {rep}: {type(e).__name__}: {e}")
-    sides_out = {k: {"per_s": spread(v), **({"steady_per_s": spread(steady[k])} if steady[k] else {})}
-                 for k, v in per_s.items() if v}
+    sides_out = {
+        k: {"per_s": spread(v), **({"steady_per_s": spread(steady[k])} if steady[k] else {})}
+        for k, v in per_s.items()
+        if v
+    }
     ours = sides_out.get("capcurate", {}).get("per_s", {}).get("median")
-    ratios = {k: ours / s["per_s"]["median"] for k, s in sides_out.items()
-              if k != "capcurate" and ours and s["per_s"]["median"]}
+    ratios = {
+        k: ours / s["per_s"]["median"]
+        for k, s in sides_out.items()
+        if k != "capcurate" and ours and s["per_s"]["median"]
+    }
     ours_steady = sides_out.get("capcurate", {}).get("steady_per_s", {}).get("median")
-    steady_ratios = {k: ours_steady / s["steady_per_s"]["median"] for k, s in sides_out.items()
-                     if k != "capcurate" and ours_steady and s.get("steady_per_s", {}).get("median")}
+    steady_ratios = {
+        k: ours_steady / s["steady_per_s"]["median"]
+        for k, s in sides_out.items()
+        if k != "capcurate" and ours_steady and s.get("steady_per_s", {}).get("median")
+    }
     ok = not failures and "capcurate" in sides_out
-    log(f"row {row.name}: {'ok' if ok else 'FAILED'}; capcurate/baseline (medians): "
+    log(
+        f"row {row.name}: {'ok' if ok else 'FAILED'}; capcurate/baseline (medians): "
         + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
         + "".join(f"\n  skipped {k}: {why}" for k, why in row.skipped.items())
-        + "".join(f"\n  {f}" for f in failures))
-    return {"family": row.family, "row": row.name, "what": row.what, "unit": row.unit, "target": row.target,
-            "ok": ok, "failures": failures, "sides": sides_out, "ratio_median": ratios,
-            "ratio_steady_median": steady_ratios, "skipped": row.skipped}
+        + "".join(f"\n  {f}" for f in failures)
+    )
+    return {
+        "family": row.family,
+        "row": row.name,
+        "what": row.what,
+        "unit": row.unit,
+        "target": row.target,
+        "ok": ok,
+        "failures": failures,
+        "sides": sides_out,
+        "ratio_median": ratios,
+        "ratio_steady_median": steady_ratios,
+        "skipped": row.skipped,
+    }
 
 
 def card() -> str:
@@ -172,6 +195,7 @@ def card() -> str:
 
 def provenance() -> dict[str, Any]:
     """The commit measured, whether the tree differed from it, and the card."""
+
     def git(*args: str) -> str:
         with contextlib.suppress(OSError, subprocess.CalledProcessError):
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -181,9 +205,16 @@ def provenance() -> dict[str, Any]:
 
     head = git("rev-parse", "HEAD").strip() or "unknown"
     # untracked files count too: a benchmark run from a tree with new modules is not HEAD
-    dirty = bool(git("status", "--porcelain", "--untracked-files=normal").strip()) if head != "unknown" else None
-    return {"head": head, "dirty": dirty, "card": card(), "torch": torch.__version__,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    dirty = (
+        bool(git("status", "--porcelain", "--untracked-files=normal").strip()) if head != "unknown" else None
+    )
+    return {
+        "head": head,
+        "dirty": dirty,
+        "card": card(),
+        "torch": torch.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def write_report(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:

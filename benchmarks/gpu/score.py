@@ -17,9 +17,14 @@ CAPTION_COLUMN = "raw"
 def stage_scores(ds: Path, name: str) -> list[dict[str, Any]]:
     from capcurate.dataset import Dataset
 
-    return Dataset(ds).query(
-        f"SELECT m.uid, m.caption, s.score_{name}_{CAPTION_COLUMN} AS score FROM manifest m "
-        f"JOIN scores_{name} s USING (uid) ORDER BY m.uid").to_pylist()
+    return (
+        Dataset(ds)
+        .query(
+            f"SELECT m.uid, m.caption, s.score_{name}_{CAPTION_COLUMN} AS score FROM manifest m "
+            f"JOIN scores_{name} s USING (uid) ORDER BY m.uid"
+        )
+        .to_pylist()
+    )
 
 
 class _Images:
@@ -37,14 +42,16 @@ class _Images:
         return self.preprocess(Image.open(io.BytesIO(self.jpegs[i])).convert("RGB")), self.captions[i]
 
 
-def fp32_reference(cfg_path: Path, weights: Path, jpegs: dict[str, bytes], captions: dict[str, str],
-                   device: str) -> dict[str, float]:
+def fp32_reference(
+    cfg_path: Path, weights: Path, jpegs: dict[str, bytes], captions: dict[str, str], device: str
+) -> dict[str, float]:
     """Cosine image-caption similarity as open_clip computes it in fp32, one image at a time."""
     import open_clip
     import torch
 
-    model, _, preprocess = open_clip.create_model_and_transforms(cfg_path.stem, pretrained=str(weights),
-                                                                 device=device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        cfg_path.stem, pretrained=str(weights), device=device
+    )
     tok = open_clip.get_tokenizer(cfg_path.stem)
     model.eval()
     ds = _Images(list(jpegs.values()), [captions[u] for u in jpegs], preprocess)
@@ -71,14 +78,16 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], cfg_path: Path, weights: Path) 
     jpeg_of = {by_key[k]["uid"]: j for k, j in zip(keys, jpegs, strict=True)}
     caption_of = {r["uid"]: r["caption"] for r in manifest}
     step = max(1, len(manifest) // cfg.score_sample)
-    sample = [r["uid"] for r in manifest[::step]][:cfg.score_sample]
+    sample = [r["uid"] for r in manifest[::step]][: cfg.score_sample]
     reference = fp32_reference(cfg_path, weights, {u: jpeg_of[u] for u in sample}, caption_of, cfg.device)
     ref = f"openclip:{cfg_path}"
     options = {"batch_size": cfg.stage_batch, **stage_options(cfg)}
 
     def ours(rep: int) -> Measure:
-        summary, seconds, clock = timed_stage(lambda: capcurate.score(
-            ds, ref, "bench", pretrained=str(weights), **options, overwrite=True), cfg.device)
+        summary, seconds, clock = timed_stage(
+            lambda: capcurate.score(ds, ref, "bench", pretrained=str(weights), **options, overwrite=True),
+            cfg.device,
+        )
         if not summary.ok:
             raise RuntimeError(f"score failed: {summary.message}")
         got = stage_scores(ds, "bench")
@@ -98,17 +107,21 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], cfg_path: Path, weights: Path) 
         return bad
 
     dtype = torch.bfloat16 if cfg.device.startswith("cuda") else torch.float32
-    model, _, preprocess = open_clip.create_model_and_transforms(cfg_path.stem, pretrained=str(weights),
-                                                                 device=cfg.device)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        cfg_path.stem, pretrained=str(weights), device=cfg.device
+    )
     model = model.to(dtype).eval()
     tok = open_clip.get_tokenizer(cfg_path.stem)
     captions = [caption_of[by_key[k]["uid"]] for k in keys]
     batch = cfg.gen_batch
 
     def open_clip_loop(rep: int) -> Measure:
-        loader = torch.utils.data.DataLoader(_Images(jpegs, captions, preprocess), batch_size=batch,
-                                             num_workers=cfg.workers if not cfg.smoke else 0,
-                                             pin_memory=cfg.device.startswith("cuda"))
+        loader = torch.utils.data.DataLoader(
+            _Images(jpegs, captions, preprocess),
+            batch_size=batch,
+            num_workers=cfg.workers if not cfg.smoke else 0,
+            pin_memory=cfg.device.startswith("cuda"),
+        )
         sims = []
 
         def run() -> None:
@@ -117,6 +130,7 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], cfg_path: Path, weights: Path) 
                     i = model.encode_image(px.to(cfg.device, dtype, non_blocking=True), normalize=True)
                     t = model.encode_text(tok(list(caps)).to(cfg.device), normalize=True)
                     sims.append((i * t).sum(-1))
+
         _, seconds = timed(run, cfg.device)
         return Measure(sum(len(s) for s in sims), seconds)
 
@@ -131,12 +145,23 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], cfg_path: Path, weights: Path) 
             with torch.inference_mode():
                 for _ in range(n):
                     model.encode_image(ready)
+
         _, seconds = timed(run, cfg.device)
         return Measure(n * batch, seconds)
 
-    return [Row(family="score", name="score_mixed_sizes",
-                unit="images", what=f"{cfg_path.stem}, {len(jpegs)} JPEGs of 7 shapes (every third progressive), "
-                "one caption each, capcurate defaults",
-                capcurate=ours,
-                baselines={"open_clip_loop_pil_workers": open_clip_loop, "image_tower_alone_ready_tensors": tower_alone},
-                gate=gate, target="> the open_clip loop; >= 70% of the tower alone")]
+    return [
+        Row(
+            family="score",
+            name="score_mixed_sizes",
+            unit="images",
+            what=f"{cfg_path.stem}, {len(jpegs)} JPEGs of 7 shapes (every third progressive), "
+            "one caption each, capcurate defaults",
+            capcurate=ours,
+            baselines={
+                "open_clip_loop_pil_workers": open_clip_loop,
+                "image_tower_alone_ready_tensors": tower_alone,
+            },
+            gate=gate,
+            target="> the open_clip loop; >= 70% of the tower alone",
+        )
+    ]

@@ -34,22 +34,62 @@ def open_clip_train_side(cfg: Cfg, tmp: Path, pattern: str, model: str):
 
     def side(rep: int) -> Measure:
         logs = tmp / f"open_clip_train-{rep}"
-        argv = ["--train-data", pattern, "--train-num-samples", str(samples), "--dataset-type", "webdataset",
-                "--model", model, "--batch-size", str(cfg.train_batch), "--epochs", "1",
-                "--workers", str(cfg.workers), "--precision", precision, "--lr", "5e-4", "--warmup", "2",
-                # capcurate's AdamW defaults (open_clip_train's are beta2 0.999, eps 1e-8): the same optimiser
-                "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6", "--wd", "0.2",
-                "--logs", str(logs), "--name", "bench", "--report-to", "", "--log-every-n-steps", "1",
-                "--save-frequency", "1", "--seed", "0", "--device", cfg.device]  # saves at the end, as capcurate does
+        argv = [
+            "--train-data",
+            pattern,
+            "--train-num-samples",
+            str(samples),
+            "--dataset-type",
+            "webdataset",
+            "--model",
+            model,
+            "--batch-size",
+            str(cfg.train_batch),
+            "--epochs",
+            "1",
+            "--workers",
+            str(cfg.workers),
+            "--precision",
+            precision,
+            "--lr",
+            "5e-4",
+            "--warmup",
+            "2",
+            # capcurate's AdamW defaults (open_clip_train's are beta2 0.999, eps 1e-8): the same optimiser
+            "--beta1",
+            "0.9",
+            "--beta2",
+            "0.98",
+            "--eps",
+            "1e-6",
+            "--wd",
+            "0.2",
+            "--logs",
+            str(logs),
+            "--name",
+            "bench",
+            "--report-to",
+            "",
+            "--log-every-n-steps",
+            "1",
+            "--save-frequency",
+            "1",
+            "--seed",
+            "0",
+            "--device",
+            cfg.device,
+        ]  # saves at the end, as capcurate does
         # open_clip_train's setup_logging adds root handlers and sets every logger to INFO (torch's too)
         root = logging.getLogger()
         handlers = list(root.handlers)
-        levels = {n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+        levels = {
+            n: lg.level for n, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)
+        }
         levels[""] = root.level
         try:
             rc, seconds = timed(lambda: oc_main(argv), cfg.device)
         finally:  # open_clip_train adds its own handlers to the root logger on every call
-            for h in root.handlers[len(handlers):]:
+            for h in root.handlers[len(handlers) :]:
                 root.removeHandler(h)
             for n, level in levels.items():
                 logging.getLogger(n or None).setLevel(level)
@@ -62,6 +102,7 @@ def open_clip_train_side(cfg: Cfg, tmp: Path, pattern: str, model: str):
         steps = [float(x) for x in STEP_TIME.findall(text)][1:]  # as capcurate's: after the first step
         steady = cfg.train_batch * len(steps) / sum(steps) if steps and sum(steps) > 0 else None
         return Measure(samples, seconds, means[-1], steady)  # output: the mean loss over its steps
+
     return side
 
 
@@ -74,16 +115,32 @@ def e2e_row(cfg: Cfg, tmp: Path, pattern: str, cfg_path: Path | None, arch: str)
 
     def trainer(decode: str, tag: str):
         def side(rep: int) -> Measure:
-            summary, seconds, clock = timed_stage(lambda: capcurate.train(
-                pattern, str(tmp / f"run-{tag}"), **model_kw, batch_size=cfg.train_batch,
-                max_steps=cfg.train_steps, train_num_samples=cfg.train_samples, precision=cfg.precision,
-                decode=decode, lr=5e-4, warmup=2, seed=0, overwrite=True,
-                **{"device": cfg.device, "workers": cfg.workers, **stage_options(cfg)}), cfg.device)
+            summary, seconds, clock = timed_stage(
+                lambda: capcurate.train(
+                    pattern,
+                    str(tmp / f"run-{tag}"),
+                    **model_kw,
+                    batch_size=cfg.train_batch,
+                    max_steps=cfg.train_steps,
+                    train_num_samples=cfg.train_samples,
+                    precision=cfg.precision,
+                    decode=decode,
+                    lr=5e-4,
+                    warmup=2,
+                    seed=0,
+                    overwrite=True,
+                    **{"device": cfg.device, "workers": cfg.workers, **stage_options(cfg)},
+                ),
+                cfg.device,
+            )
             steps = summary.counts["steps"]
-            logged = [json.loads(x) for x in (tmp / f"run-{tag}" / "metrics.jsonl").read_text().splitlines() if x]
+            logged = [
+                json.loads(x) for x in (tmp / f"run-{tag}" / "metrics.jsonl").read_text().splitlines() if x
+            ]
             losses = [r["loss"] for r in logged if "loss" in r and "step" in r]
             mean = sum(losses) / len(losses) if losses else float("nan")
             return Measure(summary.counts["samples_seen"], seconds, (steps, mean), clock.steady_per_s())
+
         return side
 
     def theirs_recorded(rep: int) -> Measure:
@@ -100,8 +157,10 @@ def e2e_row(cfg: Cfg, tmp: Path, pattern: str, cfg_path: Path | None, arch: str)
         if ref:  # the baseline ran in this or the previous repeat
             rel = abs(loss - ref[-1]) / max(abs(ref[-1]), 1e-6)
             if rel > cfg.train_loss_tol:
-                bad.append(f"mean loss {loss:.4f} vs open_clip_train's {ref[-1]:.4f} over {steps} steps "
-                           f"({rel:.1%} > {cfg.train_loss_tol:.0%})")
+                bad.append(
+                    f"mean loss {loss:.4f} vs open_clip_train's {ref[-1]:.4f} over {steps} steps "
+                    f"({rel:.1%} > {cfg.train_loss_tol:.0%})"
+                )
         return bad
 
     baselines: dict[str, Any] = {"open_clip_train_workers_cores_minus_1": theirs_recorded}
@@ -109,11 +168,21 @@ def e2e_row(cfg: Cfg, tmp: Path, pattern: str, cfg_path: Path | None, arch: str)
     if cfg.device.startswith("cuda"):
         baselines["capcurate_decode_cpu"] = trainer("cpu", "decode-cpu")
     else:
-        skipped["capcurate_decode_cpu"] = "on the CPU capcurate's default is decode=cpu already (decode=gpu needs CUDA)"
-    return Row(family="train", name="train_e2e", unit="samples",
-               what=f"{arch or cfg_path.stem}, batch {cfg.train_batch}, {cfg.train_steps} steps, {cfg.precision}, "
-                    f"captions of 3-11 words", capcurate=trainer("auto", "auto"), baselines=baselines,
-               gate=gate, skipped=skipped, target=">= 2.0x open_clip_train")
+        skipped["capcurate_decode_cpu"] = (
+            "on the CPU capcurate's default is decode=cpu already (decode=gpu needs CUDA)"
+        )
+    return Row(
+        family="train",
+        name="train_e2e",
+        unit="samples",
+        what=f"{arch or cfg_path.stem}, batch {cfg.train_batch}, {cfg.train_steps} steps, {cfg.precision}, "
+        f"captions of 3-11 words",
+        capcurate=trainer("auto", "auto"),
+        baselines=baselines,
+        gate=gate,
+        skipped=skipped,
+        target=">= 2.0x open_clip_train",
+    )
 
 
 def step_row(cfg: Cfg, cfg_path: Path | None, arch: str) -> Row:
@@ -134,8 +203,11 @@ def step_row(cfg: Cfg, cfg_path: Path | None, arch: str) -> Row:
     size = size[0] if isinstance(size, (tuple, list)) else size
     torch.manual_seed(0)
     images = torch.randn(cfg.train_batch, 3, size, size, device=dev)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.precision == "bf16" and dev.startswith("cuda") \
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.precision == "bf16" and dev.startswith("cuda")
         else torch.autocast("cpu", enabled=False)
+    )
     first_loss: dict[str, float] = {}
     can_fuse = dev.startswith("cuda")
 
@@ -157,18 +229,27 @@ def step_row(cfg: Cfg, cfg_path: Path | None, arch: str) -> Row:
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     losses.append(loss.detach())
+
             _, seconds = timed(run, dev)
             first_loss[tag] = float(losses[0])
-            return Measure(cfg.step_iters * cfg.train_batch, seconds, (tag, float(losses[0]), texts.shape[1],
-                                                                      trimmer(texts).shape[1]))
+            return Measure(
+                cfg.step_iters * cfg.train_batch,
+                seconds,
+                (tag, float(losses[0]), texts.shape[1], trimmer(texts).shape[1]),
+            )
+
         return side
 
     def gate(out: tuple[str, float, int, int]) -> list[str]:
         _, loss, full, trimmed = out
         bad = [] if trimmed <= full else [f"trimmed tokens {trimmed} > {full}"]
         ref = first_loss.get("untrimmed")
-        if ref is not None and abs(loss - ref) > (2e-2 if cfg.precision == "bf16" else 1e-4) * max(1.0, abs(ref)):
-            bad.append(f"first-step loss {loss:.6f} with trimming vs {ref:.6f} without: trimming is not exact")
+        if ref is not None and abs(loss - ref) > (2e-2 if cfg.precision == "bf16" else 1e-4) * max(
+            1.0, abs(ref)
+        ):
+            bad.append(
+                f"first-step loss {loss:.6f} with trimming vs {ref:.6f} without: trimming is not exact"
+            )
         return bad
 
     baselines = {"untrimmed": step_side(False, can_fuse, "untrimmed")}
@@ -177,9 +258,18 @@ def step_row(cfg: Cfg, cfg_path: Path | None, arch: str) -> Row:
         baselines["unfused"] = step_side(True, False, "unfused")
         baselines["open_clip_step_untrimmed_unfused"] = step_side(False, False, "plain")
     else:
-        skipped["unfused"] = "fused AdamW is capcurate's choice on CUDA only; on the CPU both sides run unfused"
-    return Row(family="train", name="train_step", unit="samples",
-               what=f"{name} train step on ready tensors, batch {cfg.train_batch}, {cfg.step_iters} steps: "
-                    "text trimmed (capcurate.models.text_trim) and fused AdamW on/off",
-               capcurate=step_side(True, can_fuse, "capcurate"), baselines=baselines, gate=gate,
-               skipped=skipped, target="separates trimming and fusing from the input pipeline")
+        skipped["unfused"] = (
+            "fused AdamW is capcurate's choice on CUDA only; on the CPU both sides run unfused"
+        )
+    return Row(
+        family="train",
+        name="train_step",
+        unit="samples",
+        what=f"{name} train step on ready tensors, batch {cfg.train_batch}, {cfg.step_iters} steps: "
+        "text trimmed (capcurate.models.text_trim) and fused AdamW on/off",
+        capcurate=step_side(True, can_fuse, "capcurate"),
+        baselines=baselines,
+        gate=gate,
+        skipped=skipped,
+        target="separates trimming and fusing from the input pipeline",
+    )
