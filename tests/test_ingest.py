@@ -87,6 +87,15 @@ def test_ingest_image_folder_with_sidecar_captions_reshards_and_resumes(tmp_path
     assert (again["shards_processed"], again["shards_skipped"]) == (1, 2)
     assert ds.connect().execute("SELECT count(DISTINCT uid), count(*) FROM samples").fetchone() == (5, 5)
 
+    # a damaged manifest (0 bytes, garbage) is not a finished shard: ingest writes it again
+    before = pq.read_table(ds.samples_path("00002"))
+    ds.samples_path("00002").write_bytes(b"")
+    ds.samples_path("00000").write_bytes(b"not parquet at all")
+    again = json.loads(runner.invoke(app, args).stdout)["counts"]
+    assert (again["shards_processed"], again["shards_skipped"]) == (2, 1)
+    assert pq.read_table(ds.samples_path("00002")).equals(before)
+    assert ds.connect().execute("SELECT count(DISTINCT uid), count(*) FROM samples").fetchall() == [(5, 5)]
+
 
 def test_ingest_adopts_img2dataset_output(tmp_path):
     src = tmp_path / "i2d"

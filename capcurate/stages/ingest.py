@@ -135,6 +135,18 @@ class IngestJob:
     def output_path(self, shard_id: str) -> Path:
         return self.ds.samples_path(shard_id)
 
+    def is_done(self, shard_id: str) -> bool:
+        """A manifest that is there but not a readable Parquet file (0 bytes, garbage: damage from
+        outside capcurate, whose own writes are atomic) does not finish its shard: it is written again.
+        Asked only for the shards the listing shows (one footer read each, at resume)."""
+        try:
+            storage.read_metadata(self.ds.samples_path(shard_id))
+        except FileNotFoundError:
+            return False
+        except Exception:  # noqa: BLE001 - pyarrow's ArrowInvalid/OSError for a file that is not Parquet
+            return False
+        return True
+
     def setup(self) -> None:
         import pyarrow as pa
 
