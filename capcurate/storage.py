@@ -272,6 +272,18 @@ def read_bytes(p: Any) -> bytes:
     return q.fs.cat_file(q.path)
 
 
+def map_reads(fn: Any, items: list[Any], *, remote: bool, at_once: int = 8) -> Iterator[Any]:
+    """``fn(item)`` for each item, results in order. On a store up to ``at_once`` run at once: a GET is
+    mostly waiting on the store (``fn`` must catch its own errors if one item may fail alone)."""
+    if not remote or len(items) < 2:
+        yield from map(fn, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(at_once, len(items)), thread_name_prefix="capcurate-read") as pool:
+        yield from pool.map(fn, items)
+
+
 def open_read(p: Any) -> IO[bytes]:
     """A binary, seekable reader (a local file, or a store object read in blocks by ranged GETs)."""
     _settle_for(p)

@@ -154,16 +154,22 @@ class RecaptionJob:
         self.setup()
         root = storage.path(self.root)
         works, rows_of = [], []
-        for sid in shard_ids:
+
+        def opened(sid: str) -> tuple[str, Any]:
             try:
                 manifest, fp = lineage.read_parquet(root / "samples" / f"{sid}.parquet",
                                                     columns=["uid", "key", "status"])
                 # the tar's identity before any of it is read: a tar rewritten meanwhile makes this stale
-                self._inputs[sid] = {lineage.SAMPLES: fp,
-                                     lineage.TAR: lineage.tar_identity(root / "shards" / f"{sid}.tar")}
+                return sid, (manifest, {lineage.SAMPLES: fp,
+                                        lineage.TAR: lineage.tar_identity(root / "shards" / f"{sid}.tar")})
             except Exception as e:  # an unreadable manifest fails its shard only
-                yield sid, e
+                return sid, e
+
+        for sid, got in storage.map_reads(opened, shard_ids, remote=storage.is_remote(root)):
+            if isinstance(got, Exception):
+                yield sid, got
                 continue
+            manifest, self._inputs[sid] = got
             rows = manifest.to_pylist()
             entries = success_entries([r["key"] for r in rows], [r["status"] for r in rows])
             if not entries:
@@ -282,8 +288,16 @@ def recaption(
 ) -> Summary:
     """Caption every image of ``dataset`` with ``model`` into ``captions/<name>/``; returns a Summary."""
     from ..devices import parse_batch_size, resolve_placement, resolve_workers
-    from ..engines import (ActorSetupError, check_max_retries, connect_engine, parse_part, pending_shards,
-                           placement_summary, run_job, select_part)
+    from ..engines import (
+        ActorSetupError,
+        check_max_retries,
+        connect_engine,
+        parse_part,
+        pending_shards,
+        placement_summary,
+        run_job,
+        select_part,
+    )
 
     check_max_retries(max_retries)
     from ..models.captioners import DecodingConfig
@@ -378,3 +392,4 @@ def recaption(
                  **({"warnings": warnings} if warnings else {}),
                  **({"failed_shards": failed} if failed else {})},
     )
+

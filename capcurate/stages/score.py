@@ -253,17 +253,13 @@ class ScoreJob:
             except Exception as e:
                 return sid, e
 
-        if len(shard_ids) < 2 or not storage.is_remote(self.base):
-            yield from map(opened, shard_ids)
-            return
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._names(self.output_path(shard_ids[0]).parent)  # list once here, not once per thread
-        for source in self.sources:
-            if source != RAW:
-                self._names(self.base / "captions" / source)
-        with ThreadPoolExecutor(min(8, len(shard_ids)), thread_name_prefix="capcurate-open") as pool:
-            yield from pool.map(opened, shard_ids)
+        remote = storage.is_remote(self.base)
+        if remote and len(shard_ids) > 1:  # list once here, not once per thread
+            self._names(self.output_path(shard_ids[0]).parent)
+            for source in self.sources:
+                if source != RAW:
+                    self._names(self.base / "captions" / source)
+        yield from storage.map_reads(opened, shard_ids, remote=remote)
 
     def _stream_shards(self, works: list[Any], states: list[Any], finisher: Any):
         from collections import deque

@@ -65,8 +65,6 @@ def stage_sources(ds: Dataset, sources: list[str], folder: Path) -> dict[str, Pa
     from all over the sources (more so with ``--shuffle``), so reading them straight from the store would
     cost one GET per sample.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from .. import storage
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,9 +78,7 @@ def stage_sources(ds: Dataset, sources: list[str], folder: Path) -> dict[str, Pa
             return shard, None  # indexed as missing: its samples are counted, not fatal
         return shard, dst
 
-    # a GET is mostly waiting on the store: a few at once (bounded, like any download tool's pool)
-    with ThreadPoolExecutor(min(8, max(1, len(sources))), thread_name_prefix="capcurate-stage") as pool:
-        return {shard: dst for shard, dst in pool.map(fetch, sources) if dst is not None}
+    return {shard: dst for shard, dst in storage.map_reads(fetch, list(sources), remote=True) if dst is not None}
 
 
 def build_plan(ds: Dataset, selection: str, work_dir: Path, *, samples_per_shard: int, min_shards: int,
