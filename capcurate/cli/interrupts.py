@@ -4,8 +4,8 @@ Python's default SIGTERM ends the process on the spot: no ``finally`` runs, so s
 finished never enter the manifest and the lineage entry stays open. Here SIGTERM raises ``Terminated``
 (a KeyboardInterrupt, so every path that keeps finished work on Ctrl-C does the same), and the command
 exits 143 (128 + SIGTERM, what schedulers expect of a terminated job) after closing its lineage entries
-as interrupted. Forked children (DataLoader and img2dataset workers) inherit the handler; in them it
-restores the default and re-raises the signal, so they end as they always did.
+as interrupted. Forked children (DataLoader, img2dataset and pool workers) get the default SIGTERM back right after the fork
+(``os.register_at_fork``), so they end as they always did.
 """
 
 from __future__ import annotations
@@ -43,11 +43,24 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
         if first:  # a second SIGTERM during clean-up must not interrupt the clean-up itself
             raise Terminated
 
+    handler._capcurate = True  # type: ignore[attr-defined]
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _default_sigterm_in_child() -> None:
+    """Right after a fork, in the child: SIGTERM back to the default (die at once). Relying on the
+    inherited Python handler to do it left pool workers alive: ``Pool.terminate`` then waited on one
+    forever (seen with synth's and dedup's pools in the test suite)."""
+    if getattr(signal.getsignal(signal.SIGTERM), "_capcurate", False):
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
 
 
 def close_lineage(signal_name: str) -> None:
