@@ -78,9 +78,10 @@ def test_sigterm_exits_143_keeps_finished_shards_and_closes_the_lineage_entry(ti
     monkeypatch.setattr(stage.IngestJob, "process", preempted_on_second_shard)
     out = tmp_path / "adopted"
     args = ["ingest", str(tiny_dataset / "shards"), "-o", str(out)]
+    before = signal.getsignal(signal.SIGTERM)  # SIG_DFL, or what an earlier test's library installed (Ray)
     line = one_line(runner.invoke(app, args), 143)
     assert "SIGTERM" in line and "resume" in line
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only there while a command runs
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is only there while a command runs
     (entry,) = Dataset(out).card.lineage()
     assert entry["finished"] is not None and entry["interrupted"] == "SIGTERM"
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.parquet"]

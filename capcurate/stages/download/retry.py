@@ -104,18 +104,17 @@ def _retry(ds: Dataset, opts: Img2DatasetOptions, *, only: str | list[str] | Non
     entry = ds.card.start_entry(stage="download", family=None, name=None,
                                 params={"retry_failed": True, "only": reasons or None,
                                         "stall_timeout": opts.stall_timeout})
-    refuse_if_live(ds, entry)  # what it would clean next is what a live run is writing
-    try:
+    try:  # a refusal or bad --only before any download leaves no lineage entry behind
+        refuse_if_live(ds, entry)  # what it would clean next is what a live run is writing
         refuse_unfinished_download(ds, entries[-1], set(finished_shards(ds.shards_dir)))
-    except DatasetError:
+        storage.ensure_dir(ds.shards_dir)
+        cleaned = clean_unfinished(ds.shards_dir)
+        atomic.clean_stale_temps(ds.samples_dir)
+        resolved = drop_duplicate_uids(ds.samples_dir)  # what a killed retry left: the newest copy wins
+        todo, before_reasons = failed_rows(ds, reasons)
+    except BaseException:
         ds.card.abandon_entry(entry)
         raise
-    storage.ensure_dir(ds.shards_dir)
-    cleaned = clean_unfinished(ds.shards_dir)
-    atomic.clean_stale_temps(ds.samples_dir)
-    resolved = drop_duplicate_uids(ds.samples_dir)  # what a killed retry left: the newest copy wins
-
-    todo, before_reasons = failed_rows(ds, reasons)
     n = 0 if todo is None else todo.num_rows
     before = finished_shards(ds.shards_dir)
     committer = Committer(ds, staging / "shards", uid_col="uid") if staging is not None else None
