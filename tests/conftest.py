@@ -91,6 +91,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(skip)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """transformers makes its log handler the first time it logs, bound to the sys.stderr of that moment:
+    inside a ``CliRunner.invoke`` that is a buffer closed afterwards, and every later transformers log line
+    of the session becomes a "--- Logging error ---" traceback in some other test's output (seen in
+    test_recaption's one-line checks, depending on test order). Make it now, on the session's stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger("transformers")
+
+
 @pytest.fixture(autouse=True)
 def cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests not marked ``gpu`` run on the CPU wherever they run: on a GPU workstation ``auto`` would pick
