@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the local S3 server the tests start too
 
 from photo_like import make_jpeg  # noqa: E402
+from provenance import commit  # noqa: E402
 from s3_fixtures import create_bucket, start_local_s3  # noqa: E402
 
 from capcurate import storage  # noqa: E402
@@ -161,14 +161,6 @@ def transfer_seconds(work: Path) -> dict[str, float]:
     put(out, "out")
     t["shard"] = time.perf_counter() - t0
     return t
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
