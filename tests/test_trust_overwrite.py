@@ -16,7 +16,6 @@ from capcurate import card as card_mod
 from capcurate.card import Card
 from capcurate.cli import app
 from capcurate.errors import OutputExistsError
-from capcurate.stages.score import score
 
 runner = CliRunner()
 
