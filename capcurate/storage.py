@@ -350,7 +350,6 @@ class _WriteBehind:
 
         self.queue: Any = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
-        self.reported = False
         self.thread = threading.Thread(target=self._run, name="capcurate-upload", daemon=True)
         self.thread.start()
 
@@ -372,12 +371,13 @@ class _WriteBehind:
                 self.queue.task_done()
 
     def submit(self, commit: Any, cleanup: Any) -> None:
-        self.raise_once()
+        self.raise_error()
         self.queue.put((commit, cleanup))
 
-    def raise_once(self) -> None:
-        if self.error is not None and not self.reported:
-            self.reported = True
+    def raise_error(self) -> None:
+        # every time, not once: a caller that catches it per shard must not go on to commits that
+        # would silently not be made
+        if self.error is not None:
             raise self.error
 
     def close(self) -> None:
@@ -416,7 +416,7 @@ def write_behind() -> Iterator[None]:
         if last:
             mine.close()
         if body_ok:  # never mask the body's own exception
-            mine.raise_once()
+            mine.raise_error()
 
 
 def commit_behind(commit: Any, cleanup: Any) -> bool:
@@ -435,12 +435,12 @@ def _settle_for(p: Any) -> None:
 
 
 def settle() -> None:
-    """Wait for this process's queued uploads (see ``write_behind``); raise the first failure once.
+    """Wait for this process's queued uploads (see ``write_behind``); raise the failure if one failed.
     The upload thread itself never waits (its own commit is what the queue waits for)."""
     behind = _BEHIND
     if behind is not None and threading.current_thread() is not behind.thread:
         behind.queue.join()
-        behind.raise_once()
+        behind.raise_error()
 
 
 @contextlib.contextmanager

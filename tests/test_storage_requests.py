@@ -122,3 +122,26 @@ def test_a_file_above_the_part_size_goes_up_in_parallel_parts_and_comes_back_who
     data = os.urandom(storage.UPLOAD_PART + 3 * 2**20)  # two parts, the second one short
     atomic.write_bytes(f"{bucket}/big/blob.bin", data)
     assert storage.read_bytes(f"{bucket}/big/blob.bin") == data
+
+
+def test_write_behind_failure_caught_at_one_commit_still_fails_the_block(bucket: str, monkeypatch) -> None:
+    """The local engine records a shard's exception and goes on: the later commits, which are not made,
+    must not pass for done, so the block's end raises the failure again."""
+    real_upload = storage.upload
+
+    def failing(local: Path, dest: Any) -> None:
+        if str(dest).endswith("0.bin"):
+            raise PermissionError("denied")
+        real_upload(local, dest)
+
+    monkeypatch.setattr(storage, "upload", failing)
+    root = f"{bucket}/wbc"
+    caught = 0
+    with pytest.raises(PermissionError, match="denied"), storage.write_behind():
+        for i in range(4):
+            try:
+                atomic.write_bytes(f"{root}/{i}.bin", b"x")
+            except PermissionError:
+                caught += 1  # as run_local does with a shard's exception
+            time.sleep(0.05)
+    assert caught >= 1 and storage.list_names(root) == set()
