@@ -226,6 +226,9 @@ class Card:
         """
         params = normalise_params(params)
         with self.editing() as card:
+            if not self.remote:  # a run of this name killed before a rename left its temp; it is gone now
+                for folder in (self.root / family, self.root / family / name):
+                    atomic.clean_stale_temps(folder)
             previous = _select(card.get("lineage", []), family, name)
             if exclusive or overwrite:  # --overwrite would delete what a live run is writing: never
                 refuse_live_writers(family, name, previous, "wait for it to finish or choose another --name")

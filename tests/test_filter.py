@@ -237,3 +237,19 @@ def test_threads_and_memory_limit_reach_duckdb_and_change_nothing_else(pool, mon
     assert selected(root, "bounded") == selected(root, "plain")
     res = runner.invoke(app, [*args, "--name", "bad", "--memory-limit", "lots"])
     assert res.exit_code == 2 and "--memory-limit 'lots'" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_a_rerun_removes_the_temp_of_a_killed_selection_write(pool):
+    """kill -9 before the rename of selections/<name>.parquet leaves its temp; the next run of any
+    selection-writing stage (filter, dedup, mix claim the name the same way) removes it."""
+    import subprocess
+    import sys
+
+    root, _ = pool
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+    (root / "selections").mkdir(exist_ok=True)
+    temp = root / "selections" / f".top.parquet~{atomic.host_name()}~{dead}~aaaaaaaa.tmp"
+    temp.write_bytes(b"partial")
+    run_filter(root, "top", min_score=0.2, score="b32:raw")
+    assert not temp.exists() and (root / "selections" / "top.parquet").exists()

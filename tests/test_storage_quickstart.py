@@ -11,6 +11,7 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+from compare import near
 from test_quickstart import QUICKSTART, TINY_STRATEGIES, _env, _failing_download
 
 from capcurate import storage
@@ -30,7 +31,7 @@ def _run(tmp: Path, **extra: str) -> Path:
 def _rows(folder: Path, drop: tuple[str, ...] = ()) -> list[dict]:
     t = pq.read_table(folder)
     rows = sorted(t.drop_columns([c for c in drop if c in t.column_names]).to_pylist(), key=lambda r: r["uid"])
-    return [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in rows]
+    return near(rows)
 
 
 def _images(tars: list[Path]) -> list[tuple[str, str]]:
@@ -57,7 +58,7 @@ def _members(tar: Path) -> list[tuple[str, object]]:
             data = tf.extractfile(m).read()
             if m.name.endswith(".json"):
                 meta = json.loads(data)
-                meta["scores"] = {k: round(v, 4) for k, v in (meta.get("scores") or {}).items()}
+                meta["scores"] = near(meta.get("scores") or {})
                 out.append((m.name, meta))
             else:
                 out.append((m.name, hashlib.sha256(data).hexdigest()))

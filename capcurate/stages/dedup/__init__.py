@@ -118,6 +118,7 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
         # claimed under the card's lock just before writing (see filter): one writer per name at a time
         _mode, entry = ds.card.claim(stage="dedup", family="selections", name=name, params=params, overwrite=overwrite,
                                      exists=lambda: sel_out.exists() or groups_out.exists(), exclusive=True)
+        atomic.clean_stale_temps(groups_out.parent)  # (the claim cleaned selections/)
         with ds.card.writing(entry):
             _write_outputs(pool, removed, found, sel_out, groups_out)
 
