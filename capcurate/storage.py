@@ -479,15 +479,20 @@ def download_tree(p: Any, dest: str | os.PathLike) -> Path:
 
 
 # -- Parquet ---------------------------------------------------------------------------------------
-def read_table(p: Any, columns: list[str] | None = None, **kwargs: Any) -> Any:
-    """``pyarrow.parquet.read_table`` of a local path or URL (on a store: ranged reads via fsspec)."""
+def read_table(p: Any, columns: list[str] | None = None, *, missing_ok: bool = False, **kwargs: Any) -> Any:
+    """``pyarrow.parquet.read_table`` of a local path or URL (on a store: one GET of the whole object).
+
+    ``missing_ok``: of ``columns``, read those the file has and leave the others out (no error).
+    """
     import pyarrow.parquet as pq
 
     q = path(p)
-    if not is_remote(q):
-        return pq.read_table(q, columns=columns, **kwargs)
     # Per-shard sidecar files are small: one GET of the whole object beats a HEAD plus ranged reads.
-    return pq.read_table(_buffer(q), columns=columns, **kwargs)
+    source = q if not is_remote(q) else _buffer(q)
+    if missing_ok and columns is not None:
+        f = pq.ParquetFile(source)
+        return f.read(columns=[c for c in columns if c in f.schema_arrow.names], **kwargs)
+    return pq.read_table(source, columns=columns, **kwargs)
 
 
 def _buffer(q: Any) -> Any:

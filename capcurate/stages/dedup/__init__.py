@@ -29,9 +29,9 @@ from ...dataset import Dataset, check_name
 from ...errors import InputError, OutputExistsError
 from ...summary import Summary
 from .embeddings import EmbeddingStore
-from .groups import Found, keep_largest, keep_largest_stars, label_strings
-from .memory import AnonPeak, peak_rss_mb
-from .pool import Pool, load_pool, sha256_column
+from .groups import Found, keep_largest, keep_largest_stars, label_digests
+from .memory import AnonPeak, peak_rss_mb, release
+from .pool import DIGEST, Pool, load_pool, sha256_digests
 from .semantic import KEEPS, concat
 
 DEFAULT_HAMMING = 8
@@ -83,8 +83,8 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
 
         if exact:
             t = time.time()
-            rows, labels = label_strings(sha256_column(ds, pool))
-            found.append(keep_largest("exact", rows, labels, pool.pixels))
+            rows, labels = label_digests(*sha256_digests(ds, pool))
+            found.append(keep_largest("exact", rows, labels, pool.pixels_of))
             timings["exact"] = time.time() - t
             details["sha256_computed_here"] = pool.sha256_computed
         if near:
@@ -94,11 +94,8 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
             timings["near"] = time.time() - t
         if captions:
             t = time.time()
-            rm = _removed(removed, found)
-            text = [None if rm[i] or c is None else (re.sub(r"\s+", " ", c).strip().lower() or None)
-                    for i, c in enumerate(pool.column("caption").to_pylist())]
-            rows, labels = label_strings(text)
-            found.append(keep_largest("caption", rows, labels, pool.pixels))
+            rows, labels = label_digests(*_caption_digests(pool, _removed(removed, found)))
+            found.append(keep_largest("caption", rows, labels, pool.pixels_of))
             timings["captions"] = time.time() - t
         if store is not None:
             t = time.time()
@@ -106,6 +103,7 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
                                    name, details, counts))
             timings["semantic"] = time.time() - t
         removed = _removed(removed, found)
+        release()   # the phases' working memory, before the outputs are built
 
         for f in found:
             counts[f"{f.kind} duplicates"] = len(f.rows)
@@ -138,6 +136,22 @@ def _auto_int(value: int | str, option: str) -> int | None:
 
     n = positive_or_auto(value, option)
     return None if n == "auto" else int(n)
+
+
+def _caption_digests(pool: Pool, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(has, digests) of each row's caption, whitespace runs made one space, trimmed and lower-cased; rows
+    already removed or without a caption have none. Shard by shard, 17 bytes a row kept (not the strings)."""
+    import hashlib
+
+    has = np.zeros(len(pool), bool)
+    digests = np.zeros((len(pool), DIGEST), np.uint8)
+    for _, start, t in pool.shards(["caption"]):
+        for i, c in enumerate(t.column("caption").to_pylist()):
+            if c is None or removed[start + i] or not (text := re.sub(r"\s+", " ", c).strip().lower()):
+                continue
+            digests[start + i] = np.frombuffer(hashlib.blake2b(text.encode(), digest_size=DIGEST).digest(), np.uint8)
+            has[start + i] = True
+    return has, digests
 
 
 def _removed(base: np.ndarray, found: list[Found]) -> np.ndarray:
@@ -175,7 +189,7 @@ def _near(ds: Dataset, pool: Pool, removed: np.ndarray, threshold: int, workers:
         counts["near: images not hashed"] = n - at
         a, b, sim = near_pairs(hashes[:at], threshold)
         del hashes
-    f = keep_largest_stars("near", rows, a, b, pool.pixels)
+    f = keep_largest_stars("near", rows, a, b, pool.pixels_of)
     # similarity of each removed row to its kept row: 1 - differing bits / 256 of the long hashes (matched window)
     pos = {(int(x), int(y)): float(s) for x, y, s in zip(rows[a], rows[b], sim, strict=True)}
     f.similarity = np.array([pos[(min(r, o), max(r, o))] for r, o in zip(f.rows.tolist(), f.of.tolist(), strict=True)],
@@ -212,6 +226,7 @@ def _semantic(store: EmbeddingStore, pool: Pool, removed: np.ndarray, eps: float
     centroids = train_kmeans(sample, k, seed=seed)
     details["semantic clusters"], details["semantic k-means rows"] = k, len(sample)
     del sample
+    release()
     cand = assign(shards, masks, pool_rows, CentroidIndex(centroids, "l2"))
     details["semantic k-means seconds"] = round(time.time() - t, 2)
     with progress_bar(n, f"dedup {name}: semantic", "images") as advance:
@@ -235,7 +250,7 @@ def _write_outputs(pool: Pool, removed: np.ndarray, found: list[Found], sel_out:
 
     rows, group, kind, keep_flag, of, sim = [], [], [], [], [], []
     next_group = 0
-    for f in found:
+    for k, f in enumerate(found):
         labels = np.concatenate([f.keeper_group, f.group])
         uniq, gid = np.unique(labels, return_inverse=True)
         gid = gid + next_group
@@ -243,24 +258,37 @@ def _write_outputs(pool: Pool, removed: np.ndarray, found: list[Found], sel_out:
         nk = len(f.keepers)
         rows += [f.keepers, f.rows]
         group.append(gid)
-        kind.append(np.full(nk + len(f.rows), f.kind, object))
+        kind.append(np.full(nk + len(f.rows), k, np.int8))
         keep_flag += [np.ones(nk, bool), np.zeros(len(f.rows), bool)]
         of += [np.full(nk, -1, np.int64), f.of]
         sim += [np.full(nk, np.nan, np.float32), f.similarity]
-    r, o, s = concat(rows, np.int64), concat(of, np.int64), concat(sim, np.float32)
+    r, o = concat(rows, np.int64), concat(of, np.int64)
+    del rows, of
     need = np.unique(np.r_[r, o[o >= 0]])
-    uids = pool.take(need, ["uid"]).column("uid")
+    uids = pool.take(need, ["uid"]).column("uid").combine_chunks()
+    at_r = np.searchsorted(need, r)
+    # rows in the file's order (group, kept first, uid) ordered here, on integers: a sort of the built
+    # table would hold it twice (groups are a tenth of a pool with many copies)
+    uid_rank = np.empty(len(need), np.int64)
+    uid_rank[pc.sort_indices(uids).to_numpy()] = np.arange(len(need))
+    g, kept = concat(group, np.int64), concat(keep_flag, bool)
+    order = np.lexsort((uid_rank[at_r], ~kept, g))
+    del uid_rank, r
+    o, s = o[order], concat(sim, np.float32)[order]
     groups = pa.table({
-        "uid": uids.take(pa.array(np.searchsorted(need, r))),
-        "group": pa.array(concat(group, np.int64)),
-        "kind": pa.array(concat(kind, object).tolist(), pa.string()),
-        "kept": pa.array(concat(keep_flag, bool)),
+        "uid": uids.take(pa.array(at_r[order])),
+        "group": pa.array(g[order]),
+        "kind": pa.DictionaryArray.from_arrays(pa.array(concat(kind, np.int8)[order]),
+                                               pa.array([f.kind for f in found], pa.string())).cast(pa.string()),
+        "kept": pa.array(kept[order]),
         "duplicate_of": pc.if_else(pa.array(o >= 0), uids.take(pa.array(np.searchsorted(need, np.maximum(o, 0)))),
                                    pa.scalar(None, pa.string())),
         "similarity": pa.array(s, pa.float32(), mask=np.isnan(s)),
     })
-    groups = groups.take(pc.sort_indices(groups, [("group", "ascending"), ("kept", "descending"), ("uid", "ascending")]))
+    del at_r, order, g, kept, o, s, uids
     atomic.write_parquet(groups_out, groups)
+    del groups
+    release()
 
     schema = pa.schema([("uid", pa.string()), ("caption", pa.string()), ("caption_source", pa.string()),
                         ("shard", pa.string()), ("key", pa.string())])

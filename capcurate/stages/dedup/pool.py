@@ -1,7 +1,7 @@
 """The pool dedup works on: every downloaded row of the manifest, in manifest order.
 
-Memory: per pool row the pool holds 8 bytes (its manifest position, ``shard_rows``) and, once a kind
-that keeps the largest image asks, 8 more (``pixels``). Columns (uid, key, caption, sha256) are read from
+Memory: per pool row the pool holds 8 bytes (its manifest position, ``shard_rows``); image sizes are read
+for the members of duplicate groups only (``pixels_of``). Columns (uid, key, caption, sha256) are read from
 ``samples/*.parquet`` when a kind or an output needs them, one column or one shard at a time, and are
 not kept: a pool of 10M rows is not 10M Python strings (the uid lists were held twice before, ~520 bytes
 an image in all).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,6 @@ class Pool:
     shard_rows: dict[str, np.ndarray]   # shard -> pool row of each manifest row (-1: not downloaded)
     starts: np.ndarray                  # pool row of each shard's first downloaded row; last: the pool size
     sha256_computed: int = 0
-    _pixels: np.ndarray | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -40,7 +39,7 @@ class Pool:
         """The downloaded rows of one shard's manifest, ``columns`` only (missing ones as nulls)."""
         import pyarrow as pa
 
-        t = storage.read_table(self.ds.samples_path(sid))
+        t = storage.read_table(self.ds.samples_path(sid), columns=columns, missing_ok=True)
         out = {}
         ok = pa.array(self.shard_rows[sid] >= 0)
         for c in columns:
@@ -81,17 +80,13 @@ class Pool:
         back[order] = np.arange(len(rows))
         return pa.concat_tables(parts).take(pa.array(back))
 
-    @property
-    def pixels(self) -> np.ndarray:
-        """int64 per row: the original size when known, else the stored size (read once, when asked)."""
-        if self._pixels is None:
-            parts = []
-            for _, _, t in self.shards(list(SIZES)):
-                ow, oh, w, h = (np.nan_to_num(t.column(c).to_numpy(zero_copy_only=False).astype(np.float64))
-                                .astype(np.int64) for c in SIZES)
-                parts.append(np.where(ow * oh > 0, ow * oh, w * h))
-            self._pixels = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        return self._pixels
+    def pixels_of(self, rows: np.ndarray) -> np.ndarray:
+        """int64 per given pool row: the original size when known, else the stored size. Read for the rows
+        asked (the members of duplicate groups), not held for the whole pool."""
+        t = self.take(rows, list(SIZES))
+        ow, oh, w, h = (np.nan_to_num(t.column(c).to_numpy(zero_copy_only=False).astype(np.float64)).astype(np.int64)
+                        for c in SIZES)
+        return np.where(ow * oh > 0, ow * oh, w * h)
 
 
 def load_pool(ds: Dataset) -> Pool:
@@ -103,10 +98,10 @@ def load_pool(ds: Dataset) -> Pool:
         raise InputError(f"{ds.root} has no manifest shards (samples/*.parquet): download or ingest first")
     shard_rows, starts, start = {}, [0], 0
     for sid in shard_ids:
-        t = storage.read_table(ds.samples_path(sid))   # one GET on a store; only status is kept
+        t = storage.read_table(ds.samples_path(sid), columns=["status"], missing_ok=True)  # one GET on a store
         ok = (pc.fill_null(pc.equal(t.column("status"), "success"), False).to_numpy(zero_copy_only=False)
               if "status" in t.column_names else np.zeros(t.num_rows, bool))
-        rows = np.full(t.num_rows, -1, np.int64)
+        rows = np.full(t.num_rows, -1, np.int64)   # (num_rows is known with no column read)
         rows[ok] = np.arange(start, start + int(ok.sum()))
         start += int(ok.sum())
         shard_rows[sid] = rows
@@ -114,26 +109,36 @@ def load_pool(ds: Dataset) -> Pool:
     return Pool(ds, shard_ids, shard_rows, np.array(starts, np.int64))
 
 
-def sha256_column(ds: Dataset, pool: Pool) -> list[str | None]:
-    """The manifest's sha256 per row; rows without one (an adopted folder made without hashes) are hashed
-    here from the bytes in the shard."""
+DIGEST = 16   # bytes of a value's digest that dedup compares: 128 bits, no chance collision at 1.28B rows
+
+
+def sha256_digests(ds: Dataset, pool: Pool) -> tuple[np.ndarray, np.ndarray]:
+    """(has, digests): per pool row, whether it has a sha256 and its first ``DIGEST`` bytes. Rows without one
+    in the manifest (an adopted folder made without hashes) are hashed here from the bytes in the shard.
+
+    Read shard by shard into one ``(rows, 16)`` array: 17 bytes a row where the hex strings of the whole
+    pool as Python objects took ~120."""
     from ...shards import index_tar
 
-    values = pool.column("sha256").to_pylist()
-    missing = [i for i, v in enumerate(values) if not v]
-    if not missing:
-        return values
-    keys = pool.take(np.array(missing), ["key", "shard"]).to_pylist()
-    by_shard: dict[str, list[tuple[int, str]]] = {}
-    for i, r in zip(missing, keys, strict=True):
-        by_shard.setdefault(r["shard"], []).append((i, r["key"]))
-    for sid, rows in by_shard.items():
+    has = np.zeros(len(pool), bool)
+    digests = np.zeros((len(pool), DIGEST), np.uint8)
+    for sid, start, t in pool.shards(["sha256", "key"]):
+        missing = []
+        for i, (h, key) in enumerate(zip(t.column("sha256").to_pylist(), t.column("key").to_pylist(), strict=True)):
+            if h:
+                digests[start + i] = np.frombuffer(bytes.fromhex(h[:2 * DIGEST]), np.uint8)
+                has[start + i] = True
+            else:
+                missing.append((start + i, key))
+        if not missing:
+            continue
         # a tar in object storage is downloaded once (one GET) rather than read member by member
         with storage.local_copy(ds.shard_path(sid)) as local, open(local, "rb") as fh:
             index = index_tar(local)
-            for i, key in rows:
-                ext = index.image_ext(key)
+            for row, key in missing:
+                ext = index.image_ext(key) if key else None
                 if ext is not None:
-                    values[i] = hashlib.sha256(index.read(key, ext, fh)).hexdigest()
+                    digests[row] = np.frombuffer(hashlib.sha256(index.read(key, ext, fh)).digest()[:DIGEST], np.uint8)
+                    has[row] = True
                     pool.sha256_computed += 1
-    return values
+    return has, digests

@@ -41,15 +41,25 @@ class Candidates:
 
 def assign(shards: list[EmbeddingShard], masks: list[np.ndarray], pool_rows: list[np.ndarray],
            index: CentroidIndex) -> Candidates:
-    """Nearest centroid of every masked row, shard by shard (``pool_rows``: the pool index of each shard row)."""
-    parts = []
+    """Nearest centroid of every masked row, shard by shard (``pool_rows``: the pool index of each shard row).
+
+    The five columns are allocated once at their final size and filled shard by shard: gathering per-shard
+    parts and concatenating them would hold every candidate twice (24 bytes an image more at the peak).
+    """
+    n = int(sum(int(m.sum()) for m in masks))
+    c = Candidates(np.empty(n, np.int64), np.empty(n, np.int32), np.empty(n, np.int32), np.empty(n, np.int32),
+                   np.empty(n, np.float32))
+    at = 0
     for pos, (shard, mask, prow) in enumerate(zip(shards, masks, pool_rows, strict=True)):
         rows = np.flatnonzero(mask)
-        label, dist = index.nearest(shard.matrix()[rows]) if len(rows) else (np.zeros(0, np.int64),) * 2
-        parts.append((prow[rows], np.full(len(rows), pos, np.int32), rows.astype(np.int32),
-                      label.astype(np.int32), np.asarray(dist, np.float32)))
-    cols = [np.concatenate([p[i] for p in parts]) for i in range(5)] if parts else [np.zeros(0)] * 5
-    return Candidates(*cols)
+        if not len(rows):
+            continue
+        label, dist = index.nearest(shard.matrix()[rows])
+        end = at + len(rows)
+        c.pool_row[at:end], c.shard_pos[at:end], c.shard_row[at:end] = prow[rows], pos, rows
+        c.label[at:end], c.dist[at:end] = label, dist
+        at = end
+    return c
 
 
 def order_key(c: Candidates, keep: str, seed: int) -> np.ndarray:
@@ -80,24 +90,30 @@ def earlier_matches(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def semdedup(shards: list[EmbeddingShard], c: Candidates, *, eps: float, keep: str, seed: int,
              advance: Callable[[int], None] = lambda n: None) -> Found:
     """Duplicates of every cluster (see the module docstring); ``Found.of`` is the matched earlier member."""
+    # ``c`` is consumed: its columns are put in cluster order one at a time (each old column is freed as the
+    # next is made) and the distances dropped, so the loop takes slices and no order array stays
     order = order_key(c, keep, seed)
-    labels = c.label[order]
+    c.dist = c.dist[:0]
+    for col in ("label", "shard_pos", "shard_row", "pool_row"):
+        setattr(c, col, getattr(c, col)[order])
+    del order
+    labels = c.label
     starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if len(labels) else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], len(labels)]
     removed, of, sim, group = [], [], [], []
     keepers, keeper_group = [], []
     mats = [s.matrix() for s in shards]
     for s0, s1 in zip(starts, ends, strict=True):
-        members = order[s0:s1]
-        advance(len(members))
-        if len(members) < 2:
+        advance(int(s1 - s0))
+        if s1 - s0 < 2:
             continue
+        members = slice(s0, s1)
         x = _gather(mats, c.shard_pos[members], c.shard_row[members])
         best, arg = earlier_matches(x)
         dup = best > 1 - eps
         if not dup.any():
             continue
-        root = np.arange(len(members))
+        root = np.arange(s1 - s0)
         for j in np.flatnonzero(dup):   # pointers go to earlier members, so one forward pass resolves chains
             root[j] = root[arg[j]]
         rows = c.pool_row[members]
