@@ -69,3 +69,20 @@ def test_doctor_repair_fixes_what_is_safe_and_leaves_a_sound_dataset(tmp_path):
 def test_doctor_on_a_missing_dataset_is_a_one_line_error(tmp_path):
     r = runner.invoke(app, ["doctor", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
+
+
+def test_a_query_over_a_damaged_parquet_is_one_line_naming_the_file_and_doctor(tmp_path):
+    """A 0-byte captions file (a disk that filled): stats and query exit 2 with one line that names the
+    file and says how to repair; doctor --repair then quarantines it and stats works again."""
+    ds = build_dataset(tmp_path / "ds", [{"caption": f"c {i}", "image": make_image_bytes(i)} for i in range(4)])
+    (ds / "captions" / "x").mkdir(parents=True)
+    (ds / "captions" / "x" / "00000.parquet").write_bytes(b"")
+    for args in (["stats", str(ds)], ["query", str(ds), "SELECT count(*) AS n FROM manifest"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and "captions/x/00000.parquet" in lines[0] and "doctor" in lines[0], res.output
+    assert runner.invoke(app, ["doctor", str(ds), "--repair"]).exit_code == 0
+    assert runner.invoke(app, ["stats", str(ds)]).exit_code == 0
+    res = runner.invoke(app, ["query", str(ds), "SELEC 1"])   # a SQL mistake gets no doctor hint
+    assert res.exit_code == 2 and "doctor" not in res.output

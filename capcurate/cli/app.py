@@ -105,7 +105,10 @@ def run_command(fn: Callable[[], Any], *, json_out: bool = False,
             known = explain_os_error(e)  # COPY ... TO on a full disk is no SQL error
             if known is not None:
                 raise fail(*known) from None
-            raise fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 2) from None
+            line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "parquet" in line.lower() and not isinstance(e, duckdb.ParserException):  # a damaged file, not SQL
+                line += " (capcurate doctor DATASET --repair moves damaged files aside; their stages make them again)"
+            raise fail(line, 2) from None
         except KeyboardInterrupt:
             name = "SIGTERM" if signals else "SIGINT"
             close_lineage(name)  # the card says the run is over, and why
