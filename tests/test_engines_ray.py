@@ -295,18 +295,22 @@ def test_a_model_that_cannot_load_fails_once_with_the_actors_error_and_exit_4(tm
     assert (ds / "capcurate.json").read_text() == before and not (ds / "scores" / "s").exists()
 
 
-@pytest.mark.parametrize("command", ["ingest", "recaption"])
+@pytest.mark.parametrize("command", ["ingest", "recaption", "shard"])
 def test_a_ray_address_that_does_not_answer_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, command):
+    import capcurate
     from capcurate.cli import app
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh process
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("Ray must not be asked to connect"))
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{_free_port()}")  # nothing listens there
     ds = build_dataset(tmp_path / "ds", [{"caption": "x", "image": make_image_bytes(0)}], per_shard=4)
+    if command == "shard":
+        capcurate.filter(ds, "all", where="true")
     before = sorted(p.relative_to(ds) for p in ds.rglob("*"))
     card = (ds / "capcurate.json").read_text()
     args = {"ingest": ["ingest", str(ds / "shards"), "-o", str(tmp_path / "out")],
-            "recaption": ["recaption", str(ds), "--model", "hf:x", "--name", "n"]}[command]
+            "recaption": ["recaption", str(ds), "--model", "hf:x", "--name", "n"],
+            "shard": ["shard", str(ds), "--selection", "all", "-o", str(tmp_path / "out")]}[command]
     r = CliRunner().invoke(app, [*args, "--engine", "ray"])
     assert r.exit_code == 2, r.output
     assert len(r.output.strip().splitlines()) == 1 and "does not answer" in r.output

@@ -36,7 +36,7 @@ from typing import Any
 
 from .. import __version__, atomic, lineage, storage
 from ..dataset import Dataset, check_name
-from ..engines import check_max_retries, parse_part, run_job, select_part
+from ..engines import check_max_retries, connect_engine, parse_part, run_job, select_part
 from ..errors import InputError, OutputExistsError, StageFailed
 from ..shards import TarShardWriter
 from ..summary import Summary
@@ -132,6 +132,7 @@ def shard(
     t0 = time.time()
     check_max_retries(max_retries)
     parse_part(part)  # before -o is created
+    connect_engine(engine)  # a Ray cluster that does not answer: one line, -o not created, no plan built
     ds = dataset if isinstance(dataset, Dataset) else Dataset(dataset)
     check_name(selection, "selection name")
     if selection not in ds.selection_names():
