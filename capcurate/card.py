@@ -26,8 +26,10 @@ CARD_NAME = "capcurate.json"
 LOCK_NAME = ".capcurate.lock"
 FORMAT = "capcurate-dataset"
 FORMAT_VERSION = 1
-# Object stores: a run's lineage entry holds a lease (``lease_until``) it renews every third of this; a run
-# on a lost node stops holding its name once the lease runs out. The card's lock is a lease object too.
+# A run's lineage entry holds a lease (``lease_until``) it renews every third of this; a run on a lost node
+# stops holding its name once the lease runs out. Local datasets too: on a shared file system (Slurm
+# array tasks on several nodes) another host's pid cannot be asked. On an object store the card's lock is a
+# lease object as well.
 LEASE_SECONDS = float(os.environ.get("CAPCURATE_LEASE_SECONDS", "600"))
 LOCK_SECONDS = float(os.environ.get("CAPCURATE_LOCK_SECONDS", "60"))
 
@@ -67,8 +69,9 @@ def may_be_running(entry: dict[str, Any]) -> bool:
 
     A finished entry is over. An unfinished one from this host is over when its process is gone (the id
     carries the pid), or, from this very process, when the thread that started it is the one asking now
-    (that call raised before finishing) or is gone. An entry with a lease (object stores) from another
-    host is over once its lease expired; other hosts' entries without one cannot be checked: running.
+    (that call raised before finishing) or is gone. An entry from another host is over once its lease
+    expired; other hosts' entries without one (written by capcurate before leases were kept on local
+    datasets) cannot be checked: running.
     """
     if entry.get("finished") is not None:
         return False
@@ -247,8 +250,7 @@ class Card:
     def _running(self, entry_id: str) -> None:
         _RUNNING[entry_id] = threading.get_ident()
         _RUNNING_CARDS[entry_id] = self
-        if self.remote:
-            _LeaseKeeper.keep(self, entry_id)
+        _LeaseKeeper.keep(self, entry_id)
 
     @contextlib.contextmanager
     def writing(self, entry_id: str) -> Iterator[None]:
@@ -307,7 +309,7 @@ class Card:
             "started": now(),
             "finished": None,
             "counts": {},
-            **({"lease_until": _lease_until()} if self.remote else {}),
+            "lease_until": _lease_until(),
         }
 
     def start_entry(
@@ -360,7 +362,7 @@ class Card:
             raise StageFailed(_voided(entry_id, self.path))
 
     def renew_leases(self, entry_ids: list[str]) -> None:
-        """Push the lease of this process's running entries forward (object stores; ``_LeaseKeeper``)."""
+        """Push the lease of this process's running entries forward (``_LeaseKeeper``)."""
         with self.editing() as card:
             for e in card["lineage"]:
                 if e.get("id") in entry_ids and e.get("finished") is None:

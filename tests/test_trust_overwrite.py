@@ -90,3 +90,26 @@ def test_a_run_whose_claim_was_voided_stops_at_its_next_commit_with_exit_1(tmp_p
     assert "voided" in r.output and "Traceback" not in r.output
     assert not list((root / "scores" / "s").glob("*.parquet"))  # no file of a voided run was committed
     assert json.loads((root / "capcurate.json").read_text())["lineage"] == []
+
+
+@pytest.mark.parametrize("expired", [False, True])
+def test_on_a_shared_local_folder_another_hosts_run_holds_its_name_until_its_lease_runs_out(tmp_path, expired):
+    """A Slurm array task on another node, preempted: its pid cannot be asked from here, its lease can."""
+    root = tmp_path / "ds"
+    Card(root).create()
+    mode, mine = Card(root).claim(stage="score", family="scores", name="t", params={}, overwrite=False,
+                                  exists=False)
+    assert [e for e in Card(root).read()["lineage"] if e["id"] == mine][0]["lease_until"]  # local runs lease too
+    Card(root).finish_entry(mine, {})
+    until = card_mod._lease_until(-60 if expired else 300)
+    with Card(root).editing() as c:
+        c["lineage"].append({"id": "score-2026-01-01T00:00:00+00:00-4242-abcd1234", "family": "scores",
+                             "name": "s", "host": "node-7", "started": "2026-01-01T00:00:00+00:00",
+                             "finished": None, "parameters": {}, "lease_until": until})
+    claim = lambda: Card(root).claim(stage="score", family="scores", name="s", params={"x": 1},  # noqa: E731
+                                     overwrite=True, exists=True, remove=lambda: None)
+    if not expired:
+        with pytest.raises(OutputExistsError, match="host node-7, pid 4242"):
+            claim()
+    else:
+        assert claim()[0] == "overwrite"
