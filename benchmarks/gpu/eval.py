@@ -9,11 +9,13 @@ import io
 from pathlib import Path
 from typing import Any
 
+from .bound import count_flops
 from .config import Cfg, stage_options
 from .runner import Measure, Row, timed, timed_stage
 
 CLASSES = ["red", "green", "blue", "yellow", "purple", "white", "black", "orange"]
 TEMPLATES = ["a photo of a {c}.", "a {c} thing."]
+FLOP_BATCH = 8  # images per FLOP count (counted with autograd on: a batch of 256 would hold its graph)
 
 
 def write_eval_set(folder: Path, jpegs: list[bytes]) -> list[int]:
@@ -111,6 +113,21 @@ def rows(cfg: Cfg, work: Path, jpegs: list[bytes], cfg_path: Path, weights: Path
                 bad.append(f"top-1 {acc:.4f} vs the open_clip loop's {ref:.4f}")
         return bad
 
+    def flops() -> dict[str, Any]:
+        """The image tower on one real batch (the per-image work; the class prompts are encoded once)."""
+        n = min(len(jpegs), FLOP_BATCH)
+        data = _Pixels(jpegs, preprocess)
+        px = torch.stack([data[i] for i in range(n)]).to(cfg.device, dtype)
+        image, _, _ = count_flops(lambda: model.encode_image(px))
+        prompts = tok([t.format(c=c) for c in CLASSES for t in TEMPLATES]).to(cfg.device)
+        classifier, _, _ = count_flops(lambda: model.encode_text(prompts))
+        return {
+            "per_item": image / n,
+            "classifier_once": classifier,
+            "how": f"FlopCounterMode: encode_image on the first {n} images; the classifier's "
+            f"{len(CLASSES) * len(TEMPLATES)} prompts, once per run, and retrieval's captions not included",
+        }
+
     return [
         Row(
             family="eval",
@@ -122,5 +139,8 @@ def rows(cfg: Cfg, work: Path, jpegs: list[bytes], cfg_path: Path, weights: Path
             baselines={"open_clip_loop_pil_workers": loop},
             gate=gate,
             target="equal top-1; images/s side by side (clip_benchmark row: issue 23 item 5)",
+            device=cfg.device,
+            precision="bf16" if cfg.device.startswith("cuda") else "fp32",
+            flops=flops,
         )
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .bound import count_flops
 from .config import Cfg, stage_options
 from .runner import Measure, Row, timed, timed_stage
 
@@ -108,6 +109,23 @@ def rows(
                 raise RuntimeError(f"the ceiling's captions are not all {dec.max_new_tokens} tokens long")
             return Measure(len(caps), seconds, caps)
 
+        def flops(pixels: Any = pixels, dec: DecodingConfig = dec) -> dict[str, Any]:
+            """The ceiling's call (capcurate's own model) on its first batch of ready images: the vision
+            encoder, the prompt and every generated token (every beam), divided by the images."""
+            x = pixels[: cfg.gen_batch]
+            with torch.inference_mode():
+                total, caps, parts = count_flops(lambda: captioner.caption(x, dec), grad=False)
+            tokens = sum(sum(c.tokens) for c in caps) / max(1, len(caps))
+            vision = sum(v for k, v in parts.items() if "vision" in k.lower())  # e.g. BlipVisionModel
+            return {
+                "per_item": total / x.shape[0],
+                "vision_per_item": vision / x.shape[0] if vision else None,
+                "tokens_per_image": tokens,
+                "batch": int(x.shape[0]),
+                "how": f"FlopCounterMode over captioner.caption on {x.shape[0]} ready images, "
+                f"{tokens:.1f} generated tokens per image",
+            }
+
         fixed = cfg.tokens if tag == "greedy" else None
         out.append(
             Row(
@@ -124,6 +142,9 @@ def rows(
                 baselines={"ceiling_own_model_ready_tensors": ceiling},
                 gate=length_gate(len(images), fixed, dec.max_new_tokens),
                 target=">= 90% of the ceiling (capcurate's own SDPA-patched model on ready device tensors)",
+                device=cfg.device,
+                precision=dtype,
+                flops=flops,
             )
         )
     return out
@@ -177,6 +198,21 @@ def vlm_row(cfg: Cfg, ds: Path, jpegs: list[bytes], vlm_ref: str) -> Row:
             )
         return Measure(len(new), seconds)
 
+    def flops() -> dict[str, Any]:
+        """generate on the first batch of ready processor inputs (vision, prompt, every new token)."""
+        inputs = ready[0]
+        with torch.inference_mode():
+            total, out, _ = count_flops(
+                lambda: captioner.model.generate(**inputs, **captioner.generate_kwargs(dec)), grad=False
+            )
+        n = int(out.shape[0])
+        return {
+            "per_item": total / n,
+            "batch": n,
+            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "how": f"FlopCounterMode over generate on {n} ready processor inputs, {cfg.tokens} new tokens",
+        }
+
     return Row(
         family="recaption",
         name="recaption_vlm",
@@ -186,4 +222,7 @@ def vlm_row(cfg: Cfg, ds: Path, jpegs: list[bytes], vlm_ref: str) -> Row:
         baselines={"generate_on_ready_processor_inputs": generate_alone},
         gate=length_gate(len(images), cfg.tokens, cfg.tokens),
         target="report images/s and tokens/s",
+        device=cfg.device,
+        precision=dtype,
+        flops=flops,
     )

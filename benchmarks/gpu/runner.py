@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bound import BusySampler, fraction_of_bound, mean_or_none, peak_flops
+
 ROOT = Path(__file__).resolve().parents[2]
 REPEATS = 3
 
@@ -110,15 +112,83 @@ class Row:
     gate: Gate
     skipped: dict[str, str] = field(default_factory=dict)  # baseline -> why it did not run here
     target: str = ""
+    device: str = "cpu"  # where capcurate's side computes: GPU busy is sampled and a peak looked up on cuda
+    precision: str = "fp32"  # the model's precision on that device: picks the peak (bound.PEAK)
+    # FLOPs per item, counted once after the repeats (bound.count_flops): {"per_item": FLOPs, "how": what
+    # was counted, ...details}; None for rows whose work is not a model (the input row)
+    flops: Callable[[], dict[str, Any]] | None = None
 
 
 def spread(values: list[float]) -> dict[str, Any]:
     return {"repeats": values, "min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
+def busy_side(side: Side, enabled: bool, busy: list[dict[str, Any]]) -> Side:
+    """``side`` with GPU busy sampled while it runs: appends {"pct": the whole repeat, "steady_pct": from
+    the stage's first batch/step boundary to its last (when it announced two), "source"} to ``busy``."""
+
+    def run(rep: int) -> Measure:
+        from capcurate import events
+
+        marks: list[float] = []
+
+        def mark(kind: str, n: int) -> None:
+            if kind in ("batch", "step"):
+                marks.append(time.time())
+
+        sampler = BusySampler(enabled).start()
+        t0 = time.time()
+        try:
+            with events.listening(mark):
+                return side(rep)
+        finally:
+            t1 = time.time()
+            sampler.stop()
+            busy.append(
+                {
+                    "pct": sampler.mean(t0, t1),
+                    "steady_pct": sampler.mean(marks[0], marks[-1]) if len(marks) > 1 else None,
+                    "source": sampler.source,
+                }
+            )
+
+    return run
+
+
+def flop_bound(row: Row, ours: dict[str, Any]) -> dict[str, Any]:
+    """FLOPs per item (counted now, after the repeats), the card's peak, the fraction of it capcurate got."""
+    info: dict[str, Any] | None = None
+    if row.flops is not None:
+        try:
+            info = row.flops()
+        except Exception as e:  # a counting bug loses the bound, not the row's timings
+            info = {"error": f"{type(e).__name__}: {e}"}
+            log(f"  FLOP count FAILED\n{traceback.format_exc(limit=6)}")
+    per_item = (info or {}).get("per_item") or None
+    peak = peak_flops(card(), row.precision) if row.device.startswith("cuda") else None
+    median = ours.get("per_s", {}).get("median")
+    steady = ours.get("steady_per_s", {}).get("median")
+    return {
+        "flops_per_item": per_item,
+        "flops": info,
+        "precision": row.precision,
+        "peak_card": peak[0] if peak else None,
+        "peak_flops": peak[1] if peak else None,
+        "fraction_of_bound": fraction_of_bound(median, per_item, peak and peak[1]),
+        "fraction_of_bound_steady": fraction_of_bound(steady, per_item, peak and peak[1]),
+    }
+
+
+def _pct(x: float | None, scale: float = 1.0) -> str:
+    return "n/a" if x is None else f"{x * scale:.1f}%"
+
+
 def run_row(row: Row, repeats: int = REPEATS) -> dict[str, Any]:
-    """Run the row's sides ``repeats`` times, alternating the order; gate every capcurate output."""
-    sides: dict[str, Side] = {"capcurate": row.capcurate, **row.baselines}
+    """Run the row's sides ``repeats`` times, alternating the order; gate every capcurate output.
+    GPU busy is sampled during each capcurate repeat; FLOPs are counted once, after the repeats."""
+    busy: list[dict[str, Any]] = []
+    ours_side = busy_side(row.capcurate, row.device.startswith("cuda"), busy)
+    sides: dict[str, Side] = {"capcurate": ours_side, **row.baselines}
     per_s: dict[str, list[float]] = {k: [] for k in sides}
     steady: dict[str, list[float]] = {k: [] for k in sides}
     failures: list[str] = []
@@ -166,9 +236,21 @@ def run_row(row: Row, repeats: int = REPEATS) -> dict[str, Any]:
         if k != "capcurate" and ours_steady and s.get("steady_per_s", {}).get("median")
     }
     ok = not failures and "capcurate" in sides_out
+    bound = flop_bound(row, sides_out.get("capcurate", {}))
+    busy_pct = mean_or_none([b["pct"] for b in busy])
+    busy_steady = mean_or_none([b["steady_pct"] for b in busy])
+    gflop = bound["flops_per_item"]
     log(
         f"row {row.name}: {'ok' if ok else 'FAILED'}; capcurate/baseline (medians): "
         + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
+        + f"\n  FLOP bound: {'n/a' if gflop is None else f'{gflop / 1e9:.4g} GFLOP/{row.unit[:-1]}'}, "
+        + (
+            f"{_pct(bound['fraction_of_bound'], 100)} of {bound['peak_card']} {row.precision} "
+            f"{bound['peak_flops'] / 1e12:.0f} TFLOP/s (steady {_pct(bound['fraction_of_bound_steady'], 100)})"
+            if bound["peak_flops"]
+            else f"fraction of bound n/a (no peak for {card() if row.device.startswith('cuda') else 'the CPU'})"
+        )
+        + f"; GPU busy {_pct(busy_pct)} (steady {_pct(busy_steady)})"
         + "".join(f"\n  skipped {k}: {why}" for k, why in row.skipped.items())
         + "".join(f"\n  {f}" for f in failures)
     )
@@ -184,6 +266,10 @@ def run_row(row: Row, repeats: int = REPEATS) -> dict[str, Any]:
         "ratio_median": ratios,
         "ratio_steady_median": steady_ratios,
         "skipped": row.skipped,
+        **bound,
+        "gpu_busy_pct": busy_pct,  # mean over capcurate's repeats of each repeat's mean; None on the CPU
+        "gpu_busy_steady_pct": busy_steady,
+        "gpu_busy_repeats": busy,
     }
 
 

@@ -8,10 +8,12 @@ import io
 from pathlib import Path
 from typing import Any
 
+from .bound import count_flops
 from .config import Cfg, stage_options
 from .runner import Measure, Row, timed, timed_stage
 
 CAPTION_COLUMN = "raw"
+FLOP_BATCH = 8  # images per FLOP count (counted with autograd on: a batch of 256 would hold its graph)
 
 
 def stage_scores(ds: Path, name: str) -> list[dict[str, Any]]:
@@ -149,6 +151,29 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], cfg_path: Path, weights: Path) 
         _, seconds = timed(run, cfg.device)
         return Measure(n * batch, seconds)
 
+    def flops() -> dict[str, Any]:
+        """One real batch as the stage runs it: the images through the image tower, their captions through
+        the text tower trimmed to the batch's longest (capcurate's scorer trims; the 77-token count too)."""
+        from capcurate.models.text_trim import token_trimmer
+
+        n = min(len(jpegs), FLOP_BATCH)
+        data = _Images(jpegs, captions, preprocess)
+        px = torch.stack([data[i][0] for i in range(n)]).to(cfg.device, dtype)
+        tokens = tok(captions[:n])
+        trimmed = token_trimmer(model, tok)(tokens)
+        image, _, _ = count_flops(lambda: model.encode_image(px))
+        text, _, _ = count_flops(lambda: model.encode_text(trimmed.to(cfg.device)))
+        dense, _, _ = count_flops(lambda: model.encode_text(tokens.to(cfg.device)))
+        return {
+            "per_item": (image + text) / n,
+            "image_per_item": image / n,
+            "text_per_item": text / n,
+            "text_tokens": int(trimmed.shape[1]),
+            "per_item_text_dense": (image + dense) / n,
+            "text_tokens_dense": int(tokens.shape[1]),
+            "how": f"FlopCounterMode: encode_image + encode_text (trimmed) on the first {n} images/captions",
+        }
+
     return [
         Row(
             family="score",
@@ -163,5 +188,8 @@ def rows(cfg: Cfg, ds: Path, jpegs: list[bytes], cfg_path: Path, weights: Path) 
             },
             gate=gate,
             target="> the open_clip loop; >= 70% of the tower alone",
+            device=cfg.device,
+            precision="bf16" if cfg.device.startswith("cuda") else "fp32",
+            flops=flops,
         )
     ]

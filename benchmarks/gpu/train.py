@@ -106,6 +106,66 @@ def open_clip_train_side(cfg: Cfg, tmp: Path, pattern: str, model: str):
     return side
 
 
+_FLOPS: dict[tuple[Any, ...], dict[str, float | int]] = {}
+
+
+def step_flops(cfg: Cfg, name: str) -> dict[str, float | int]:
+    """FLOPs of one real train step (forward + backward of the CLIP loss; the optimizer step is element-wise
+    and not counted) of ``name`` at the rows' batch, on data.train_caption's captions, counted three ways:
+    the text tower as ``capcurate.train`` runs it by default (``--text-tower auto``: packed where exact),
+    trimmed (the train_step row's side), and dense over the whole 77-token context (open_clip's step).
+    Counted once and shared by both train rows."""
+    key = (name, cfg.train_batch, cfg.device, cfg.precision)
+    if key in _FLOPS:
+        return _FLOPS[key]
+    import open_clip
+    import torch
+
+    from capcurate.models.text_trim import token_trimmer
+    from capcurate.train.losses import build_loss, compute_loss
+    from capcurate.train.text_tower import prepare_text_tower
+
+    from .bound import count_flops
+    from .data import train_caption
+
+    dev, batch = cfg.device, cfg.train_batch
+    tok = open_clip.get_tokenizer(name)
+    texts = tok([train_caption(i) for i in range(batch)])
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    images = torch.randn(batch, 3, size, size, device=dev)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.precision == "bf16" and dev.startswith("cuda")
+        else torch.autocast("cpu", enabled=False)
+    )
+    got: dict[str, float | int] = {}
+    for tower in ("auto", "trimmed", "dense"):
+        torch.manual_seed(0)
+        model = open_clip.create_model(name, device=dev, output_dict=True).train()
+        if tower == "auto":
+            prep, used = prepare_text_tower(model, tok, "auto")
+            got["auto_text_tower"] = used
+        elif tower == "trimmed":
+            prep = token_trimmer(model, tok)
+        else:
+            prep = lambda t: t  # noqa: E731
+        t = prep(texts).to(dev)
+        loss_fn = build_loss("clip", model)
+
+        def step(model: Any = model, t: Any = t, loss_fn: Any = loss_fn) -> None:
+            with autocast:
+                loss = sum(compute_loss(loss_fn, model(images, t)).values())
+            loss.backward()
+
+        total, _, _ = count_flops(step)
+        got[f"{tower}_per_item"] = total / batch
+        got[f"{tower}_text_tokens"] = int(t.shape[1])
+        del model, loss_fn
+    _FLOPS[key] = got
+    return got
+
+
 def e2e_row(cfg: Cfg, tmp: Path, pattern: str, cfg_path: Path | None, arch: str) -> Row:
     import capcurate
 
@@ -163,6 +223,19 @@ def e2e_row(cfg: Cfg, tmp: Path, pattern: str, cfg_path: Path | None, arch: str)
                 )
         return bad
 
+    def flops() -> dict[str, Any]:
+        got = step_flops(cfg, cfg_path.stem if cfg_path else arch)
+        return {
+            "per_item": got["auto_per_item"],
+            "text_tower": got["auto_text_tower"],
+            "per_item_dense_77": got["dense_per_item"],
+            "per_item_trimmed": got["trimmed_per_item"],
+            "text_width_before_packing": got["auto_text_tokens"],
+            "text_saves": 1 - got["auto_per_item"] / got["dense_per_item"],
+            "how": f"FlopCounterMode: forward+backward of one step at batch {cfg.train_batch}, the text tower "
+            f"as capcurate.train runs it ({got['auto_text_tower']}); dense 77-token count beside it",
+        }
+
     baselines: dict[str, Any] = {"open_clip_train_workers_cores_minus_1": theirs_recorded}
     skipped = {}
     if cfg.device.startswith("cuda"):
@@ -182,6 +255,9 @@ def e2e_row(cfg: Cfg, tmp: Path, pattern: str, cfg_path: Path | None, arch: str)
         gate=gate,
         skipped=skipped,
         target=">= 2.0x open_clip_train",
+        device=cfg.device,
+        precision=cfg.precision,
+        flops=flops,
     )
 
 
@@ -252,6 +328,18 @@ def step_row(cfg: Cfg, cfg_path: Path | None, arch: str) -> Row:
             )
         return bad
 
+    def flops() -> dict[str, Any]:
+        got = step_flops(cfg, name)
+        return {
+            "per_item": got["trimmed_per_item"],
+            "per_item_dense_77": got["dense_per_item"],
+            "text_tokens": got["trimmed_text_tokens"],
+            "text_tokens_dense": got["dense_text_tokens"],
+            "text_saves": 1 - got["trimmed_per_item"] / got["dense_per_item"],
+            "how": f"FlopCounterMode: forward+backward of one step at batch {cfg.train_batch}, text trimmed "
+            "as this row's capcurate side runs it; dense 77-token count beside it",
+        }
+
     baselines = {"untrimmed": step_side(False, can_fuse, "untrimmed")}
     skipped = {}
     if can_fuse:
@@ -272,4 +360,7 @@ def step_row(cfg: Cfg, cfg_path: Path | None, arch: str) -> Row:
         gate=gate,
         skipped=skipped,
         target="separates trimming and fusing from the input pipeline",
+        device=cfg.device,
+        precision=cfg.precision,
+        flops=flops,
     )
