@@ -236,7 +236,7 @@ class Card:
             if exclusive or overwrite:  # --overwrite would delete what a live run is writing: never
                 refuse_live_writers(family, name, previous, "wait for it to finish or choose another --name")
             mode, void = _decide(family, name, params, previous,
-                                 overwrite=overwrite, exists=exists() if callable(exists) else exists)
+                                 overwrite=overwrite, exists=exists() if callable(exists) else exists, model=model)
             if mode == "overwrite":
                 if remove is not None:
                     remove()
@@ -398,9 +398,29 @@ def close_interrupted(signal_name: str) -> list[str]:
     return closed
 
 
+# What a loaded model records about a request (``describe_request``) that changes its output without being
+# a parameter: the exact prompt text after the processor's chat template, and the resolution a VLM's
+# processor was set to. A resume with other values would mix two kinds of output under one name.
+REQUEST_KEYS = ("template_text", "pixel_budget")
+
+
+def _request_changes(model: dict[str, Any] | None, last: dict[str, Any]) -> list[str]:
+    """The request keys on which the run claiming now differs from ``last`` (empty when unknown)."""
+    before = last.get("model") or {}
+    if not model or "template_text" not in model or "template_text" not in before:
+        return []  # not a templated request, or not loaded here (a Ray driver): nothing to compare
+    changed = [k for k in REQUEST_KEYS if k in before and before[k] != model.get(k)]
+    # recorded before capcurate set a pixel budget by default: that run kept the processor's own resolution
+    if "pixel_budget" not in before and model.get("pixel_budget") is not None:
+        changed.append("pixel_budget (earlier: the processor's own)")
+    return changed
+
+
 def _decide(family: str, name: str, params: dict[str, Any], previous: list[dict[str, Any]], *,
-            overwrite: bool, exists: bool) -> tuple[str, set[str]]:
-    """(mode, ids of void entries) for a claim of ``family/name`` given its earlier entries; may refuse."""
+            overwrite: bool, exists: bool, model: dict[str, Any] | None = None) -> tuple[str, set[str]]:
+    """(mode, ids of void entries) for a claim of ``family/name`` given its earlier entries; may refuse.
+
+    ``model``: what the loaded model records (``Card.claim``); a resume must also agree on ``REQUEST_KEYS``."""
     if not previous and not exists:
         return "new", set()
     if overwrite:
@@ -419,6 +439,13 @@ def _decide(family: str, name: str, params: dict[str, Any], previous: list[dict[
         raise OutputExistsError(
             f"{family}/{name} was made with other parameters (differs in: {', '.join(changed)}); "
             "choose another --name or pass --overwrite"
+        )
+    request = _request_changes(model, last) if exists else []
+    if request:
+        raise OutputExistsError(
+            f"{family}/{name} was made with another request to the model (differs in: {', '.join(request)}: "
+            "a new transformers version or capcurate default); pass the earlier values (--max-pixels, "
+            "--prompt), choose another --name or pass --overwrite"
         )
     return "resume", set()
 

@@ -192,3 +192,29 @@ def test_vlm_compile_is_a_static_kv_cache_with_the_same_captions(vlms, captioner
     assert fast.caption(images, cfg) == captioners[family].caption(images, captioners[family].prepare(cfg))
     beam = fast.describe_request(fast.prepare(DecodingConfig(decoding="beam", num_beams=2)))["generate_kwargs"]
     assert "cache_implementation" not in beam
+
+
+def test_a_resume_with_another_request_to_the_model_is_refused(vlms, tiny_dataset):
+    """Same parameters, but the earlier run's processor kept its own resolution (recorded by a capcurate
+    without a default pixel budget) or saw another template text: the rest of the shards would be captioned
+    differently under the same name, so the resume is refused (exit 3) until the request matches."""
+    from capcurate.card import Card
+
+    base = ["recaption", str(tiny_dataset), "--model", vlms["qwen2_vl"], "--name", "q", "--max-new-tokens", "3",
+            "--workers", "0", "--decoding", "greedy"]
+    assert (r := CliRunner().invoke(app, [*base, "--part", "0/3"])).exit_code == 0, r.output
+    card = Card(tiny_dataset)
+    (entry,) = card.lineage("captions", "q")
+    recorded = dict(entry["model"])
+    for edit, why in ((lambda m: m.pop("pixel_budget"), "pixel_budget (earlier: the processor's own)"),
+                      (lambda m: m.update(template_text=m["template_text"] + " "), "template_text")):
+        with card.editing() as c:
+            m = dict(recorded)
+            edit(m)
+            next(e for e in c["lineage"] if e["id"] == entry["id"])["model"] = m
+        r = CliRunner().invoke(app, [*base, "--part", "1/3"])
+        errors = [x for x in r.output.splitlines() if x.startswith("error:")]  # (transformers' load bar aside)
+        assert r.exit_code == 3 and len(errors) == 1 and why in errors[0], r.output
+    with card.editing() as c:
+        next(e for e in c["lineage"] if e["id"] == entry["id"])["model"] = recorded
+    assert (r := CliRunner().invoke(app, [*base, "--part", "1/3"])).exit_code == 0, r.output   # the same request
