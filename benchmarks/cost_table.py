@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+
+from provenance import commit  # noqa: E402
+
 POOLS = {"12.8M": 12_800_000, "128M": 128_000_000, "1.28B": 1_280_000_000}  # DataComp small / medium / large
 # table row label in docs/benchmarks.md -> (stage shown, what one item is, start-up note name)
 ROWS = {
@@ -78,14 +82,6 @@ def gpu_hours(row: Row, images: int, tasks: int) -> float:
     return images / row.per_second / 3600 + tasks * (row.startup_s or 0.0) / 3600
 
 
-def head_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
-
-
 def table(card: str, rows: list[Row], *, tasks: int, usd: float | None) -> str:
     pools = list(POOLS)
     head = ["stage", "images/s per GPU", *[f"GPU-h {p}" for p in pools]]
@@ -102,7 +98,7 @@ def table(card: str, rows: list[Row], *, tasks: int, usd: float | None) -> str:
         out.append("| " + " | ".join(cells) + " |")
     note = (f"\nOne {card} per GPU; steady throughput from docs/benchmarks.md"
             + (f", plus {tasks} start-ups per stage (one per task)" if tasks else "")
-            + f". Those rows predate HEAD ({head_commit()}): re-run python -m benchmarks.gpu on your card before a"
+            + f". Those rows predate HEAD ({commit()}): re-run python -m benchmarks.gpu on your card before a"
             " budget depends on them.")
     return "\n".join(out) + "\n" + note
 

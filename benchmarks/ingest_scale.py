@@ -20,7 +20,6 @@ import argparse
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -31,6 +30,7 @@ os.environ.setdefault("CAPCURATE_PROGRESS", "0")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from photo_like import make_jpeg  # noqa: E402
+from provenance import commit  # noqa: E402
 
 from capcurate.stages.ingest import IngestJob, ingest  # noqa: E402
 
@@ -70,9 +70,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--per-shard", type=int, default=8)
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parents[1]).stdout.strip()
-    print(f"commit {commit}, {os.cpu_count()} CPUs, {args.per_shard} samples per shard")
+    print(f"commit {commit()}, {os.cpu_count()} CPUs, {args.per_shard} samples per shard")
     print(f"{'shards':>7} {'run':>9} {'seconds':>8} {'ms/shard':>9} {'uids_before ms':>15} {'duplicates':>11}")
     spent, _ = timed_uid_check()
     for n in (int(s) for s in args.sizes.split(",")):
