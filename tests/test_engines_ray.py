@@ -361,3 +361,29 @@ def test_download_with_the_ray_distributor(tmp_path, ray_cluster):
     got = Dataset(tmp_path / "ds").query("SELECT url, status FROM manifest").to_pylist()
     assert sorted(r["url"] for r in got) == sorted(r["url"] for r in rows)
     assert {r["status"] for r in got} == {"success"}
+
+
+class EnvJob(StreamingJob):
+    """Records, from inside the actor, what its environment says."""
+
+    def setup(self):
+        pass
+
+    def placement(self):
+        return {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "CAPCURATE_PROBE", "CAPCURATE_CPUS", "PATHX")}
+
+
+def test_actors_get_the_drivers_storage_and_capcurate_settings(tmp_path, ray_cluster, monkeypatch):
+    """Set in the driver after the nodes started (as on a real cluster, where `ray start` ran elsewhere)."""
+    from capcurate.engines import run_job
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("CAPCURATE_PROBE", "from the driver")
+    monkeypatch.setenv("CAPCURATE_CPUS", "99")   # not forwarded: each actor counts the CPUs Ray gave it
+    monkeypatch.setenv("PATHX", "not forwarded")
+    result = run_job(EnvJob(tmp_path), ["00000", "00001"], engine="ray", num_actors=2)
+    assert sorted(result.processed) == ["00000", "00001"]
+    seen = [{k: p.get(k) for k in ("AWS_ENDPOINT_URL", "CAPCURATE_PROBE", "CAPCURATE_CPUS", "PATHX")}
+            for p in result.placements]
+    assert seen and all(s == {"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "CAPCURATE_PROBE": "from the driver",
+                              "CAPCURATE_CPUS": "1", "PATHX": None} for s in seen), seen

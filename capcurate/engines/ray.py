@@ -42,6 +42,18 @@ log = logging.getLogger("capcurate.engines")
 
 ADDRESS_ENV = "RAY_ADDRESS"
 PROBE_SECONDS = 5.0
+# Environment the actors get from the driver: a real cluster's worker nodes were started by `ray start` with
+# their own environment, where the driver's storage endpoint and credentials (AWS_ENDPOINT_URL, ...), Hugging
+# Face settings (HF_HUB_OFFLINE, HF_HOME) and capcurate's own settings are not set. (Like any runtime_env,
+# the values are visible in Ray's job info.)
+FORWARD_PREFIXES = ("AWS_", "CAPCURATE_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "FSSPEC_", "AZURE_STORAGE_",
+                    "GOOGLE_APPLICATION_CREDENTIALS")
+NOT_FORWARDED = {"CAPCURATE_CPUS", "CAPCURATE_CHAOS_KILL"}  # each actor's CPUs come from Ray; a test hook
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's variables that the actors get (``FORWARD_PREFIXES``, less ``NOT_FORWARDED``)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES) and k not in NOT_FORWARDED}
 
 
 def _ray() -> Any:
@@ -164,7 +176,8 @@ def run_ray(job: ShardJob, shard_ids: Sequence[str], result: EngineResult, *, de
         num_actors = int(resources.get("GPU", 0)) if num_gpus else max(1, int(resources.get("CPU", 1) // num_cpus))
     num_actors = max(1, min(num_actors, len(shard_ids)))
     window = window or window_size(len(shard_ids), num_actors)
-    actor_class = ray.remote(num_gpus=num_gpus, num_cpus=num_cpus)(ShardActor)
+    actor_class = ray.remote(num_gpus=num_gpus, num_cpus=num_cpus,
+                             runtime_env={"env_vars": forwarded_env()})(ShardActor)
 
     queue = deque(shard_ids)
     deaths: Counter = Counter()  # shard -> how many actors died working on it
