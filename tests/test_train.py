@@ -90,6 +90,24 @@ def test_train_cli_writes_a_run_that_eval_loads(tiny):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)["details"]["results"]
     assert {x["task"] for x in res} == {"zeroshot_classification", "zeroshot_retrieval"}
+    # the last in-training eval ran on the exported weights through the same input pipeline: same metrics
+    last = evals[-1]["eval"]
+    for x in res:
+        assert last[x["task"]] == pytest.approx(x["metrics"], abs=1e-6), x["task"]
+
+
+def test_in_training_eval_runs_on_the_shared_input_stream(tiny):
+    """Its image batches come from the one input pipeline (which announces them), not a serial PIL loop."""
+    from capcurate import events
+
+    evalset = write_eval_set(tiny["root"] / "eval")
+    seen: list[tuple[str, int]] = []
+    with events.listening(lambda kind, n: seen.append((kind, n))):
+        train(str(tiny["shards"]), str(tiny["root"] / "run"), model_config=str(tiny["clip"]), batch_size=16,
+              workers=0, max_steps=2, eval_data=str(evalset), eval_every=2)
+    steps = [n for kind, n in seen if kind == "step"]
+    eval_images = sum(n for kind, n in seen if kind == "batch")
+    assert len(steps) == 2 and eval_images > 0, seen
 
 
 def test_existing_run_is_refused_without_resume_or_overwrite(tiny):

@@ -70,8 +70,8 @@ def evaluate_encoders(eval_set: EvalSet, preprocess: Callable[[Any], torch.Tenso
                       spec: Any = None) -> list[dict[str, Any]]:
     """Embed the eval set once, serially in this process, and compute every task it supports.
 
-    The reference the streamed path (``evaluate_streamed``) is tested against, and what the trainer's
-    in-training eval calls. With ``spec`` (a ``capcurate.inputs.ImageSpec``) each image is decoded by
+    The reference the streamed path (``evaluate_streamed``, what ``eval`` and the trainer's in-training
+    eval call) is tested against. With ``spec`` (a ``capcurate.inputs.ImageSpec``) each image is decoded by
     libjpeg-turbo and resized as uint8, and batches are normalised (``encode_images`` gets the normalised
     float batch); without it, PIL and ``preprocess`` per image.
     """

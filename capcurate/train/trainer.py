@@ -380,20 +380,25 @@ class _Trainer:
 
     def _eval(self, eval_set, step: int) -> None:
         if self.dist.is_main:
-            from .evaluation import evaluate_encoders
+            from ..inputs import Preprocess, from_openclip
+            from .evaluation import evaluate_streamed
 
             setup, core, dev = self.setup, self.core, self.dist.device
             core.eval()
 
             def enc_img(x: torch.Tensor) -> torch.Tensor:
                 with _autocast(self.cfg.precision, dev):
-                    return core.encode_image(x.to(dev), normalize=True).float().cpu()
+                    return core.encode_image(x.to(dev), normalize=True).float()
 
             def enc_txt(texts) -> torch.Tensor:
                 with _autocast(self.cfg.precision, dev):
                     return core.encode_text(setup.tokenizer(list(texts)).to(dev), normalize=True).float().cpu()
 
-            results = evaluate_encoders(eval_set, setup.preprocess_val, enc_img, enc_txt, model_name=setup.name)
+            # the one image input pipeline, as `capcurate eval` runs it: the training run's decode workers
+            # and decode (cpu, or nvJPEG on the GPU), not one core decoding every eval image with PIL
+            pre = Preprocess(from_openclip(setup.preprocess_cfg), setup.preprocess_val)
+            results = evaluate_streamed(eval_set, pre, enc_img, enc_txt, workers=int(self.cfg.workers),
+                                        device=str(dev), decode=self.cfg.decode, model_name=setup.name)
             core.train()
             self.metrics.append({"step": step, "eval": {r["task"]: r["metrics"] for r in results}}, flush=True)
         barrier(self.dist)
