@@ -265,3 +265,39 @@ def test_a_parquet_eval_set_in_a_bucket_evaluates_like_its_local_copy(trained, t
     storage.upload(root / "test.parquet", storage.path(url) / "test.pq")
     with pytest.raises(InputError, match="found classnames.txt, img, test.pq"):
         evaluate(model, url, device="cpu")
+
+
+def test_pretrained_weights_in_a_bucket_score_and_train_like_the_local_file(bucket, tmp_path, tiny_dataset):
+    """--pretrained s3://.../weights.pt: one download into the cache, keyed by the object's ETag; the URL and
+    version are what lineage records."""
+    import pyarrow.parquet as pq
+    import torch
+    from scorer_fixtures import save_tiny_openclip
+
+    from capcurate.dataset import Dataset
+    from capcurate.models.ref import cache_root
+    from capcurate.stages.score import score
+    from capcurate.train.config import TrainConfig
+    from capcurate.train.model_setup import build_model
+
+    cfg, weights = save_tiny_openclip(tmp_path / "clip")
+    url = f"{bucket}/weights/{weights.name}"
+    storage.upload(weights, storage.path(url))
+    opts = dict(workers=0, device="cpu", precision="fp32")
+    assert score(str(tiny_dataset), f"openclip:{cfg}", "here", pretrained=str(weights), **opts).ok
+    assert score(str(tiny_dataset), f"openclip:{cfg}", "there", pretrained=url, **opts).ok
+    here, there = (pq.read_table(tiny_dataset / "scores" / n).to_pylist() for n in ("here", "there"))
+    assert [r["score_here_raw"] for r in here] == [r["score_there_raw"] for r in there]
+    model = Dataset(tiny_dataset).card.lineage("scores", "there")[-1]["model"]
+    assert model["pretrained_url"] == url and model["pretrained_version"]
+    assert len([p for p in cache_root().iterdir() if not p.name.startswith(".")]) == 1   # downloaded once
+
+    def first_weight(pretrained: str) -> torch.Tensor:
+        setup = build_model(TrainConfig(data="x", output="y", model_config=str(cfg), pretrained=pretrained),
+                            torch.device("cpu"))
+        return next(iter(setup.model.state_dict().values()))
+
+    assert torch.equal(first_weight(url), first_weight(str(weights)))
+    r = CliRunner().invoke(app, ["score", str(tiny_dataset), "--model", f"openclip:{cfg}", "--pretrained",
+                                 f"{bucket}/weights/missing.pt", "--name", "z"])
+    assert r.exit_code == 4 and "no such object" in r.output and len(r.output.strip().splitlines()) == 1, r.output

@@ -52,7 +52,8 @@ RECAPTION_COMPILE_HELP = (COMPILE_HELP[:-1] + "; decoders transformers can compi
                           "greedy or sampled decoding. VLMs compile only their decoding step (their images vary in size).")
 MAX_RETRIES_HELP = ("With --engine ray: times a shard is retried on a fresh actor when its actor dies (killed, out of "
                     "memory, node lost); a shard that raises is not retried.")
-PRETRAINED_HELP = ("open_clip weights: a pretrained tag or a local .pt/.safetensors file. An open_clip model without "
+PRETRAINED_HELP = ("open_clip weights: a pretrained tag, a local .pt/.safetensors file, or its URL (s3://..., "
+                   "downloaded once into the cache). An open_clip model without "
                    "weights is refused; 'random' (or random:SEED) asks for seeded random weights (tests, demos).")
 PART_HELP = ("Only shards i, i+N, ... of the sorted list, as i/N with 0 <= i < N (e.g. SLURM array task i "
              "of N); run every part to finish.")

@@ -43,7 +43,7 @@ def train(
     model_config: str | None = typer.Option(None, "--model-config", help="A JSON model config in open_clip's "
                                                "model_configs format instead of --model (e.g. a tiny CPU model)."),
     pretrained: str | None = typer.Option(None, "--pretrained", help="Fine-tune from an open_clip pretrained "
-                                             "tag or a local weights file."),
+                                             "tag, a local weights file or its URL (s3://...)."),
     loss: str = typer.Option("clip", "--loss", help="clip (InfoNCE, open_clip ClipLoss), siglip (SigLipLoss; "
                              "adds a learned logit bias) or coca (CoCaLoss: contrastive + captioning; needs a CoCa model)."),
     batch_size: int = typer.Option(256, "--batch-size", help="Samples per micro-batch per process. Global batch = "

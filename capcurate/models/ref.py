@@ -66,6 +66,8 @@ class ModelRef:
     text: str = ""               # the reference as the user typed it
     url: str | None = None       # the store folder the model was downloaded from (name/local_dir: the cache)
     version: str | None = None   # a hash of the downloaded objects' names, sizes and ETags
+    pretrained_url: str | None = None      # --pretrained given as a URL (pretrained: its cached copy)
+    pretrained_version: str | None = None  # a hash of that object's URL, size and ETag
 
     def describe(self) -> dict[str, str | None]:
         """What lineage records about where the weights came from."""
@@ -78,6 +80,8 @@ class ModelRef:
         }
         if self.url:
             out.update(url=self.url, version=self.version)
+        if self.pretrained_url:
+            out.update(pretrained_url=self.pretrained_url, pretrained_version=self.pretrained_version)
         return out
 
 
@@ -85,6 +89,10 @@ def parse_model_ref(text: str, pretrained: str | None = None) -> ModelRef:
     """Turn a reference string into a ``ModelRef``; raise ModelLoadError with the accepted forms."""
     if not text:
         raise ModelLoadError("empty model reference; use hf:<id-or-dir>, openclip:<arch>[/<tag>] or a run dir")
+    if pretrained and _is_url(pretrained):  # weights in object storage (or any fsspec URL): a cached copy
+        local, version = fetch_model_file(pretrained)
+        ref = _parse(text, str(local))
+        return check_weights(replace(ref, pretrained_url=pretrained, pretrained_version=version))
     return check_weights(_parse(text, pretrained))
 
 
@@ -212,15 +220,52 @@ def fetch_model_folder(url: str) -> tuple[Path, str]:
     dest = cache_root() / f"{label}-{key[:20]}"
     if dest.is_dir():
         return dest, key
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    _download(q.fs, [(prefix + name, name) for name in take], dest, url)
+    return dest, key
+
+
+def fetch_model_file(url: str) -> tuple[Path, str]:
+    """The local copy of one weights object at ``url`` (``--pretrained s3://bucket/w.safetensors``),
+    downloaded on first use, and its version key (a hash of the URL, size and ETag: a re-uploaded file is
+    fetched again)."""
+    from .. import storage
+
+    q = storage.path(url)
+    if not storage.is_remote(q):  # file:// names a local file
+        return Path(q), ""
+    try:
+        info = q.fs.info(q.path)
+    except FileNotFoundError:
+        raise ModelLoadError(f"--pretrained {url}: no such object") from None
+    except Exception as e:  # credentials, endpoint, permission
+        cause = storage.explain(e)
+        if cause:
+            raise InputError(f"{url}: {cause}") from None
+        raise ModelLoadError(f"cannot read {url}: {type(e).__name__}: {e}") from None
+    if info.get("type") == "directory":
+        raise ModelLoadError(f"--pretrained {url} is a folder: name the weights file in it")
+    key = hashlib.sha256(f"{url}\t{info.get('size')}\t{_tag(info)}".encode()).hexdigest()
+    label = re.sub(r"[^A-Za-z0-9_.-]", "_", q.name or "weights")[:40]
+    dest = cache_root() / f"{label}-{key[:20]}"
+    if not dest.is_dir():
+        _download(q.fs, [(q.path, q.name)], dest, url)
+    return dest / q.name, key
+
+
+def _download(fs: Any, objects: list[tuple[str, str]], dest: Path, url: str) -> None:
+    """Download ``objects`` ((remote path, name in ``dest``)) into a temp folder renamed to ``dest`` when
+    complete, so a folder in the cache is whole; concurrent processes (``--part`` runs, Ray actors on one
+    host) at worst download twice."""
+    from .. import storage
     from ..atomic import owner_tag
 
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}~{owner_tag()}~{uuid.uuid4().hex[:8]}.tmp"
     try:
-        for name in take:
+        for remote, name in objects:
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            q.fs.get_file(prefix + name, str(target))
+            fs.get_file(remote, str(target))
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -236,4 +281,3 @@ def fetch_model_folder(url: str) -> tuple[Path, str]:
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)
-    return dest, key

@@ -50,9 +50,14 @@ def build_model(cfg: TrainConfig, device: torch.device) -> ModelSetup:
         # SigLIP's published initialisation: t' = log 10, b = -10
         extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and on every restart
+    pretrained = cfg.pretrained
+    if pretrained and "://" in pretrained:  # weights in object storage: a cached local copy (models/ref.py)
+        from ..models.ref import fetch_model_file
+
+        pretrained = str(fetch_model_file(pretrained)[0])
     try:
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
-            name, pretrained=cfg.pretrained, device=device, output_dict=True, **extra)
+            name, pretrained=pretrained, device=device, output_dict=True, **extra)
         tokenizer = open_clip.get_tokenizer(name)
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
