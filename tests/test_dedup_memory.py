@@ -87,7 +87,7 @@ def test_exact_and_caption_dedup_hold_under_100_bytes_an_image(tmp_path):
 
 
 def test_anon_peak_sees_an_allocation_and_not_a_mapped_file(tmp_path):
-    from capcurate.stages.dedup.memory import AnonPeak, anon_mb
+    from capcurate.stages.dedup.memory import AnonPeak, anon_mb, release
 
     if anon_mb() is None:
         import pytest
@@ -95,6 +95,9 @@ def test_anon_peak_sees_an_allocation_and_not_a_mapped_file(tmp_path):
         pytest.skip("no /proc/self/status RssAnon on this system")
     f = tmp_path / "big.npy"
     np.save(f, np.ones(64 * 2**20 // 8))        # 64 MiB on disk
+    # memory this process freed but glibc kept (earlier tests', the array just saved) would serve the
+    # allocation below without the resident set growing: handed back first, as dedup does between phases
+    release()
     with AnonPeak() as mapped:
         m = np.load(f, mmap_mode="r")
         assert float(m.sum()) > 0               # every page of the map read in: resident, not anonymous
@@ -102,4 +105,4 @@ def test_anon_peak_sees_an_allocation_and_not_a_mapped_file(tmp_path):
         a = np.ones(64 * 2**20 // 8)
         a += 1
     del a, m
-    assert allocated.peak_mb - mapped.peak_mb > 40, (allocated.peak_mb, mapped.peak_mb)
+    assert allocated.grown_mb > 40 and mapped.grown_mb < 16, (allocated.grown_mb, mapped.grown_mb)

@@ -41,6 +41,7 @@ class AnonPeak:
     def __init__(self, every: float = SAMPLE_SECONDS):
         self.every = every
         self.peak_mb = 0.0
+        self.start_mb = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="capcurate-anon-peak", daemon=True)
 
@@ -54,8 +55,14 @@ class AnonPeak:
 
     def __enter__(self) -> AnonPeak:
         self._sample()
+        self.start_mb = self.peak_mb
         self._thread.start()
         return self
+
+    @property
+    def grown_mb(self) -> float:
+        """How far the peak rose above the memory held when the block began."""
+        return self.peak_mb - self.start_mb
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
