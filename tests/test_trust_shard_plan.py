@@ -51,3 +51,20 @@ def test_overwrite_rebuilds_a_changed_plan_whole_so_the_index_files_match_the_ta
     sizes = json.loads((out / "sizes.json").read_text())
     assert len(keys) == len(set(keys)) == sum(sizes.values())  # nothing repeated, sizes.json tells the truth
     assert sorted(sizes) == sorted(t.name for t in out.glob("*.tar"))
+
+
+def test_a_part_after_a_rescore_is_refused_naming_the_scores(mixed, tmp_path):
+    """Each sample's json carries the score columns: parts of one output must come from the same scores."""
+    import pyarrow.parquet as pq
+
+    from capcurate import atomic
+
+    root = tmp_path / "ds"
+    shutil.copytree(mixed, root)
+    out = tmp_path / "out"
+    shard(root, "both", out, samples_per_shard=3, part="0/2")
+    (name,) = [p.name for p in (root / "scores").iterdir() if p.is_dir()]
+    f = sorted((root / "scores" / name).glob("*.parquet"))[0]
+    atomic.write_parquet(f, pq.read_table(f))   # what score --overwrite does: the same file name, rewritten
+    with pytest.raises(OutputExistsError, match=rf"sources\.scores/{name}"):
+        shard(root, "both", out, samples_per_shard=3, part="1/2")

@@ -151,7 +151,7 @@ def shard(
                        "shuffle": shuffle, "seed": seed if shuffle else None},
         # the plan reads the whole manifest (a uid's first shard) and the tars: parts of one output must
         # come from the same ones, or samples repeat and sizes.json disagrees with the tars (a repair between)
-        "sources": source_fingerprints(ds),
+        "sources": source_fingerprints(ds, recipe["keys"] if recipe else None),
     }
     if recipe:
         claim["parameters"]["captions"] = recipe
@@ -248,10 +248,18 @@ def _claim_out_dir(out: Any, claim: dict, *, overwrite: bool) -> str:
     return mode
 
 
-def source_fingerprints(ds: Dataset) -> dict[str, str]:
-    """What the plan is made from beside the selection: the manifests and the tars (one listing each)."""
-    return {"samples": lineage.folder_identity(ds.samples_dir, ".parquet"),
-            "shards": lineage.folder_identity(ds.shards_dir, ".tar")}
+def source_fingerprints(ds: Dataset, caption_keys: list[str] | None = None) -> dict[str, str]:
+    """What the plan is made from beside the selection (one listing each): the manifests and the tars, every
+    scorer's files (each sample's json carries every score column) and, with ``--captions``, the caption
+    families whose texts go in (a re-score or re-caption between two ``--part`` runs would mix two plans)."""
+    out = {"samples": lineage.folder_identity(ds.samples_dir, ".parquet"),
+           "shards": lineage.folder_identity(ds.shards_dir, ".tar")}
+    for name in ds.names("scores"):
+        out[f"scores/{name}"] = lineage.folder_identity(ds.family_dir("scores", name), ".parquet")
+    for key in caption_keys or []:
+        if key != "raw":
+            out[f"captions/{key}"] = lineage.folder_identity(ds.family_dir("captions", key), ".parquet")
+    return out
 
 
 def _is_object(p: Any) -> bool:
