@@ -399,9 +399,10 @@ def close_interrupted(signal_name: str) -> list[str]:
 
 
 # What a loaded model records about a request (``describe_request``) that changes its output without being
-# a parameter: the exact prompt text after the processor's chat template, and the resolution a VLM's
-# processor was set to. A resume with other values would mix two kinds of output under one name.
-REQUEST_KEYS = ("template_text", "pixel_budget")
+# a parameter: the resolution a VLM's processor was set to. A resume with another would mix two kinds of
+# output under one name. (Not the template text: some chat templates write today's date into it, and a
+# resume the next day must not be refused for that.)
+REQUEST_KEYS = ("pixel_budget",)
 
 
 def _request_changes(model: dict[str, Any] | None, last: dict[str, Any]) -> list[str]:

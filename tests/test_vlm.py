@@ -196,8 +196,9 @@ def test_vlm_compile_is_a_static_kv_cache_with_the_same_captions(vlms, captioner
 
 def test_a_resume_with_another_request_to_the_model_is_refused(vlms, tiny_dataset):
     """Same parameters, but the earlier run's processor kept its own resolution (recorded by a capcurate
-    without a default pixel budget) or saw another template text: the rest of the shards would be captioned
-    differently under the same name, so the resume is refused (exit 3) until the request matches."""
+    without a default pixel budget) or was set to another budget: the rest of the shards would be captioned
+    at another resolution under the same name, so the resume is refused (exit 3) until the budget matches.
+    Another template text (a chat template that writes today's date) does not refuse it."""
     from capcurate.card import Card
 
     base = ["recaption", str(tiny_dataset), "--model", vlms["qwen2_vl"], "--name", "q", "--max-new-tokens", "3",
@@ -206,8 +207,9 @@ def test_a_resume_with_another_request_to_the_model_is_refused(vlms, tiny_datase
     card = Card(tiny_dataset)
     (entry,) = card.lineage("captions", "q")
     recorded = dict(entry["model"])
+    other = {**recorded["pixel_budget"], "max_pixels": recorded["pixel_budget"]["max_pixels"] * 2}
     for edit, why in ((lambda m: m.pop("pixel_budget"), "pixel_budget (earlier: the processor's own)"),
-                      (lambda m: m.update(template_text=m["template_text"] + " "), "template_text")):
+                      (lambda m: m.update(pixel_budget=other), "pixel_budget")):
         with card.editing() as c:
             m = dict(recorded)
             edit(m)
@@ -215,6 +217,7 @@ def test_a_resume_with_another_request_to_the_model_is_refused(vlms, tiny_datase
         r = CliRunner().invoke(app, [*base, "--part", "1/3"])
         errors = [x for x in r.output.splitlines() if x.startswith("error:")]  # (transformers' load bar aside)
         assert r.exit_code == 3 and len(errors) == 1 and why in errors[0], r.output
-    with card.editing() as c:
-        next(e for e in c["lineage"] if e["id"] == entry["id"])["model"] = recorded
-    assert (r := CliRunner().invoke(app, [*base, "--part", "1/3"])).exit_code == 0, r.output   # the same request
+    with card.editing() as c:   # the same budget, another template text (today's date): resumed
+        next(e for e in c["lineage"] if e["id"] == entry["id"])["model"] = {
+            **recorded, "template_text": recorded["template_text"] + " Today Date: 1 Jan 2026"}
+    assert (r := CliRunner().invoke(app, [*base, "--part", "1/3"])).exit_code == 0, r.output
