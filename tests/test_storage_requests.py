@@ -98,15 +98,20 @@ def test_write_behind_uploads_in_commit_order_and_reads_wait_for_them(bucket: st
     assert storage.read_bytes(f"{root}/2.bin") == b"\x02" * 10
 
 
-def test_write_behind_failure_is_raised_and_later_commits_are_not_made(bucket: str, monkeypatch) -> None:
+def _deny_upload_of(name: str, monkeypatch) -> None:
+    """Every upload goes through but the one of ``name``, which the store refuses."""
     real_upload = storage.upload
 
     def failing(local: Path, dest: Any) -> None:
-        if str(dest).endswith("1.bin"):
+        if str(dest).endswith(name):
             raise PermissionError("denied")
         real_upload(local, dest)
 
     monkeypatch.setattr(storage, "upload", failing)
+
+
+def test_write_behind_failure_is_raised_and_later_commits_are_not_made(bucket: str, monkeypatch) -> None:
+    _deny_upload_of("1.bin", monkeypatch)
     root = f"{bucket}/wbf"
     with pytest.raises(PermissionError, match="denied"), storage.write_behind():
         for i in range(4):  # the failure reaches a later commit, or the block's end
@@ -127,14 +132,7 @@ def test_a_file_above_the_part_size_goes_up_in_parallel_parts_and_comes_back_who
 def test_write_behind_failure_caught_at_one_commit_still_fails_the_block(bucket: str, monkeypatch) -> None:
     """The local engine records a shard's exception and goes on: the later commits, which are not made,
     must not pass for done, so the block's end raises the failure again."""
-    real_upload = storage.upload
-
-    def failing(local: Path, dest: Any) -> None:
-        if str(dest).endswith("0.bin"):
-            raise PermissionError("denied")
-        real_upload(local, dest)
-
-    monkeypatch.setattr(storage, "upload", failing)
+    _deny_upload_of("0.bin", monkeypatch)
     root = f"{bucket}/wbc"
     caught = 0
     with pytest.raises(PermissionError, match="denied"), storage.write_behind():

@@ -224,6 +224,11 @@ def fetch_model_folder(url: str) -> tuple[Path, str]:
     return dest, key
 
 
+def local_weights(pretrained: str | None) -> str | None:
+    """``--pretrained`` as open_clip takes it: a URL becomes its cached local copy; a tag or a path stays."""
+    return str(fetch_model_file(pretrained)[0]) if pretrained and _is_url(pretrained) else pretrained
+
+
 def fetch_model_file(url: str) -> tuple[Path, str]:
     """The local copy of one weights object at ``url`` (``--pretrained s3://bucket/w.safetensors``),
     downloaded on first use, and its version key (a hash of the URL, size and ETag: a re-uploaded file is

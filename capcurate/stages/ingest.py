@@ -141,9 +141,7 @@ class IngestJob:
         Asked only for the shards the listing shows (one footer read each, at resume)."""
         try:
             storage.read_metadata(self.ds.samples_path(shard_id))
-        except FileNotFoundError:
-            return False
-        except Exception:  # noqa: BLE001 - pyarrow's ArrowInvalid/OSError for a file that is not Parquet
+        except Exception:  # noqa: BLE001 - gone, or pyarrow's ArrowInvalid/OSError for a file that is not Parquet
             return False
         return True
 

@@ -392,4 +392,3 @@ def recaption(
                  **({"warnings": warnings} if warnings else {}),
                  **({"failed_shards": failed} if failed else {})},
     )
-

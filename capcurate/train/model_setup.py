@@ -50,11 +50,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> ModelSetup:
         # SigLIP's published initialisation: t' = log 10, b = -10
         extra = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and on every restart
-    pretrained = cfg.pretrained
-    if pretrained and "://" in pretrained:  # weights in object storage: a cached local copy (models/ref.py)
-        from ..models.ref import fetch_model_file
+    from ..models.ref import local_weights
 
-        pretrained = str(fetch_model_file(pretrained)[0])
+    pretrained = local_weights(cfg.pretrained)  # weights in object storage: a cached local copy
     try:
         model, pre_train, pre_val = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, output_dict=True, **extra)

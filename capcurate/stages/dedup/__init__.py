@@ -16,7 +16,6 @@ kept, duplicate_of, similarity), so groups can be inspected with ``query`` or ``
 from __future__ import annotations
 
 import math
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from ...summary import Summary
 from .embeddings import EmbeddingStore
 from .groups import Found, keep_largest, keep_largest_stars, label_digests
 from .memory import AnonPeak, peak_rss_mb, release
-from .pool import DIGEST, Pool, load_pool, sha256_digests
+from .pool import Pool, caption_digests, load_pool, sha256_digests
 from .semantic import KEEPS, concat
 
 DEFAULT_HAMMING = 8
@@ -94,7 +93,7 @@ def dedup(dataset: str | Path, name: str, *, exact: bool = False, near: bool = F
             timings["near"] = time.time() - t
         if captions:
             t = time.time()
-            rows, labels = label_digests(*_caption_digests(pool, _removed(removed, found)))
+            rows, labels = label_digests(*caption_digests(pool, _removed(removed, found)))
             found.append(keep_largest("caption", rows, labels, pool.pixels_of))
             timings["captions"] = time.time() - t
         if store is not None:
@@ -136,22 +135,6 @@ def _auto_int(value: int | str, option: str) -> int | None:
 
     n = positive_or_auto(value, option)
     return None if n == "auto" else int(n)
-
-
-def _caption_digests(pool: Pool, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(has, digests) of each row's caption, whitespace runs made one space, trimmed and lower-cased; rows
-    already removed or without a caption have none. Shard by shard, 17 bytes a row kept (not the strings)."""
-    import hashlib
-
-    has = np.zeros(len(pool), bool)
-    digests = np.zeros((len(pool), DIGEST), np.uint8)
-    for _, start, t in pool.shards(["caption"]):
-        for i, c in enumerate(t.column("caption").to_pylist()):
-            if c is None or removed[start + i] or not (text := re.sub(r"\s+", " ", c).strip().lower()):
-                continue
-            digests[start + i] = np.frombuffer(hashlib.blake2b(text.encode(), digest_size=DIGEST).digest(), np.uint8)
-            has[start + i] = True
-    return has, digests
 
 
 def _removed(base: np.ndarray, found: list[Found]) -> np.ndarray:

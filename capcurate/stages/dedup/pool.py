@@ -10,6 +10,7 @@ an image in all).
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -55,13 +56,6 @@ class Pool:
         for k, sid in enumerate(self.shard_ids):
             if self.starts[k + 1] > self.starts[k]:
                 yield sid, int(self.starts[k]), self.read(sid, columns)
-
-    def column(self, name: str) -> Any:
-        """One column over the whole pool (a pyarrow ChunkedArray, one chunk per shard)."""
-        import pyarrow as pa
-
-        chunks = [t.column(name).combine_chunks() for _, _, t in self.shards([name])]
-        return pa.chunked_array(chunks, pa.string() if name in STRINGS else pa.int64())
 
     def take(self, rows: np.ndarray, columns: list[str]) -> Any:
         """``columns`` of the given pool rows, in the given order (read shard by shard)."""
@@ -141,4 +135,18 @@ def sha256_digests(ds: Dataset, pool: Pool) -> tuple[np.ndarray, np.ndarray]:
                     digests[row] = np.frombuffer(hashlib.sha256(index.read(key, ext, fh)).digest()[:DIGEST], np.uint8)
                     has[row] = True
                     pool.sha256_computed += 1
+    return has, digests
+
+
+def caption_digests(pool: Pool, removed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(has, digests) of each row's caption, whitespace runs made one space, trimmed and lower-cased; rows
+    already removed or without a caption have none. Shard by shard, 17 bytes a row kept (not the strings)."""
+    has = np.zeros(len(pool), bool)
+    digests = np.zeros((len(pool), DIGEST), np.uint8)
+    for _, start, t in pool.shards(["caption"]):
+        for i, c in enumerate(t.column("caption").to_pylist()):
+            if c is None or removed[start + i] or not (text := re.sub(r"\s+", " ", c).strip().lower()):
+                continue
+            digests[start + i] = np.frombuffer(hashlib.blake2b(text.encode(), digest_size=DIGEST).digest(), np.uint8)
+            has[start + i] = True
     return has, digests
